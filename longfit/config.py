@@ -114,7 +114,7 @@ class ModelConfig:
         base: dict[str, Any] = dict(
             architecture=architecture, vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
             num_heads=4, num_kv_heads=2, head_dim=16, max_model_len=2048, rope_theta=10000.0,
-            rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,), name=f"tiny-{architecture}",
+            rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_ids=(2,), name=f"tiny-{architecture}",
         )
         if architecture == "gemma3":
             base.update(num_layers=4, qk_norm=True, hidden_act="gelu_tanh", rope_local_theta=10000.0,

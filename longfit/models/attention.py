@@ -1,0 +1,162 @@
+"""Attention over the paged KV cache, for decode tokens and prefill chunks in one flat batch.
+
+The KV pool is one tensor ``[num_blocks, 2, block_size, Hkv, D]``: a page holds the keys (index 0) and
+values (index 1) of ``block_size`` tokens of one layer. Each layer of each request has its own page table,
+so layers may keep different numbers of tokens after compression. A step's tokens are laid out decode
+tokens first (one per decoding request), then each prefill chunk contiguously.
+
+Every layer first writes the step's new keys and values into its pages, then attends: decode tokens
+in one batched gather + SDPA (fp32: bf16 decode attention is several times slower on CPU), each prefill
+chunk with its own SDPA over the cached prefix plus itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longfit.models.layers import RMSNorm, RotaryEmbedding
+from longfit.quant.linear import Linear
+
+
+@dataclass(slots=True)
+class ChunkMeta:
+    """A run of consecutive prompt (or multi-token) positions of one request.
+
+    ``block_table[l]`` lists layer ``l``'s pages covering its first ``num_cached[l] + (end - start)``
+    physical tokens (padded with 0). ``capture_window`` > 0 asks each layer to keep the post-RoPE queries
+    of the chunk's last ``capture_window`` tokens in ``AttentionMetadata.captured`` (for compression).
+    """
+
+    start: int
+    end: int
+    num_cached: list[int]
+    block_table: torch.Tensor  # [L, P] int64
+    capture_window: int = 0
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Per-step attention inputs built by the runner.
+
+    key_rows[l, i]: row of token i's key in ``kv_pool.view(-1, Hkv, D)`` for layer l (its value sits
+    ``block_size`` rows later). Decode: ``decode_block_tables[l]`` [Bd, P] pages to read,
+    ``decode_first_key[l]`` [Bd] physical index of the first key those pages hold, ``decode_seq_lens[l]``
+    [Bd] physical keys including the new one.
+    """
+
+    kv_pool: torch.Tensor
+    block_size: int
+    key_rows: torch.Tensor  # [L, N] int64
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [L, Bd, P] int64
+    decode_first_key: torch.Tensor | None = None  # [L, Bd] int64
+    decode_seq_lens: torch.Tensor | None = None  # [L, Bd] int64
+    chunks: list[ChunkMeta] = field(default_factory=list)
+    captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (chunk, layer) → [Hq, W, D]
+    rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def gather_keys_values(kv_pool: torch.Tensor, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read pages in order. pages: [..., P] int64 → keys, values: [..., P * block_size, Hkv, D]."""
+    blocks = kv_pool[pages]  # [..., P, 2, bs, Hkv, D]
+    lead = blocks.shape[:-5]
+    _, _, bs, hkv, dim = blocks.shape[-5:]
+    keys = blocks.select(-4, 0).reshape(*lead, -1, hkv, dim)
+    values = blocks.select(-4, 1).reshape(*lead, -1, hkv, dim)
+    return keys, values
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, optional QK-norm, RoPE and a sliding window, over the paged cache."""
+
+    def __init__(self, layer_idx: int, qkv: Linear, o_proj: Linear, num_heads: int, num_kv_heads: int,
+                 head_dim: int, scale: float, rope: RotaryEmbedding, window: int | None,
+                 q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.qkv = qkv
+        self.o_proj = o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.rope = rope
+        self.window = window
+        self.q_norm, self.k_norm = q_norm, k_norm
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [N, Hq, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = meta.rope_cache.get(id(self.rope)) or meta.rope_cache.setdefault(
+            id(self.rope), self.rope.cos_sin(positions))
+        q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+
+        # Write first: a prefix shared with another request in this very step is read after it is written.
+        pool = meta.kv_pool
+        flat = pool.view(-1, self.num_kv_heads, self.head_dim)  # [num_blocks * 2 * bs, Hkv, D]
+        rows = meta.key_rows[self.layer_idx]
+        flat.index_copy_(0, rows, k.to(pool.dtype))
+        flat.index_copy_(0, rows + meta.block_size, v.to(pool.dtype))
+
+        out = torch.empty_like(q)  # [N, Hq, D]
+        if meta.num_decode:
+            out[:meta.num_decode] = self._decode(q[:meta.num_decode], meta)
+        for chunk_index, chunk in enumerate(meta.chunks):
+            qc = q[chunk.start:chunk.end]
+            out[chunk.start:chunk.end] = self._prefill(qc, k[chunk.start:chunk.end], v[chunk.start:chunk.end],
+                                                        chunk, meta)
+            if chunk.capture_window:
+                meta.captured[(chunk_index, self.layer_idx)] = qc[-chunk.capture_window:].transpose(0, 1)
+        return self.o_proj(out.view(num_tokens, q_size))
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [Bd, Hq, D] → [Bd, Hq, D]; one query per request against its pages."""
+        layer = self.layer_idx
+        pages = meta.decode_block_tables[layer]  # [Bd, P]
+        keys, values = gather_keys_values(meta.kv_pool, pages)  # [Bd, S, Hkv, D]
+        key_pos = meta.decode_first_key[layer].unsqueeze(1) + torch.arange(keys.shape[1])  # [Bd, S]
+        seq_lens = meta.decode_seq_lens[layer].unsqueeze(1)  # [Bd, 1]
+        valid = key_pos < seq_lens
+        if self.window is not None:
+            valid &= key_pos > seq_lens - 1 - self.window
+        out = F.scaled_dot_product_attention(
+            q.float().unsqueeze(2),  # [Bd, Hq, 1, D]
+            keys.float().transpose(1, 2), values.float().transpose(1, 2),  # [Bd, Hkv, S, D]
+            attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
+        return out.squeeze(2).to(q.dtype)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: ChunkMeta,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """q: [n, Hq, D], k/v: [n, Hkv, D] (this chunk) → [n, Hq, D], causal over cached prefix + chunk."""
+        num_new = q.shape[0]
+        cached = chunk.num_cached[self.layer_idx]
+        first_key = 0
+        if cached == 0:
+            keys, values = k, v
+        else:
+            total = cached + num_new
+            if self.window is not None:
+                first_key = max(0, cached - self.window + 1) // meta.block_size * meta.block_size
+            first_page, last_page = first_key // meta.block_size, -(-total // meta.block_size)
+            keys, values = gather_keys_values(meta.kv_pool, chunk.block_table[self.layer_idx, first_page:last_page])
+            keys, values = keys[:total - first_key].to(q.dtype), values[:total - first_key].to(q.dtype)
+        qt = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        kt, vt = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+        if cached == 0 and self.window is None:
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            query_pos = torch.arange(cached, cached + num_new).unsqueeze(1)  # [n, 1]
+            key_pos = torch.arange(first_key, first_key + keys.shape[0]).unsqueeze(0)  # [1, S]
+            mask = key_pos <= query_pos
+            if self.window is not None:
+                mask &= key_pos > query_pos - self.window
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.squeeze(0).transpose(0, 1)

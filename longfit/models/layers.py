@@ -1,0 +1,173 @@
+"""Shared decoder layers: RMSNorm, rotary embeddings, gated MLPs, and weight helpers.
+
+Activations are ``[N, hidden]`` with N the flattened tokens of every request in the step (no batch dim).
+Norm statistics, RoPE angles and softmax run in fp32 whatever the activation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longfit.config import ModelConfig, RopeScaling
+from longfit.models.weights import RawWeight
+from longfit.quant.linear import Linear, build_linear
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) · w (Llama) or · (1 + w) (Gemma, ``offset=True``); statistics in fp32.
+
+    x: [..., dim] in the model dtype; returns the same shape and dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, offset: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        # Gemma applies (1 + w) in fp32 and casts after; Llama casts x first and multiplies by w in its dtype.
+        self.register_buffer("weight", weight.float() + 1.0 if offset else weight, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * self.weight).to(dtype)
+        return self.weight * h.to(dtype)
+
+
+def _inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """[head_dim / 2] fp64 inverse frequencies, with linear or Llama-3 scaling applied."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    # Llama 3: keep high frequencies, divide low ones by factor, interpolate smoothly in between.
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    scaled = torch.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(mid, (1 - smooth) * inv / scaling.factor + smooth * inv, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE (Hugging Face layout) with a cos/sin table grown on demand.
+
+    ``forward(x[N, H, D], positions[N]) -> [N, H, D]`` in x's dtype, computed in fp32.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None, max_positions: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.inv_freq = _inverse_frequencies(head_dim, theta, scaling)
+        self.cos = torch.empty(0)
+        self.sin = torch.empty(0)
+        self._grow(min(max_positions, 4096))
+
+    def _grow(self, size: int) -> None:
+        positions = torch.arange(size, dtype=torch.float64)
+        angles = torch.outer(positions, self.inv_freq)  # [size, D/2]
+        self.cos = angles.cos().float()
+        self.sin = angles.sin().float()
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [N, 1, D/2] fp32 for ``positions`` [N]."""
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            self._grow(max(int(positions.max()) + 1, 2 * self.cos.shape[0]))
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]  # [N, H, D/2] each
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) · up(x)); gate and up fused in one matmul. act: SiLU (Llama) or tanh-GELU (Gemma)."""
+
+    def __init__(self, gate_up: Linear, down: Linear, activation: str) -> None:
+        super().__init__()
+        self.gate_up = gate_up
+        self.down = down
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # [N, F] each
+        if self.activation == "silu":
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(gate, approximate="tanh") * up)
+
+
+class WeightSource:
+    """Looks up a checkpoint's RawWeights by name and builds layers in the runtime's compute form."""
+
+    def __init__(self, weights: dict[str, RawWeight], form: str, dtype: torch.dtype) -> None:
+        self.weights = weights
+        self.form = form
+        self.dtype = dtype
+
+    def has(self, name: str) -> bool:
+        return name in self.weights
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.weights:
+            raise ValueError(f"checkpoint is missing tensor {name!r}")
+        return self.weights[name].dequantize().to(dtype or self.dtype)
+
+    def linear(self, names: list[str], bias_names: list[str] | None = None, form: str | None = None) -> Linear:
+        """One linear layer from weights fused along the output dim (e.g. q, k, v)."""
+        missing = [name for name in names if name not in self.weights]
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors {missing}")
+        bias = None
+        if bias_names:
+            bias = torch.cat([self.tensor(name, torch.float32) for name in bias_names]).to(self.dtype)
+        return build_linear([self.weights[name] for name in names], bias, form or self.form, self.dtype)
+
+
+def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.15) -> dict[str, RawWeight]:
+    """Random fp32 weights under Hugging Face names, for in-process test models."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size),
+                                          "model.norm.weight": (config.hidden_size,)}
+    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (config.hidden_size,),
+                       p + "post_attention_layernorm.weight": (config.hidden_size,),
+                       p + "self_attn.q_proj.weight": (q_out, config.hidden_size),
+                       p + "self_attn.k_proj.weight": (kv_out, config.hidden_size),
+                       p + "self_attn.v_proj.weight": (kv_out, config.hidden_size),
+                       p + "self_attn.o_proj.weight": (config.hidden_size, q_out),
+                       p + "mlp.gate_proj.weight": (config.intermediate_size, config.hidden_size),
+                       p + "mlp.up_proj.weight": (config.intermediate_size, config.hidden_size),
+                       p + "mlp.down_proj.weight": (config.hidden_size, config.intermediate_size)})
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q_out,), p + "self_attn.k_proj.bias": (kv_out,),
+                           p + "self_attn.v_proj.bias": (kv_out,)})
+        if config.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (config.head_dim,),
+                           p + "self_attn.k_norm.weight": (config.head_dim,)})
+        if config.architecture == "gemma3":
+            shapes.update({p + "pre_feedforward_layernorm.weight": (config.hidden_size,),
+                           p + "post_feedforward_layernorm.weight": (config.hidden_size,)})
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+    weights = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            # Llama norms scale by w (around 1); Gemma by 1 + w (w around 0).
+            value = torch.randn(shape, generator=generator) * 0.1 + (0.0 if config.architecture == "gemma3" else 1.0)
+        else:
+            value = torch.randn(shape, generator=generator) * std
+        weights[name] = RawWeight(name, tuple(shape), "F32", (lambda v=value: v.clone()))
+    return weights

@@ -1,0 +1,53 @@
+"""load_model: a model name or path → (model in its compute form, ModelConfig, tokenizer)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from longfit.config import ModelConfig, RuntimeConfig
+from longfit.models.base import DecoderModel
+from longfit.models.layers import WeightSource, random_weights
+from longfit.models.registry import build_model
+from longfit.models.tiny import TINY_PRESETS, ByteTokenizer, tiny_model_config
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: DecoderModel
+    config: ModelConfig
+    tokenizer: object  # models.tokenizer.Tokenizer or models.tiny.ByteTokenizer
+    path: str
+
+
+def load_model(name: str, runtime: RuntimeConfig) -> LoadedModel:
+    """Build the model named ``name`` (short name, GGUF path, HF directory, or a ``tiny-*`` preset).
+
+    Raises ValueError with one clear message for unknown names, missing packages and unreadable files.
+    """
+    dtype = TORCH_DTYPES[runtime.dtype]
+    form = "dense" if runtime.weights == "bf16" else runtime.weights
+    if name in TINY_PRESETS:
+        config = tiny_model_config(name)
+        source = WeightSource(random_weights(config, seed=runtime.seed), form, dtype)
+        tokenizer = ByteTokenizer(add_bos=config.add_bos_token)
+        path = name
+    else:
+        from longfit.models.gguf_loader import load_gguf
+        from longfit.models.hf_loader import load_hf_dir
+        from longfit.models.resolve import resolve_model_path
+        from longfit.models.tokenizer import Tokenizer
+
+        path = resolve_model_path(name)
+        checkpoint = load_hf_dir(path) if os.path.isdir(path) else load_gguf(path)
+        config = checkpoint.config
+        source = WeightSource(checkpoint.weights, form, dtype)
+        tokenizer = Tokenizer.from_checkpoint(checkpoint)
+    with torch.inference_mode():
+        model = build_model(config, source).to(runtime.device)
+    model.eval()
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path)

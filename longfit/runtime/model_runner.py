@@ -1,0 +1,199 @@
+"""ModelRunner: executes one scheduled step — page tables → inputs → forward → compression → sampling.
+
+Data flow: ``SchedulerOutput`` (which requests, which tokens, which new pages) → flat batch (decode
+tokens first, then prompt chunks) + ``AttentionMetadata`` → ``DecoderModel`` → logits of the rows that
+sample (and of every prompt row when prompt logprobs are asked) → ``ModelRunnerOutput``. The runner owns
+every tensor that lives across steps: the KV pool, a mirror of each running request's page tables
+(updated from the scheduler's page diffs), and the seeded generators.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from longfit.config import ModelConfig
+from longfit.kv.spec import KVCacheSpec
+from longfit.models.attention import AttentionMetadata, ChunkMeta
+from longfit.models.base import DecoderModel
+from longfit.outputs import ModelRunnerOutput, PositionLogprobs, ScheduledRequest, SchedulerOutput
+from longfit.runtime.kv_store import allocate_kv_pool
+from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_logprobs, sample
+
+
+class RequestState:
+    """Runner-side state of a running request: page tables mirror [L, max_pages] and its generator."""
+
+    __slots__ = ("tables", "num_pages", "generator")
+
+    def __init__(self, num_layers: int, max_pages: int, seed: int | None) -> None:
+        self.tables = np.zeros((num_layers, max_pages), dtype=np.int64)
+        self.num_pages = np.zeros(num_layers, dtype=np.int64)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def append_pages(self, new_block_ids: list[list[int]], reset: bool) -> None:
+        if reset:
+            self.num_pages[:] = 0
+        for layer, pages in enumerate(new_block_ids):
+            if pages:
+                start = self.num_pages[layer]
+                end = start + len(pages)
+                if end > self.tables.shape[1]:  # compaction can leave room; growth beyond max_model_len cannot happen
+                    grown = np.zeros((self.tables.shape[0], max(end, 2 * self.tables.shape[1])), dtype=np.int64)
+                    grown[:, :self.tables.shape[1]] = self.tables
+                    self.tables = grown
+                self.tables[layer, start:end] = pages
+                self.num_pages[layer] = end
+
+
+class ModelRunner:
+    """Runs the model over the paged KV cache.
+
+    Args:
+        model: the decoder, weights already in their compute form.
+        config: its shape.
+        spec: the resolved KV layout; the pool is allocated here.
+        max_model_len: longest request, to size the page-table mirrors.
+    """
+
+    def __init__(self, model: DecoderModel, config: ModelConfig, spec: KVCacheSpec, max_model_len: int,
+                 device: str = "cpu") -> None:
+        self.model = model
+        self.config = config
+        self.spec = spec
+        self.device = device
+        self.kv_pool = allocate_kv_pool(spec, device)
+        self.block_size = spec.block_size
+        self.max_pages = -(-max_model_len // spec.block_size) + 1
+        self.states: dict[str, RequestState] = {}
+        self.windows = spec.layer_windows
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        for request_id in scheduler_output.finished_request_ids:
+            self.states.pop(request_id, None)
+        result = ModelRunnerOutput(sampled_token_ids={})
+        if not scheduler_output.scheduled:
+            return result
+        for item in scheduler_output.scheduled:
+            state = self.states.get(item.request_id)
+            if state is None or item.reset_block_table:
+                state = RequestState(self.spec.num_layers, self.max_pages, item.sampling_params.seed)
+                self.states[item.request_id] = state
+            state.append_pages(item.new_block_ids, item.reset_block_table)
+
+        decodes = [it for it in scheduler_output.scheduled if len(it.token_ids) == 1
+                   and it.sampling_params.prompt_logprobs is None]
+        chunks = [it for it in scheduler_output.scheduled if not (len(it.token_ids) == 1
+                  and it.sampling_params.prompt_logprobs is None)]
+        ordered = decodes + chunks
+        input_ids, positions, key_rows = self._flat_inputs(ordered)
+        meta = AttentionMetadata(kv_pool=self.kv_pool, block_size=self.block_size, key_rows=key_rows,
+                                 num_decode=len(decodes))
+        if decodes:
+            self._decode_metadata(decodes, meta)
+        start = len(decodes)
+        for item in chunks:
+            meta.chunks.append(self._chunk_metadata(item, start))
+            start += len(item.token_ids)
+
+        hidden = self.model(input_ids, positions, meta)  # [N, d]
+
+        # Rows that produce logits: every decode token; a chunk's last token if it samples; all its
+        # tokens if prompt logprobs are asked.
+        sample_rows: list[int] = []
+        sample_items: list[ScheduledRequest] = []
+        prompt_rows: list[tuple[ScheduledRequest, int, int]] = []
+        for row, item in enumerate(decodes):
+            sample_rows.append(row)
+            sample_items.append(item)
+        for chunk, item in zip(meta.chunks, chunks):
+            if item.sampling_params.prompt_logprobs is not None and item.num_computed_tokens < item.num_prompt_tokens:
+                prompt_rows.append((item, chunk.start, chunk.end))
+            if item.do_sample:
+                sample_rows.append(chunk.end - 1)
+                sample_items.append(item)
+        for item, begin, end in prompt_rows:
+            result.prompt_logprobs[item.request_id] = self._prompt_logprobs(item, hidden[begin:end])
+        if sample_items:
+            logits = self.model.compute_logits(hidden[sample_rows])  # [B, V] fp32
+            self._sample(logits, sample_items, result)
+        return result
+
+    # ------------------------------------------------------------------ inputs
+    def _flat_inputs(self, items: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, positions: [N]; key_rows: [L, N] rows of each new key in the flattened pool."""
+        bs = self.block_size
+        ids: list[int] = []
+        pos_parts, row_parts = [], []
+        for item in items:
+            n = len(item.token_ids)
+            ids.extend(item.token_ids)
+            pos_parts.append(np.arange(item.num_computed_tokens, item.num_computed_tokens + n))
+            physical = np.asarray(item.num_cached_tokens)[:, None] + np.arange(n)  # [L, n]
+            pages = np.take_along_axis(self.states[item.request_id].tables, physical // bs, axis=1)
+            row_parts.append(pages * (2 * bs) + physical % bs)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        positions = torch.from_numpy(np.concatenate(pos_parts)).to(self.device)
+        key_rows = torch.from_numpy(np.concatenate(row_parts, axis=1)).to(self.device)
+        return input_ids, positions, key_rows
+
+    def _decode_metadata(self, items: list[ScheduledRequest], meta: AttentionMetadata) -> None:
+        """Per layer: the pages each decode query reads (only the window's pages on sliding layers)."""
+        bs = self.block_size
+        seq_lens = np.asarray([it.num_cached_tokens for it in items]).T + 1  # [L, Bd]
+        tables = np.stack([self.states[it.request_id].tables for it in items], axis=1)  # [L, Bd, maxP]
+        meta.decode_block_tables, meta.decode_first_key, meta.decode_seq_lens = [], [], []
+        for layer, window in enumerate(self.windows):
+            lens = seq_lens[layer]
+            if window is None:
+                num_pages = int(-(-lens.max() // bs))
+                pages = tables[layer, :, :num_pages]
+                first_page = np.zeros_like(lens)
+            else:
+                first_page = np.maximum(lens - window, 0) // bs
+                span = np.minimum(first_page[:, None] + np.arange(-(-window // bs) + 1), tables.shape[2] - 1)
+                pages = np.take_along_axis(tables[layer], span, axis=1)
+            meta.decode_block_tables.append(torch.from_numpy(np.ascontiguousarray(pages)).to(self.device))
+            meta.decode_first_key.append(torch.from_numpy(first_page * bs).to(self.device))
+            meta.decode_seq_lens.append(torch.from_numpy(lens).to(self.device))
+
+    def _chunk_metadata(self, item: ScheduledRequest, start: int) -> ChunkMeta:
+        n = len(item.token_ids)
+        num_pages = -(-(max(item.num_cached_tokens) + n) // self.block_size)
+        table = self.states[item.request_id].tables[:, :num_pages]
+        return ChunkMeta(start=start, end=start + n, num_cached=list(item.num_cached_tokens),
+                         block_table=torch.from_numpy(np.ascontiguousarray(table)).to(self.device))
+
+    # ------------------------------------------------------------------ outputs
+    def _prompt_logprobs(self, item: ScheduledRequest, hidden: torch.Tensor) -> list[PositionLogprobs | None]:
+        """Logprobs of prompt tokens ``num_computed + 1 .. `` predicted by this chunk's rows."""
+        begin = item.num_computed_tokens
+        targets = item.prompt_token_ids[begin + 1:begin + 1 + hidden.shape[0]]
+        out: list[PositionLogprobs | None] = [None] if begin == 0 else []
+        if targets:
+            logits = self.model.compute_logits(hidden[:len(targets)])
+            target_ids = torch.tensor(targets, dtype=torch.int64)
+            out.extend(compute_logprobs(logits, target_ids, [item.sampling_params.prompt_logprobs] * len(targets)))
+        return out
+
+    def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest], result: ModelRunnerOutput) -> None:
+        params = [it.sampling_params for it in items]
+        raw = logits
+        penalized = [row for row, p in enumerate(params) if p.needs_penalties]
+        if penalized:
+            logits = logits.clone()
+            apply_penalties(logits, penalized, [params[r] for r in penalized],
+                            [items[r].prompt_token_ids for r in penalized], [items[r].output_token_ids for r in penalized])
+        tensors = SamplingTensors.from_params(params, logits.shape[1])
+        generators = [self.states[it.request_id].generator for it in items]
+        token_ids = sample(logits, tensors, generators)
+        wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
+        if wanted:
+            rows = torch.tensor(wanted)
+            entries = compute_logprobs(raw[rows], token_ids[rows], [params[r].logprobs for r in wanted])
+            for row, entry in zip(wanted, entries):
+                result.logprobs[items[row].request_id] = [entry]
+        for item, token in zip(items, token_ids.tolist()):
+            result.sampled_token_ids[item.request_id] = [token]
