@@ -169,7 +169,7 @@ class KVCacheManager:
             state.num_cached[layer] += num_new_tokens
         if state.cacheable:
             self._cache_full_blocks(request, state, request.num_computed_tokens + num_new_tokens)
-        self._release_out_of_window(request, state, request.num_computed_tokens + num_new_tokens)
+        self._release_out_of_window(request, state, request.num_computed_tokens)
         return True
 
     def _cache_full_blocks(self, request: Request, state: RequestKV, num_tokens: int) -> None:
@@ -182,16 +182,16 @@ class KVCacheManager:
                     self.pool.set_hash(page, (state.block_hashes[index], layer))
         state.num_hashed = max(state.num_hashed, num_full)
 
-    def _release_out_of_window(self, request: Request, state: RequestKV, num_tokens: int) -> None:
-        """Free pages of sliding-window layers lying wholly before every future query's window.
+    def _release_out_of_window(self, request: Request, state: RequestKV, first_query: int) -> None:
+        """Free pages of sliding-window layers lying wholly before every remaining query's window.
 
-        The first query still to come sits at position ``num_tokens - 1`` (the last token fed this step
-        is re-read by nothing else), and sees keys in ``(pos - window, pos]``.
+        The earliest query still to run (this step's first token) sits at ``first_query`` and sees keys in
+        ``(first_query - window, first_query]``; later queries see even later keys.
         """
         for layer, window in enumerate(self.spec.layer_windows):
             if window is None or request.is_compressed:
                 continue
-            first_visible = num_tokens - window  # keys at positions < first_visible are never read again
+            first_visible = first_query - window + 1  # keys before it are never read again
             num_dead = max(0, first_visible) // self.block_size
             table = state.tables[layer]
             start = state.num_released[layer]

@@ -1,0 +1,227 @@
+"""Packed int8/int4 linears and build_linear against slow references (rtn dequantize, gguf dequantize, loops)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from longfit.models.weights import RawWeight
+from longfit.quant.gguf_repack import unpack_q4_rows
+from longfit.quant.linear import DenseLinear, Int4Linear, Int8Linear, Linear, build_linear
+from longfit.quant.rtn import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+K = 128
+BF16_TOL = 2.0**-8  # bf16 output rounding (2^-9 relative) plus bf16 parameter rounding (2^-9); measured ≤ 1.7e-3
+FP32_TOL = 1e-5
+
+
+def make_raw(weight: torch.Tensor, qtype: str, name: str = "w") -> RawWeight:
+    """A RawWeight around ``weight`` [N, K] fp32; GGUF types hold real block bytes made by the gguf package."""
+    if qtype == "F32":
+        return RawWeight(name, tuple(weight.shape), "F32", lambda: weight.clone())
+    gtype = gguf.GGMLQuantizationType[qtype]
+    rows = gguf_quantize(weight.numpy(), gtype)  # uint8 [N, bytes_per_row]
+    return RawWeight(
+        name, tuple(weight.shape), qtype, lambda: torch.from_numpy(gguf_dequantize(rows, gtype).copy()), lambda: rows
+    )
+
+
+def random_weight(n_out: int, n_in: int = K, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    # Per-row offsets and scales, so min/max differ from group to group (asymmetric int4 matters).
+    base = torch.randn(n_out, n_in, generator=gen) * 0.05
+    return base * torch.rand(n_out, 1, generator=gen) * 2 + torch.randn(n_out, 1, generator=gen) * 0.02
+
+
+def inputs(seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, K, generator=gen) for m in (1, 5, 64)] + [torch.randn(2, 3, K, generator=gen)]
+
+
+def expected_weight(raw: list[RawWeight], form: str, dtype: torch.dtype, group: int = 32) -> torch.Tensor:
+    """The fp32 [N, K] weight the built layer must multiply by, from the slow references."""
+    weight = torch.cat([part.dequantize() for part in raw], dim=0)  # gguf's dequantize for GGUF parts
+    qtypes = {part.qtype for part in raw}
+    param_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    if form == "int8" or (form == "auto" and qtypes == {"Q8_0"}):
+        return dequantize_int8(*quantize_int8(weight, param_dtype))
+    if form == "int4" and not qtypes <= {"Q4_0", "Q4_1"}:
+        return dequantize_int4(*quantize_int4(weight, group, param_dtype), group)
+    # Dense, and the exact Q4 repack: gguf's weights (the bf16 parameter rounding is inside BF16_TOL).
+    return weight.to(dtype).float()
+
+
+def assert_matches(layer: Linear, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, bias=None) -> None:
+    """|y - x·Wᵀ| ≤ tol · (|x|·|W|ᵀ): error relative to the magnitude of the dot products, elementwise."""
+    x = x.to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], weight.shape[0])
+    ref = x.float() @ weight.T
+    magnitude = x.float().abs() @ weight.abs().T
+    if bias is not None:
+        ref = ref + bias.to(dtype).float()
+        magnitude = magnitude + bias.float().abs()
+    tol = BF16_TOL if dtype == torch.bfloat16 else FP32_TOL
+    err = (y.float() - ref).abs() / (magnitude + 1e-6)
+    assert err.max().item() < tol, f"max relative error {err.max().item():.3e} >= {tol:.1e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("form", ["bf16", "int8", "int4", "auto"])
+@pytest.mark.parametrize("qtype", ["F32", "Q4_0", "Q4_1", "Q8_0"])
+def test_build_linear_matches_reference(qtype: str, form: str, dtype: torch.dtype) -> None:
+    raw = [make_raw(random_weight(48), qtype)]
+    layer = build_linear(raw, None, form, dtype)
+    packed = {"int8": Int8Linear, "int4": Int4Linear}
+    auto = {"F32": DenseLinear, "Q4_0": Int4Linear, "Q4_1": Int4Linear, "Q8_0": Int8Linear}
+    expected_type = packed.get(form, auto[qtype] if form == "auto" else DenseLinear)
+    if dtype == torch.float32:
+        expected_type = DenseLinear  # quantized forms are dequantized once into fp32
+    assert type(layer) is expected_type
+    assert layer.in_features == K and layer.out_features == 48
+    weight = expected_weight(raw, form, dtype)
+    for x in inputs():
+        assert_matches(layer, x, weight, dtype)
+
+
+@pytest.mark.parametrize("form", ["bf16", "int8", "int4", "auto"])
+@pytest.mark.parametrize("qtype", ["F32", "Q4_1", "Q8_0"])
+def test_fused_parts_and_bias(qtype: str, form: str) -> None:
+    raw = [make_raw(random_weight(n, seed=i), qtype, f"p{i}") for i, n in enumerate((32, 16, 16))]
+    bias = torch.randn(64)
+    fused = build_linear(raw, bias, form, torch.bfloat16)
+    assert fused.out_features == 64
+    for x in inputs():
+        assert_matches(fused, x, expected_weight(raw, form, torch.bfloat16), torch.bfloat16, bias)
+        # Fused output == concatenation of the parts' outputs (per-row quantization is unchanged by fusion).
+        pieces = [build_linear([part], b, form, torch.bfloat16)(x.bfloat16()) for part, b in zip(raw, bias.split(
+            [32, 16, 16]))]
+        torch.testing.assert_close(fused(x.bfloat16()), torch.cat(pieces, dim=-1), rtol=2**-7, atol=1e-3)
+
+
+def test_mixed_gguf_types_fall_back() -> None:
+    raw = [make_raw(random_weight(32, seed=0), "Q4_1", "a"), make_raw(random_weight(16, seed=1), "Q8_0", "b")]
+    auto = build_linear(raw, None, "auto", torch.bfloat16)
+    assert type(auto) is DenseLinear and "Q4_1/Q8_0" in auto.fallback_reason
+    int4 = build_linear(raw, None, "int4", torch.bfloat16)  # mixed: dequantize, then RTN
+    assert type(int4) is Int4Linear
+    for x in inputs():
+        assert_matches(auto, x, expected_weight(raw, "auto", torch.bfloat16), torch.bfloat16)
+        assert_matches(int4, x, expected_weight(raw, "int4", torch.bfloat16), torch.bfloat16)
+
+
+def test_shape_fallbacks() -> None:
+    odd_n = build_linear([make_raw(random_weight(24), "F32")], None, "int4", torch.bfloat16)  # N % 16 != 0
+    assert type(odd_n) is Int8Linear and "out_features % 16" in odd_n.fallback_reason
+    q4_odd_n = build_linear([make_raw(random_weight(24), "Q4_1")], None, "auto", torch.bfloat16)
+    assert type(q4_odd_n) is DenseLinear and "out_features" in q4_odd_n.fallback_reason
+    k96 = [make_raw(random_weight(32, 96), "F32")]
+    finer = build_linear(k96, None, "int4", torch.bfloat16, group_size=128)  # 96 % 128, 96 % 64 ≠ 0 → 32
+    assert type(finer) is Int4Linear and finer.group_size == 32 and "used 32" in finer.fallback_reason
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 96, generator=gen)
+    assert_matches(finer, x, dequantize_int4(*quantize_int4(k96[0].dequantize(), 32, torch.bfloat16), 32),
+                   torch.bfloat16)
+    k40 = build_linear([make_raw(random_weight(32, 40), "F32")], None, "int8", torch.bfloat16)  # K % 16 != 0
+    assert type(k40) is DenseLinear and "in_features % 16" in k40.fallback_reason
+    assert build_linear([make_raw(random_weight(48), "Q4_0")], None, "int4", torch.bfloat16, 64).group_size == 32
+
+
+def test_fp32_input_to_packed_layer_is_cast() -> None:
+    raw = [make_raw(random_weight(48), "F32")]
+    for form in ("int8", "int4"):
+        layer = build_linear(raw, None, form, torch.bfloat16)
+        x = inputs()[1]
+        y = layer(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, layer(x.bfloat16()).float())
+
+
+def test_rtn_int8_matches_loop() -> None:
+    weight = random_weight(6, 32)
+    weight[3] = 0.0  # an all-zero row must not divide by zero
+    codes, scales = quantize_int8(weight)
+    for n in range(weight.shape[0]):
+        scale = max(weight[n].abs().max().item() / 127, 1e-12)
+        assert scales[n].item() == pytest.approx(scale, rel=1e-6)
+        for k in range(weight.shape[1]):
+            assert codes[n, k].item() == max(-127, min(127, round(weight[n, k].item() / scales[n].item())))
+    codes_bf, scales_bf = quantize_int8(weight, torch.bfloat16)
+    assert scales_bf.dtype == torch.bfloat16 and codes_bf.dtype == torch.int8
+    assert bool((scales_bf.float() >= weight.abs().amax(1) / 127).all())  # rounded up: the max still fits
+    error = (dequantize_int8(codes_bf, scales_bf) - weight).abs()
+    assert bool((error <= scales_bf.float()[:, None] / 2 * (1 + 1e-5)).all())
+
+
+def test_rtn_int4_matches_loop() -> None:
+    weight = random_weight(3, 64)
+    weight[1, :32] = 0.7  # a constant group
+    codes, scales, zeros = quantize_int4(weight, 32)
+    for n in range(3):
+        for g in range(2):
+            group = weight[n, g * 32 : (g + 1) * 32].tolist()
+            scale = max((max(group) - min(group)) / 15, 1e-12)
+            assert scales[n, g].item() == pytest.approx(scale, rel=1e-5)
+            assert zeros[n, g].item() == pytest.approx(min(group) + 8 * scale, rel=1e-5, abs=1e-7)
+            for j, value in enumerate(group):
+                q = max(0, min(15, round((value - zeros[n, g].item()) / scales[n, g].item()) + 8))
+                assert codes[n, g * 32 + j].item() == q
+    assert torch.isfinite(dequantize_int4(codes, scales, zeros, 32)).all()
+    big = random_weight(16, 256, seed=3)
+    for group_size in (32, 64, 128, 256):
+        for param_dtype in (torch.float32, torch.bfloat16):
+            codes, scales, zeros = quantize_int4(big, group_size, param_dtype)
+            assert int(codes.max()) <= 15 and scales.dtype == param_dtype
+            step = scales.float().repeat_interleave(group_size, dim=1)
+            slack = zeros.float().abs().repeat_interleave(group_size, dim=1) * 2.0**-8  # bf16 rounding of zero
+            error = (dequantize_int4(codes, scales, zeros, group_size) - big).abs()
+            assert bool((error <= step / 2 * (1 + 1e-5) + slack).all())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_unpack_q4_rows_is_exact(qtype: str) -> None:
+    raw = make_raw(random_weight(16), qtype)
+    codes, scales, zeros = unpack_q4_rows(raw.quant_rows(), qtype, K)
+    assert codes.shape == (16, K) and scales.shape == (16, K // 32)
+    torch.testing.assert_close(dequantize_int4(codes, scales, zeros, 32), raw.dequantize(), rtol=0, atol=1e-7)
+
+
+def test_unpack_q4_nibble_order() -> None:
+    # One Q4_0 block, d = 1: byte j holds element j (low nibble) and element j + 16 (high nibble).
+    qs = np.arange(16, dtype=np.uint8) | ((15 - np.arange(16, dtype=np.uint8)) << 4)
+    row = np.concatenate([np.array([1.0], dtype=np.float16).view(np.uint8), qs])[None, :]  # [1, 18]
+    codes, scales, zeros = unpack_q4_rows(row, "Q4_0", 32)
+    assert codes[0].tolist() == list(range(16)) + list(range(15, -1, -1))
+    assert scales.item() == 1.0 and zeros.item() == 0.0
+
+
+def test_weight_nbytes_is_analytic() -> None:
+    raw = [make_raw(random_weight(48), "F32")]
+    assert build_linear(raw, None, "bf16", torch.bfloat16).weight_nbytes() == 48 * K * 2
+    assert build_linear(raw, None, "int8", torch.bfloat16).weight_nbytes() == 48 * K + 48 * 2
+    int4 = build_linear(raw, torch.zeros(48), "int4", torch.bfloat16, group_size=64)
+    assert int4.weight_nbytes() == 48 * K // 2 + (K // 64) * 48 * 2 * 2 + 48 * 2
+
+
+def test_bad_arguments_name_the_field() -> None:
+    raw = [make_raw(random_weight(48), "F32")]
+    with pytest.raises(ValueError, match="form"):
+        build_linear(raw, None, "int3", torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype"):
+        build_linear(raw, None, "int8", torch.float16)
+    with pytest.raises(ValueError, match="group_size"):
+        build_linear(raw, None, "int4", torch.bfloat16, group_size=16)
+    with pytest.raises(ValueError, match="parts"):
+        build_linear([], None, "int8", torch.bfloat16)
+    with pytest.raises(ValueError, match="parts"):
+        build_linear([*raw, make_raw(random_weight(16, 64), "F32")], None, "int8", torch.bfloat16)
+    with pytest.raises(ValueError, match="bias"):
+        build_linear(raw, torch.zeros(47), "int8", torch.bfloat16)
+    with pytest.raises(ValueError, match="in_features"):
+        Int8Linear(torch.zeros(16, 40, dtype=torch.int8), torch.ones(16))  # the kernel would return garbage
+    with pytest.raises(ValueError, match="out_features"):
+        Int4Linear(torch.zeros(24, 64, dtype=torch.uint8), torch.ones(24, 2), torch.zeros(24, 2), 32)
