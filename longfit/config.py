@@ -173,8 +173,7 @@ class RuntimeConfig:
     weights: Annotated[str, "weight compute form: auto (keep the file's 4/8-bit), bf16, int8, int4"] = "bf16"
     device: Annotated[str, "'cpu' or 'cuda' (cuda only where available)"] = "cpu"
     num_threads: Annotated[int | None, "torch threads; None: physical cores"] = None
-    seed: Annotated[int, "seed for random test weights and unseeded sampling"] = 0
-    compile: Annotated[bool, "torch.compile small hot functions (eager is the reference)"] = False
+    weight_seed: Annotated[int, "seed of the random weights of tiny-* test models"] = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -24,13 +24,14 @@ class Gemma3DecoderLayer(nn.Module):
         p = f"model.layers.{index}."
         eps = config.rms_norm_eps
 
-        def norm(name: str, prefix: str = p) -> RMSNorm:
-            return RMSNorm(source.tensor(prefix + name, torch.float32), eps, offset=True)
+        def norm(name: str, prefix: str = p, out_dtype: torch.dtype = source.dtype) -> RMSNorm:
+            return RMSNorm(source.tensor(prefix + name, torch.float32), eps, offset=True, out_dtype=out_dtype)
 
+        # Pre-norms feed matmuls (model dtype); post-norms join the fp32 residual stream.
         self.input_norm = norm("input_layernorm.weight")
-        self.post_attention_norm = norm("post_attention_layernorm.weight")
+        self.post_attention_norm = norm("post_attention_layernorm.weight", out_dtype=torch.float32)
         self.pre_feedforward_norm = norm("pre_feedforward_layernorm.weight")
-        self.post_feedforward_norm = norm("post_feedforward_layernorm.weight")
+        self.post_feedforward_norm = norm("post_feedforward_layernorm.weight", out_dtype=torch.float32)
         attn = p + "self_attn."
         self.attn = Attention(
             index, source.linear([attn + f"{n}_proj.weight" for n in "qkv"]), source.linear([attn + "o_proj.weight"]),

@@ -18,25 +18,23 @@ from longfit.quant.linear import Linear, build_linear
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) · w (Llama) or · (1 + w) (Gemma, ``offset=True``); statistics in fp32.
+    """y = x / rms(x) · w (Llama) or · (1 + w) (Gemma, ``offset=True``), computed in fp32.
 
-    x: [..., dim] in the model dtype; returns the same shape and dtype.
+    x: [..., dim] (the fp32 residual stream or activations); returns ``out_dtype`` (the matmul dtype for
+    pre-norms, fp32 for norms whose output joins the residual).
     """
 
-    def __init__(self, weight: torch.Tensor, eps: float, offset: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, offset: bool = False,
+                 out_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.eps = eps
-        self.offset = offset
-        # Gemma applies (1 + w) in fp32 and casts after; Llama casts x first and multiplies by w in its dtype.
-        self.register_buffer("weight", weight.float() + 1.0 if offset else weight, persistent=False)
+        self.out_dtype = out_dtype
+        self.register_buffer("weight", weight.float() + 1.0 if offset else weight.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (h * self.weight).to(dtype)
-        return self.weight * h.to(dtype)
+        return (h * self.weight).to(self.out_dtype)
 
 
 def _inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:

@@ -18,8 +18,11 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         p = f"model.layers.{index}."
         eps = config.rms_norm_eps
-        self.input_norm = RMSNorm(source.tensor(p + "input_layernorm.weight"), eps)
-        self.post_attention_norm = RMSNorm(source.tensor(p + "post_attention_layernorm.weight"), eps)
+        # NOTE: the residual stream stays fp32; norms hand the matmuls their dtype (bf16 residuals cost
+        # ~2% top-1 agreement on SmolLM2).
+        self.input_norm = RMSNorm(source.tensor(p + "input_layernorm.weight"), eps, out_dtype=source.dtype)
+        self.post_attention_norm = RMSNorm(source.tensor(p + "post_attention_layernorm.weight"), eps,
+                                           out_dtype=source.dtype)
         attn = p + "self_attn."
         bias = [attn + f"{n}_proj.bias" for n in "qkv"] if config.attention_bias else None
         self.attn = Attention(
@@ -30,8 +33,8 @@ class LlamaDecoderLayer(nn.Module):
                             source.linear([p + "mlp.down_proj.weight"]), config.hidden_act)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.attn(self.input_norm(h), positions, meta)
-        return h + self.mlp(self.post_attention_norm(h))
+        h = h + self.attn(self.input_norm(h), positions, meta).float()  # h: [N, d] fp32
+        return h + self.mlp(self.post_attention_norm(h)).float()
 
 
 class LlamaForCausalLM(DecoderModel):

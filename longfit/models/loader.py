@@ -33,7 +33,7 @@ def load_model(name: str, runtime: RuntimeConfig) -> LoadedModel:
     form = "dense" if runtime.weights == "bf16" else runtime.weights
     if name in TINY_PRESETS:
         config = tiny_model_config(name)
-        source = WeightSource(random_weights(config, seed=runtime.seed), form, dtype)
+        source = WeightSource(random_weights(config, seed=runtime.weight_seed), form, dtype)
         tokenizer = ByteTokenizer(add_bos=config.add_bos_token)
         path = name
     else:

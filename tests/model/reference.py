@@ -26,6 +26,7 @@ def reference_logits(model: DecoderModel, token_ids: list[int]) -> torch.Tensor:
     x = model.embed[ids]
     if cfg.embedding_multiplier != 1.0:
         x = x * torch.tensor(cfg.embedding_multiplier, dtype=x.dtype)
+    x = x.float()  # fp32 residual stream, as the engine keeps it
     T = len(token_ids)
     for index, layer in enumerate(model.layers):
         attn = layer.attn

@@ -1,0 +1,210 @@
+"""`longfit generate | chat | bench | plan`: flags for engine options are generated from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import typing
+
+from longfit.config import CacheConfig, RuntimeConfig, SchedulerConfig, parse_bytes
+
+DEFAULT_PROMPT = "Explain in one short paragraph why the KV cache limits how many users an LLM server can handle."
+_FLAG_ALIASES = {"memory_bytes": "--kv-cache-memory"}
+_ENGINE_CONFIGS = (CacheConfig, SchedulerConfig, RuntimeConfig)
+
+
+def _flag_type(hint, name: str):
+    if name == "memory_bytes":
+        return lambda text: parse_bytes(text, "--kv-cache-memory")
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    if typing.get_origin(base) is typing.Annotated:
+        base = typing.get_args(base)[0]
+    inner = [a for a in typing.get_args(base) if a is not type(None)]
+    return inner[0] if inner else base
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of CacheConfig, SchedulerConfig and RuntimeConfig, help text from Annotated."""
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="GGUF path, Hugging Face directory, or short name: smollm2-135m (default), gemma3-270m")
+    parser.add_argument("--kv-compression", default=None, help="KV compression spec, e.g. snapkv:keep=0.25+kivi:bits=2")
+    for config in _ENGINE_CONFIGS:
+        group = parser.add_argument_group(config.__name__)
+        hints = typing.get_type_hints(config, include_extras=True)
+        for field in dataclasses.fields(config):
+            hint = hints[field.name]
+            help_text = typing.get_args(hint)[1] if typing.get_origin(hint) is typing.Annotated else field.name
+            flag = _FLAG_ALIASES.get(field.name, "--" + field.name.replace("_", "-"))
+            kind = _flag_type(hint, field.name)
+            if kind is bool:
+                group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                                   help=f"{help_text} (default: {field.default})")
+            else:
+                group.add_argument(flag, dest=field.name, type=kind, default=None,
+                                   help=f"{help_text} (default: {field.default})")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    names = {f.name for config in _ENGINE_CONFIGS for f in dataclasses.fields(config)}
+    return {name: value for name, value in vars(args).items() if name in names and value is not None}
+
+
+def _build_llm(args: argparse.Namespace):
+    from longfit.llm import LLM
+
+    return LLM(args.model, kv_compression=args.kv_compression, **engine_kwargs(args))
+
+
+def _sampling(args: argparse.Namespace):
+    from longfit.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=args.stop or None)
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens to generate at most")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    group.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _stream(llm, prompt, params) -> tuple[object, float, float, float]:
+    """Print text as it comes; return the final output, start time, first-token time, end time."""
+    started = time.perf_counter()
+    first = None
+    printed = 0
+    final = None
+    for output in llm.generate_stream(prompt, params):
+        if first is None:
+            first = time.perf_counter()
+        text = output.outputs[0].text
+        sys.stdout.write(text[printed:])
+        sys.stdout.flush()
+        printed = len(text)
+        final = output
+    return final, started, first or time.perf_counter(), time.perf_counter()
+
+
+def _summary(llm, output, started: float, first: float, ended: float) -> str:
+    generated = len(output.outputs[0].token_ids)
+    prompt_tokens = len(output.prompt_token_ids)
+    prefill = prompt_tokens / max(first - started, 1e-9)
+    decode = (generated - 1) / (ended - first) if generated > 1 and ended > first else 0.0
+    kv_bytes = llm.engine.kv_manager.spec.page_bytes * llm.engine.kv_manager.spec.pages_for_tokens(
+        prompt_tokens + generated)
+    return (f"[prompt {prompt_tokens} tok | generated {generated} tok | prefill {prefill:.1f} tok/s | "
+            f"decode {decode:.1f} tok/s | KV {kv_bytes / 2**20:.2f} MiB ({kv_bytes} B) | "
+            f"finish {output.outputs[0].finish_reason}]")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else (DEFAULT_PROMPT if sys.stdin.isatty() or
+                                                          sys.stdin.closed else sys.stdin.read() or DEFAULT_PROMPT)
+    llm = _build_llm(args)
+    params = _sampling(args)
+    if not args.raw:
+        prompt = llm.render_chat([{"role": "user", "content": prompt}])
+    output, started, first, ended = _stream(llm, prompt, params)
+    print()
+    print(_summary(llm, output, started, first, ended), file=sys.stderr if args.quiet_summary else sys.stdout)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _build_llm(args)
+    params = _sampling(args)
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("longfit chat — empty line or /exit to quit; earlier turns stay in the KV cache (prefix cache).")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line or line in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        output, started, first, ended = _stream(llm, llm.render_chat(messages), params)
+        print()
+        print(_summary(llm, output, started, first, ended))
+        messages.append({"role": "assistant", "content": output.outputs[0].text})
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from longfit.bench.decode import bench_decode
+
+    llm = _build_llm(args)
+    batches = tuple(int(b) for b in args.batch_sizes.split(","))
+    result = bench_decode(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                          batch_sizes=batches, repeats=args.repeats)
+    print("\n".join(result.lines()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longfit", description="Long contexts that fit: an LLM engine with a "
+                                     "paged, compressible KV cache.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate from a prompt, streaming the text, then a summary line")
+    generate.add_argument("prompt", nargs="?", default=None, help="prompt text (default: stdin or a demo prompt)")
+    generate.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    generate.add_argument("--quiet-summary", action="store_true", help="print the summary line to stderr")
+    _add_sampling_arguments(generate)
+    add_engine_arguments(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive chat with the model's template")
+    chat.add_argument("--system", default=None, help="system message")
+    _add_sampling_arguments(chat, max_tokens=256)
+    add_engine_arguments(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = commands.add_parser("bench", help="measure throughput")
+    bench_kind = bench.add_subparsers(dest="bench", required=True)
+    decode = bench_kind.add_parser("decode", help="prefill tok/s at a prompt length, decode tok/s per batch size")
+    decode.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")
+    decode.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per request")
+    decode.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes, e.g. 1,4,16")
+    decode.add_argument("--repeats", type=int, default=3, help="measured runs per figure (median)")
+    add_engine_arguments(decode)
+    decode.set_defaults(func=cmd_bench)
+
+    try:
+        from longfit.plan.planner import add_plan_arguments, run_plan_command
+    except ImportError:  # the planner is optional until it lands
+        pass
+    else:
+        plan = commands.add_parser("plan", help="capacity planner: will it fit, how many users, how fast")
+        add_plan_arguments(plan)
+        plan.set_defaults(func=run_plan_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:  # bad input: one clear line, no traceback
+        print(f"longfit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
