@@ -154,6 +154,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_model_config(name: str):
+    """Short names and tiny presets resolve to a ModelConfig without loading weights."""
+    from longfit.models.model_config import load_model_config
+    from longfit.models.resolve import resolve_model_path
+    from longfit.models.tiny import TINY_PRESETS, tiny_model_config
+
+    if name in TINY_PRESETS:
+        return tiny_model_config(name)
+    return load_model_config(resolve_model_path(name))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from longfit.plan.planner import run_plan_command
+
+    return run_plan_command(args, load_model=_plan_model_config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longfit", description="Long contexts that fit: an LLM engine with a "
                                      "paged, compressible KV cache.")
@@ -183,14 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(decode)
     decode.set_defaults(func=cmd_bench)
 
-    try:
-        from longfit.plan.planner import add_plan_arguments, run_plan_command
-    except ImportError:  # the planner is optional until it lands
-        pass
-    else:
-        plan = commands.add_parser("plan", help="capacity planner: will it fit, how many users, how fast")
-        add_plan_arguments(plan)
-        plan.set_defaults(func=run_plan_command)
+    from longfit.plan.planner import add_plan_arguments
+
+    plan = commands.add_parser("plan", help="capacity planner: will it fit, how many users, how fast")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 
