@@ -21,6 +21,7 @@ from longfit.engine.scheduler import Scheduler
 from longfit.kv.manager import KVCacheManager
 from longfit.models.loader import load_model
 from longfit.outputs import RequestOutput
+from longfit.runtime.compactor import validate_engine_spec
 from longfit.runtime.kv_store import resolve_kv_spec
 from longfit.runtime.model_runner import ModelRunner
 from longfit.sampling_params import SamplingParams
@@ -94,7 +95,7 @@ class LLMEngine:
         self.scheduler.validate_request(len(token_ids), max_tokens)
         spec = kv_compression if kv_compression is not None else params.kv_compression or self.config.kv_compression
         if spec:
-            raise ValueError(f"kv_compression {spec!r}: KV compression is not wired into the engine yet")
+            spec = validate_engine_spec(spec) or None
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, token_ids, params)
         children = []
         for index in range(params.n):

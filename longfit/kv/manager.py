@@ -189,7 +189,7 @@ class KVCacheManager:
         ``(first_query - window, first_query]``; later queries see even later keys.
         """
         for layer, window in enumerate(self.spec.layer_windows):
-            if window is None or request.is_compressed:
+            if window is None:  # compression never touches sliding layers: their tables stay logical
                 continue
             first_visible = first_query - window + 1  # keys before it are never read again
             num_dead = max(0, first_visible) // self.block_size

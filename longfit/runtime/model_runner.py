@@ -17,6 +17,7 @@ from longfit.kv.spec import KVCacheSpec
 from longfit.models.attention import AttentionMetadata, ChunkMeta
 from longfit.models.base import DecoderModel
 from longfit.outputs import ModelRunnerOutput, PositionLogprobs, ScheduledRequest, SchedulerOutput
+from longfit.runtime.compactor import Compactor
 from longfit.runtime.kv_store import allocate_kv_pool
 from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_logprobs, sample
 
@@ -24,12 +25,14 @@ from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_lo
 class RequestState:
     """Runner-side state of a running request: page tables mirror [L, max_pages] and its generator."""
 
-    __slots__ = ("tables", "num_pages", "generator")
+    __slots__ = ("tables", "num_pages", "generator", "queries")
 
     def __init__(self, num_layers: int, max_pages: int, seed: int | None) -> None:
         self.tables = np.zeros((num_layers, max_pages), dtype=np.int64)
         self.num_pages = np.zeros(num_layers, dtype=np.int64)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # layer → post-RoPE queries [Hq, w, D] of the prompt's last tokens, gathered over chunks (compression)
+        self.queries: dict[int, list[torch.Tensor]] = {}
 
     def append_pages(self, new_block_ids: list[list[int]], reset: bool) -> None:
         if reset:
@@ -67,6 +70,7 @@ class ModelRunner:
         self.max_pages = -(-max_model_len // spec.block_size) + 1
         self.states: dict[str, RequestState] = {}
         self.windows = spec.layer_windows
+        self.compactor = Compactor(self.kv_pool, spec.block_size, spec.layer_windows, config.attention_scale)
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -83,10 +87,11 @@ class ModelRunner:
                 self.states[item.request_id] = state
             state.append_pages(item.new_block_ids, item.reset_block_table)
 
-        decodes = [it for it in scheduler_output.scheduled if len(it.token_ids) == 1
-                   and it.sampling_params.prompt_logprobs is None]
-        chunks = [it for it in scheduler_output.scheduled if not (len(it.token_ids) == 1
-                  and it.sampling_params.prompt_logprobs is None)]
+        def is_decode(it: ScheduledRequest) -> bool:
+            return len(it.token_ids) == 1 and it.sampling_params.prompt_logprobs is None and not self._compresses(it)
+
+        decodes = [it for it in scheduler_output.scheduled if is_decode(it)]
+        chunks = [it for it in scheduler_output.scheduled if not is_decode(it)]
         ordered = decodes + chunks
         input_ids, positions, key_rows = self._flat_inputs(ordered)
         meta = AttentionMetadata(kv_pool=self.kv_pool, block_size=self.block_size, key_rows=key_rows,
@@ -99,6 +104,11 @@ class ModelRunner:
             start += len(item.token_ids)
 
         hidden = self.model(input_ids, positions, meta)  # [N, d]
+        for (chunk_index, layer), queries in meta.captured.items():
+            self.states[chunks[chunk_index].request_id].queries.setdefault(layer, []).append(queries)
+        for item in chunks:
+            if self._compresses(item):
+                result.compactions.append(self._compact(item))
 
         # Rows that produce logits: every decode token; a chunk's last token if it samples; all its
         # tokens if prompt logprobs are asked.
@@ -163,8 +173,32 @@ class ModelRunner:
         n = len(item.token_ids)
         num_pages = -(-(max(item.num_cached_tokens) + n) // self.block_size)
         table = self.states[item.request_id].tables[:, :num_pages]
+        window = 0
+        if item.kv_compression:
+            # Capture the queries of this chunk's tokens among the prompt's last `window_size` tokens.
+            first_wanted = item.num_prompt_tokens - self.compactor.window_size(item.kv_compression)
+            window = max(0, min(n, item.num_computed_tokens + n - first_wanted))
         return ChunkMeta(start=start, end=start + n, num_cached=list(item.num_cached_tokens),
-                         block_table=torch.from_numpy(np.ascontiguousarray(table)).to(self.device))
+                         block_table=torch.from_numpy(np.ascontiguousarray(table)).to(self.device),
+                         capture_window=window)
+
+    # ------------------------------------------------------------------ compression
+    @staticmethod
+    def _compresses(item: ScheduledRequest) -> bool:
+        """This step completes the prompt of a request that compresses its KV."""
+        return bool(item.kv_compression) and item.num_computed_tokens + len(item.token_ids) == item.num_prompt_tokens
+
+    def _compact(self, item: ScheduledRequest):
+        state = self.states[item.request_id]
+        queries = {layer: torch.cat(parts, dim=1) for layer, parts in state.queries.items()}  # [Hq, W, D]
+        state.queries.clear()
+        result = self.compactor.compact(item.request_id, item.kv_compression, state.tables, item.num_prompt_tokens,
+                                        queries)
+        # The manager truncates its tables to the pages still holding tokens; the mirror follows.
+        for layer, kept in enumerate(result.num_kept_tokens):
+            if self.windows[layer] is None:
+                state.num_pages[layer] = -(-kept // self.block_size)
+        return result
 
     # ------------------------------------------------------------------ outputs
     def _prompt_logprobs(self, item: ScheduledRequest, hidden: torch.Tensor) -> list[PositionLogprobs | None]:

@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from longfit.config import ModelConfig
 from longfit.plan import cost_model as cm
 from longfit.plan import planner as planner_module
 from longfit.plan.hardware import get_preset, list_presets, load_profile_file, resolve_hardware, save_profile
-from longfit.plan.planner import add_plan_arguments, kv_footprint, load_fidelity, plan, run_plan_command
+from longfit.plan.planner import add_plan_arguments, kv_footprint, kv_tokens_held, load_fidelity, plan, run_plan_command
 
 # ------------------------------------------------------------------------------------------- model shapes
 SMOLLM2 = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -57,8 +56,8 @@ HW = get_preset("xeon-avx512-2c")
 
 
 def _plan(model: ModelConfig = SMOLLM2, **overrides: object) -> planner_module.Plan:
-    kwargs: dict[str, object] = dict(context=2048, users=None, output_tokens=0, memory_bytes=4 << 30, weights="bf16",
-                                     specs=["none"], hardware=HW)
+    kwargs: dict[str, object] = {"context": 2048, "users": None, "output_tokens": 0, "memory_bytes": 4 << 30,
+                                 "weights": "bf16", "specs": ["none"], "hardware": HW}
     kwargs.update(overrides)
     return plan(model, **kwargs)  # type: ignore[arg-type]
 
@@ -163,7 +162,7 @@ def test_max_users_is_pages_over_pages_per_request() -> None:
 
 @pytest.mark.parametrize("model", [SMOLLM2, GEMMA3])
 def test_users_and_context_inversions_are_consistent(model: ModelConfig) -> None:
-    base = dict(memory_bytes=None, kv_memory_bytes=256 << 20, output_tokens=64)
+    base: dict[str, object] = {"memory_bytes": None, "kv_memory_bytes": 256 << 20, "output_tokens": 64}
     for context in (700, 2000, 5000):
         max_users = _plan(model, context=context, **base).specs[0].max_users
         assert max_users >= 1
@@ -259,42 +258,57 @@ def test_profile_files_and_calibration_round_trip(tmp_path: Path, monkeypatch: p
 
 
 # ------------------------------------------------------------------------------------------- specs and fidelity
-def _fake_spec_module() -> types.SimpleNamespace:
-    """Stand-in for compression.spec: ``keep=F`` stores a fraction F of each request's full-cache bytes."""
+def test_quantized_specs_include_scales_and_kivi_residual() -> None:
+    pytest.importorskip("longfit.compression.spec")
+    h, d, layers = 3, 64, 30
+    for prompt, output in ((2048, 0), (2048, 100), (1000, 1)):
+        n = kv_tokens_held(prompt, output)
+        qk, qv = n - n % 128, max(0, n - 128)  # KIVI: keys flush in whole residual blocks, values keep the last 128
+        codes = h * (qk + qv) * d * 2 // 8
+        scales = 2 * 2 * h * (qk // 32 * d + qv * d // 32)  # fp16 scale + zero per group of 32
+        residual = h * ((n - qk) + (n - qv)) * d * 2
+        footprint = kv_footprint(SMOLLM2, "kivi:bits=2,group=32,residual=128", prompt, output)
+        assert footprint.exact_bytes == layers * (codes + scales + residual), (prompt, output)
+        assert footprint.paged_estimated and footprint.paged_bytes >= footprint.exact_bytes
+        int8 = kv_footprint(SMOLLM2, "int8", prompt, output)
+        assert int8.exact_bytes == layers * 2 * h * n * (d + 2)  # int8 codes + one fp16 scale per token and head
 
-    def parse_spec(text: str) -> str:
-        if not text.startswith("keep="):
-            raise ValueError(f"kv_compression spec {text!r} unknown")
-        return text
 
-    def kv_bytes(spec: str, model: ModelConfig, num_tokens: int, dtype_bytes: int = 2) -> int:
-        return int(cm.full_kv_bytes(model, num_tokens, dtype_bytes) * float(spec[5:]))
+def test_evicting_spec_pages_are_exact() -> None:
+    pytest.importorskip("longfit.compression.spec")
+    prompt, output = 4000, 50
+    footprint = kv_footprint(SMOLLM2, "snapkv:keep=0.25", prompt, output)
+    per_layer = 1000 + output - 1  # the prompt is compressed once; generated tokens are appended
+    assert footprint.exact_bytes == 30 * per_layer * 2 * 3 * 64 * 2 and not footprint.paged_estimated
+    assert footprint.paged_bytes == 30 * math.ceil(per_layer / 32) * cm.page_bytes(SMOLLM2)
+    quest = kv_footprint(SMOLLM2, "quest:budget=512,page=16,dense_layers=2", prompt)
+    assert quest.exact_bytes == cm.full_kv_bytes(SMOLLM2, prompt) + 28 * math.ceil(prompt / 16) * 2 * 3 * 64 * 2
+    assert quest.read_bytes < quest.exact_bytes / 4  # 28 of 30 layers read 512 of 4000 tokens
 
-    return types.SimpleNamespace(parse_spec=parse_spec, kv_bytes=kv_bytes)
 
-
-def test_specs_and_cheapest_spec_meeting_retention(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(planner_module, "_spec_module", _fake_spec_module)
+def test_specs_and_cheapest_spec_meeting_retention(tmp_path: Path) -> None:
+    pytest.importorskip("longfit.compression.spec")
     rows = [{"spec": "none", "task": t, "length": 4096, "score": 80.0} for t in ("niah", "vt")]
-    rows += [{"spec": "keep=0.5", "task": "niah", "length": 4096, "score": 78.0},
-             {"spec": "keep=0.5", "task": "vt", "length": 4096, "score": 76.0},
-             {"spec": "keep=0.25", "task": "niah", "length": 4096, "retention": 0.8},
-             {"spec": "keep=0.25", "task": "niah", "length": 1024, "retention": 0.99}]
+    rows += [{"spec": "SnapKV:keep=0.5", "task": "niah", "length": 4096, "score": 78.0},
+             {"spec": "snapkv:keep=0.5", "task": "vt", "length": 4096, "score": 76.0},
+             {"spec": "snapkv:keep=0.25", "task": "niah", "length": 4096, "retention": 0.8},
+             {"spec": "snapkv:keep=0.25", "task": "niah", "length": 1024, "retention": 0.99}]
     path = tmp_path / "results.json"
     path.write_text(json.dumps(rows))
-    result = _plan(SMOLLM2, context=4096, specs=["none", "keep=0.5", "keep=0.25"], fidelity=str(path),
-                   min_retention=0.95, memory_bytes=None, kv_memory_bytes=256 << 20)
-    none, half, quarter = result.specs
+    result = _plan(SMOLLM2, context=4096, specs=["none", "snapkv:keep=0.5", "snapkv:keep=0.25", "kivi"],
+                   fidelity=str(path), min_retention=0.95, memory_bytes=None, kv_memory_bytes=256 << 20)
+    none, half, quarter, kivi = result.specs
     assert half.kv_bytes_per_request == none.kv_bytes_per_request // 2 and half.compression_rate == pytest.approx(2)
     assert half.retention == pytest.approx((78 / 80 + 76 / 80) / 2) and half.retention_tasks == 2
     assert quarter.retention == pytest.approx(0.8) and quarter.retention_length == 4096  # nearest length wins
-    assert none.retention == 1.0 and result.cheapest_spec == "keep=0.5"
-    # the prompt is resident uncompressed during prefill: one request's peak is the full prompt
+    assert none.retention == 1.0 and kivi.retention is None and kivi.meets_min_retention is False
+    assert result.cheapest_spec == "snapkv:keep=0.5"
+    # the prompt is resident uncompressed during prefill, so one request's peak is the full prompt
     assert half.prefill_peak_kv_bytes == none.kv_bytes_per_request_paged
     capacity = (result.kv_budget_bytes // result.page_bytes - 1) * result.page_bytes
     assert half.max_users == 1 + (capacity - none.kv_bytes_per_request_paged) // half.kv_bytes_per_request_paged
-    with pytest.raises(ValueError, match="unknown"):
-        _plan(SMOLLM2, specs=["snapkv"])
+    with pytest.raises(ValueError, match="unknown method"):
+        _plan(SMOLLM2, specs=["snapkvv:keep=0.5"])
     path.write_text(json.dumps([{"spec": "none", "task": "x"}]))
     with pytest.raises(ValueError, match="entry 0"):
         load_fidelity(path)
@@ -337,4 +351,4 @@ def test_cli_json_and_plot(tmp_path: Path) -> None:
 def test_plan_package_imports_no_torch() -> None:
     code = ("import sys, longfit.plan.planner, longfit.plan.report, longfit.plan.hardware; "
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, check=False).returncode == 0

@@ -1,0 +1,342 @@
+"""Linear layers over dense, int8 and int4 weights, and ``build_linear``, which builds one from checkpoint tensors.
+
+Kernels (torch 2.13 CPU, measured on the development machine; see the constraints below):
+- int8: ``torch._weight_int8pack_mm(x[M, K], codes int8 [N, K], scales[N]) -> [M, N]``, scales in x's dtype.
+- int4: ``torch._convert_weight_to_int4pack_for_cpu(codes int32 [N, K] in 0..15, 1) -> uint8 [N, K/2]`` once, then
+  ``torch._weight_int4pack_mm_for_cpu(x[M, K], packed, group_size, scales_and_zeros[K/G, N, 2]) -> [M, N]`` with
+  ``w = (q - 8) · scale + zero``; ``scales_and_zeros`` in x's dtype.
+
+Both kernels take float32 or bf16 activations, but only bf16 is fast: at M = 1 a 1536×576 weight takes ~30 µs in
+bf16 and 360 µs (int8) / 980 µs (int4) in fp32, against ~45 µs for an fp32 ``F.linear``; at M = 64 the fp32 kernels
+are 60-170× slower than fp32 ``F.linear``. So the packed layers compute in bf16 (other activation dtypes are cast to
+bf16 and back), and ``build_linear`` with ``dtype=float32`` dequantizes the quantized weight once into an fp32
+``DenseLinear``: the same quantized values, fp32 arithmetic, exactly comparable with a fp32 reference (transformers).
+
+Shape constraints, found by running the kernels (not all are checked by torch):
+- int4: ``N % 16 == 0`` (checked), ``K % group_size == 0`` (checked), group ∈ {32, 64, 128, 256}; x 2-D contiguous.
+- int8: ``K % 16 == 0``. NOT checked by torch: K = 24 or 40 with M > 1 returns garbage, K = 8/12/13/33 segfaults.
+  x must be contiguous in its last dimension.
+
+Error of the "auto" GGUF paths, measured on SmolLM2-135M's tensors: the Q4_1 repack with fp32 scale/zero equals
+gguf's dequantization bit for bit; the kernel's bf16 scale/zero move a weight by at most 4.6% of its quantization
+step (relative Frobenius error 0.24%, like storing the weight in bf16). Q8_0 (per-32-block scales) requantized per
+channel to int8: relative Frobenius error 1.2% (bf16 storage: 0.14%), max error half a channel step (0.39% of the
+row's max |w|); on the tied lm_head, logits moved by ≤ 0.56 (top-1 agreement 99.2% on embedding-like inputs).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from longfit.quant.gguf_repack import GGUF_BLOCK_SIZE, GGUF_INT4_TYPES, unpack_q4_rows
+from longfit.quant.rtn import INT4_GROUP_SIZES, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+logger = logging.getLogger(__name__)
+
+DENSE_FORMS = ("dense", "bf16", "bfloat16", "fp32", "float32")  # all mean "dequantize and store in dtype"
+FORMS = (*DENSE_FORMS, "int8", "int4", "auto")
+_FLOAT_QTYPES = ("F32", "F16", "BF16")
+_KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the packed kernels are fast with
+INT4_N_MULTIPLE = 16
+INT8_K_MULTIPLE = 16
+
+
+class WeightSource(Protocol):
+    """What ``build_linear`` reads from a checkpoint tensor; ``longfit.models.weights.RawWeight`` fits it.
+
+    (A protocol, not an import: ``quant/`` never imports ``models/``.)
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: str
+
+    def dequantize(self) -> Tensor: ...  # fp32 [out, in]
+
+    def quant_rows(self) -> np.ndarray | None: ...  # uint8 [out, bytes_per_row] of GGUF blocks, or None
+
+
+class Linear(torch.nn.Module):
+    """Base: ``y = x @ W.T (+ bias)``, x [..., in_features] → [..., out_features]. Inference only (buffers).
+
+    Attributes:
+        form: "dense", "int8" or "int4" (class constant).
+        fallback_reason: why ``build_linear`` chose a different form than asked for, None when it did not.
+    """
+
+    form = "dense"
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None, bias_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fallback_reason: str | None = None
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        self.bias: Tensor | None
+        self.register_buffer("bias", None if bias is None else bias.detach().to(bias_dtype).contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def weight_nbytes(self) -> int:
+        """Bytes held by this layer's buffers (weights, scales, zeros, bias)."""
+        return sum(buf.numel() * buf.element_size() for buf in self.buffers())
+
+    def extra_repr(self) -> str:
+        reason = f", fallback_reason={self.fallback_reason!r}" if self.fallback_reason else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{reason}"
+
+
+class DenseLinear(Linear):
+    """``F.linear`` over a float weight ``[N, K]`` (bf16 or fp32); inputs of another dtype are cast to it and back."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"weight must be a 2-D float [out, in] tensor, got {weight.dtype} {tuple(weight.shape)}")
+        super().__init__(weight.shape[1], weight.shape[0], bias, weight.dtype)
+        self.weight: Tensor
+        self.register_buffer("weight", weight.detach().contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class Int8Linear(Linear):
+    """Per-output-channel symmetric int8 weight, ``w[n, k] = codes[n, k] · scales[n]``, computed in bf16.
+
+    Buffers: codes int8 [N, K]; scales bf16 [N]; bias bf16 [N] or None. Other activation dtypes are cast to bf16
+    for the kernel and the output cast back (bf16 numerics). Tests compare with ``rtn.dequantize_int8`` + matmul.
+    """
+
+    form = "int8"
+
+    def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None = None) -> None:
+        if codes.dim() != 2 or codes.dtype != torch.int8:
+            raise ValueError(f"codes must be int8 [out, in], got {codes.dtype} {tuple(codes.shape)}")
+        n_out, n_in = codes.shape
+        if n_in % INT8_K_MULTIPLE:
+            # NOTE: torch does not check this; the kernel returns garbage or crashes (measured, torch 2.13 CPU).
+            raise ValueError(f"in_features must be a multiple of {INT8_K_MULTIPLE} for the int8 kernel, got {n_in}")
+        if tuple(scales.shape) != (n_out,):
+            raise ValueError(f"scales must have shape ({n_out},), got {tuple(scales.shape)}")
+        super().__init__(n_in, n_out, bias, _KERNEL_DTYPE)
+        self.codes: Tensor
+        self.scales: Tensor
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", scales.detach().to(_KERNEL_DTYPE).contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)  # [M, K]
+        if flat.dtype != _KERNEL_DTYPE:
+            flat = flat.to(_KERNEL_DTYPE)
+        out = torch._weight_int8pack_mm(flat.contiguous(), self.codes, self.scales)  # [M, N] bf16
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int4Linear(Linear):
+    """Group-wise asymmetric int4 weight, ``w = (code - 8) · scale + zero`` per group of ``group_size`` inputs.
+
+    Buffers: packed uint8 [N, K/2] (the CPU kernel's layout, opaque); scales_and_zeros bf16 [K/G, N, 2]; bias bf16
+    [N] or None. Computed in bf16 like :class:`Int8Linear`. Tests compare with ``rtn.dequantize_int4`` + matmul.
+    """
+
+    form = "int4"
+
+    def __init__(
+        self, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None
+    ) -> None:
+        """Args: codes [N, K] integer in 0..15 (unpacked); scales, zeros [N, K/G] float (rounded to bf16 here)."""
+        if codes.dim() != 2:
+            raise ValueError(f"codes must be a 2-D [out, in] tensor, got shape {tuple(codes.shape)}")
+        n_out, n_in = codes.shape
+        problem = int4_shape_problem(n_out, n_in, group_size)
+        if problem:
+            raise ValueError(problem)
+        if tuple(scales.shape) != (n_out, n_in // group_size) or scales.shape != zeros.shape:
+            raise ValueError(
+                f"scales and zeros must have shape ({n_out}, {n_in // group_size}), "
+                f"got {tuple(scales.shape)} and {tuple(zeros.shape)}"
+            )
+        super().__init__(n_in, n_out, bias, _KERNEL_DTYPE)
+        self.group_size = group_size
+        self.packed: Tensor
+        self.scales_and_zeros: Tensor
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)  # [N, K/2] uint8
+        self.register_buffer("packed", packed)
+        # [N, K/G, 2] → [K/G, N, 2], the kernel's layout. NOTE: zero is the value at code 8, not the group minimum.
+        scales_and_zeros = torch.stack([scales.float(), zeros.float()], dim=-1).transpose(0, 1)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(_KERNEL_DTYPE).contiguous())
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)  # [M, K]
+        if flat.dtype != _KERNEL_DTYPE:
+            flat = flat.to(_KERNEL_DTYPE)
+        out = torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+
+def int4_shape_problem(out_features: int, in_features: int, group_size: int) -> str | None:
+    """Why the int4 kernel cannot take an ``[out, in]`` weight with this group size, or None if it can."""
+    if group_size not in INT4_GROUP_SIZES:
+        return f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}"
+    if out_features % INT4_N_MULTIPLE:
+        return f"the int4 kernel needs out_features % {INT4_N_MULTIPLE} == 0, got {out_features}"
+    if in_features % group_size:
+        return f"the int4 kernel needs in_features % group_size == 0, got {in_features} % {group_size}"
+    return None
+
+
+def int8_shape_problem(in_features: int) -> str | None:
+    """Why the int8 kernel cannot take a weight with ``in_features`` inputs, or None if it can."""
+    if in_features % INT8_K_MULTIPLE:
+        return f"the int8 kernel needs in_features % {INT8_K_MULTIPLE} == 0, got {in_features}"
+    return None
+
+
+def _int4_group_for(in_features: int, group_size: int) -> int | None:
+    """The largest kernel group size ≤ ``group_size`` dividing ``in_features`` (finer groups: never less accurate)."""
+    fitting = [g for g in INT4_GROUP_SIZES if g <= group_size and in_features % g == 0]
+    return max(fitting) if fitting else None
+
+
+def _plan(
+    qtypes: set[str], form: str, out_features: int, in_features: int, group_size: int
+) -> tuple[str, int, str | None]:
+    """Choose the layer kind: ("dense" | "int8" | "int4_rtn" | "int4_gguf", group size, fallback reason or None)."""
+    int8_problem = int8_shape_problem(in_features)
+    all_q4 = qtypes <= set(GGUF_INT4_TYPES)
+    if form == "dense":
+        return "dense", 0, None
+    if form == "auto":
+        if all_q4:
+            problem = int4_shape_problem(out_features, in_features, GGUF_BLOCK_SIZE)
+            return ("dense", 0, f"auto: {problem}; kept dense") if problem else ("int4_gguf", GGUF_BLOCK_SIZE, None)
+        if qtypes == {"Q8_0"}:
+            return ("dense", 0, f"auto: {int8_problem}; kept dense") if int8_problem else ("int8", 0, None)
+        if qtypes <= set(_FLOAT_QTYPES):
+            return "dense", 0, None
+        return "dense", 0, f"auto: no packed form keeps {'/'.join(sorted(qtypes))} exactly; dense"
+    if form == "int4":
+        if all_q4 and not int4_shape_problem(out_features, in_features, GGUF_BLOCK_SIZE):
+            reason = (
+                None if group_size == GGUF_BLOCK_SIZE else f"int4: kept the file's exact group of 32, not {group_size}"
+            )
+            return "int4_gguf", GGUF_BLOCK_SIZE, reason
+        group = _int4_group_for(in_features, group_size)
+        problem = int4_shape_problem(out_features, in_features, group or group_size)
+        if problem is None and group is not None:
+            if group == group_size:
+                return "int4_rtn", group, None
+            return "int4_rtn", group, f"int4: group_size {group_size} does not divide {in_features}; used {group}"
+        if int8_problem is None:
+            return "int8", 0, f"int4: {problem}; used int8"
+        return "dense", 0, f"int4: {problem}; {int8_problem}; kept dense"
+    assert form == "int8", form
+    return ("dense", 0, f"int8: {int8_problem}; kept dense") if int8_problem else ("int8", 0, None)
+
+
+def _dequantized(parts: list[WeightSource]) -> Tensor:
+    """fp32 [sum(out), in]: the parts dequantized and stacked along the output dimension."""
+    weights = [part.dequantize().float() for part in parts]
+    return weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+
+
+def _gguf_int4(parts: list[WeightSource], in_features: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact (codes [N, K] uint8, scales [N, K/32] fp32, zeros [N, K/32] fp32) of Q4_0/Q4_1 parts, stacked."""
+    unpacked = []
+    for part in parts:
+        rows = part.quant_rows()
+        if rows is None:
+            raise ValueError(f"{part.name}: qtype {part.qtype} but no quantized rows to repack")
+        unpacked.append(unpack_q4_rows(rows, part.qtype, in_features))
+    codes, scales, zeros = (torch.cat(pieces, dim=0) for pieces in zip(*unpacked))
+    return codes, scales, zeros
+
+
+def _validate(parts: list[WeightSource], form: str, dtype: torch.dtype, group_size: int) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be torch.bfloat16 or torch.float32 (never fp16 on CPU), got {dtype}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if not parts:
+        raise ValueError("parts must be a non-empty list of [out, in] weights")
+    for part in parts:
+        if len(part.shape) != 2 or part.shape[1] != parts[0].shape[1]:
+            raise ValueError(
+                f"parts must be 2-D [out, in] with the same in_features; {part.name} has shape {part.shape}, "
+                f"{parts[0].name} has {parts[0].shape}"
+            )
+
+
+def build_linear(
+    parts: list[WeightSource], bias: Tensor | None, form: str, dtype: torch.dtype, group_size: int = 32
+) -> Linear:
+    """Build one linear layer from checkpoint weights fused along the output dimension.
+
+    Args:
+        parts: weights [N_i, K] (e.g. q/k/v or gate/up projections), concatenated into one [sum N_i, K] layer.
+        bias: [sum N_i] or None (already concatenated).
+        form: one of :data:`FORMS`. Dense forms store the dequantized weight in ``dtype``. "int8": RTN per output
+            channel. "int4": RTN per group of ``group_size`` (Q4_0/Q4_1 parts are repacked exactly with the
+            file's group of 32 instead). "auto": keep the file's precision: Q4_0/Q4_1 → exact int4 repack, Q8_0 →
+            int8 (requantized per channel from the dequantized weight), anything else → dense.
+        dtype: activation dtype, torch.bfloat16 or torch.float32. With float32, a quantized form is dequantized once
+            into an fp32 :class:`DenseLinear` (same quantized values, fp32 math; the packed kernels are 10-170×
+            slower with fp32 activations than fp32 ``F.linear``, see the module docstring).
+        group_size: int4 group size, one of 32/64/128/256; a smaller one dividing K is used when it does not.
+
+    Returns:
+        The layer; ``fallback_reason`` says why its form differs from the one asked for (shape constraints, mixed
+        GGUF types, float32), None otherwise.
+
+    Raises:
+        ValueError: unknown form, dtype or group size; parts of different in_features; bias of the wrong shape.
+    """
+    _validate(parts, form, dtype, group_size)
+    out_features = sum(part.shape[0] for part in parts)
+    in_features = parts[0].shape[1]
+    requested = "dense" if form in DENSE_FORMS else form
+    kind, group, reason = _plan({part.qtype for part in parts}, requested, out_features, in_features, group_size)
+
+    layer: Linear
+    if kind == "dense":
+        layer = DenseLinear(_dequantized(parts).to(dtype), bias)
+    elif dtype == torch.float32:
+        # The quantized values in exact fp32 arithmetic (param_dtype fp32: no bf16 rounding of scales).
+        if kind == "int4_gguf":
+            weight = _dequantized(parts)  # gguf's dequantization equals the exact repack
+        elif kind == "int4_rtn":
+            weight = dequantize_int4(*quantize_int4(_dequantized(parts), group), group)
+        else:
+            weight = dequantize_int8(*quantize_int8(_dequantized(parts)))
+        layer = DenseLinear(weight, bias)
+        note = f"float32 activations: {kind} weights dequantized once into a float32 dense layer"
+        reason = f"{reason}; {note}" if reason else note
+    elif kind == "int4_gguf":
+        layer = Int4Linear(*_gguf_int4(parts, in_features), GGUF_BLOCK_SIZE, bias)
+    elif kind == "int4_rtn":
+        layer = Int4Linear(*quantize_int4(_dequantized(parts), group, _KERNEL_DTYPE), group, bias)
+    else:
+        layer = Int8Linear(*quantize_int8(_dequantized(parts), _KERNEL_DTYPE), bias)
+    layer.fallback_reason = reason
+    if reason:
+        logger.debug("build_linear(%s, form=%s): %s", "+".join(p.name for p in parts), form, reason)
+    return layer
