@@ -89,6 +89,7 @@ class ScheduledRequest:
     output_token_ids: list[int] = field(default_factory=list)
     prompt_token_ids: list[int] = field(default_factory=list)
     kv_compression: str | None = None
+    compress_at: int = 0  # prompt tokens after which compression runs
 
 
 @dataclass(slots=True)

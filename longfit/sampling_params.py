@@ -34,6 +34,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     kv_compression: str | None = None
+    # Compress after this many prompt tokens (the context) and prefill the rest (the question) uncompressed,
+    # as kvpress does; None compresses the whole prompt.
+    kv_compression_boundary: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +70,8 @@ class SamplingParams:
             _int_range("logprobs", self.logprobs, 0, 20)
         if self.prompt_logprobs is not None:
             _int_range("prompt_logprobs", self.prompt_logprobs, 0, 20)
+        if self.kv_compression_boundary is not None:
+            _int_range("kv_compression_boundary", self.kv_compression_boundary, 1, None)
         if self.kv_compression is not None and not isinstance(self.kv_compression, str):
             raise ValueError(f"kv_compression must be a spec string such as 'snapkv:keep=0.25', got {self.kv_compression!r}")
 

@@ -50,6 +50,9 @@ class Request:
         self.max_tokens = max_tokens if max_tokens is not None else sampling_params.max_tokens
         self.eos_token_ids = eos_token_ids
         self.kv_compression = kv_compression
+        boundary = sampling_params.kv_compression_boundary
+        # Prompt tokens after which compression runs (the rest of the prompt is prefilled uncompressed).
+        self.compress_at = min(boundary, self.num_prompt_tokens) if boundary else self.num_prompt_tokens
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.stop_reason: int | str | None = None

@@ -105,9 +105,9 @@ class Scheduler:
     # ------------------------------------------------------------------ scheduling
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-        # NOTE: a compressing request stops its chunk at the prompt's end, where compression runs.
-        if request.kv_compression and not request.is_compressed and request.is_prefilling:
-            num_new = min(num_new, request.num_prompt_tokens - request.num_computed_tokens)
+        # NOTE: a compressing request stops its chunk where compression runs (the prompt's end by default).
+        if request.kv_compression and not request.is_compressed and request.num_computed_tokens < request.compress_at:
+            num_new = min(num_new, request.compress_at - request.num_computed_tokens)
         return num_new
 
     def _preempt(self, request: Request) -> None:
@@ -196,6 +196,7 @@ class Scheduler:
             output_token_ids=request.output_token_ids,
             prompt_token_ids=request.prompt_token_ids,
             kv_compression=None if request.is_compressed else request.kv_compression,
+            compress_at=request.compress_at,
         )
 
     # ------------------------------------------------------------------ results

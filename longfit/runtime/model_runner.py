@@ -88,7 +88,7 @@ class ModelRunner:
             state.append_pages(item.new_block_ids, item.reset_block_table)
 
         def is_decode(it: ScheduledRequest) -> bool:
-            return len(it.token_ids) == 1 and it.sampling_params.prompt_logprobs is None and not self._compresses(it)
+            return len(it.token_ids) == 1 and it.sampling_params.prompt_logprobs is None and not it.kv_compression
 
         decodes = [it for it in scheduler_output.scheduled if is_decode(it)]
         chunks = [it for it in scheduler_output.scheduled if not is_decode(it)]
@@ -176,7 +176,7 @@ class ModelRunner:
         window = 0
         if item.kv_compression:
             # Capture the queries of this chunk's tokens among the prompt's last `window_size` tokens.
-            first_wanted = item.num_prompt_tokens - self.compactor.window_size(item.kv_compression)
+            first_wanted = item.compress_at - self.compactor.window_size(item.kv_compression)
             window = max(0, min(n, item.num_computed_tokens + n - first_wanted))
         return ChunkMeta(start=start, end=start + n, num_cached=list(item.num_cached_tokens),
                          block_table=torch.from_numpy(np.ascontiguousarray(table)).to(self.device),
@@ -186,13 +186,13 @@ class ModelRunner:
     @staticmethod
     def _compresses(item: ScheduledRequest) -> bool:
         """This step completes the prompt of a request that compresses its KV."""
-        return bool(item.kv_compression) and item.num_computed_tokens + len(item.token_ids) == item.num_prompt_tokens
+        return bool(item.kv_compression) and item.num_computed_tokens + len(item.token_ids) == item.compress_at
 
     def _compact(self, item: ScheduledRequest):
         state = self.states[item.request_id]
         queries = {layer: torch.cat(parts, dim=1) for layer, parts in state.queries.items()}  # [Hq, W, D]
         state.queries.clear()
-        result = self.compactor.compact(item.request_id, item.kv_compression, state.tables, item.num_prompt_tokens,
+        result = self.compactor.compact(item.request_id, item.kv_compression, state.tables, item.compress_at,
                                         queries)
         # The manager truncates its tables to the pages still holding tokens; the mirror follows.
         for layer, kept in enumerate(result.num_kept_tokens):

@@ -112,3 +112,27 @@ def test_invalid_or_unsupported_specs(spec, match):
     with pytest.raises(ValueError, match=match):
         llm.generate(PROMPT, GREEDY, kv_compression=spec)
     assert llm.engine.kv_manager.pool.num_used_blocks == 0
+
+
+def test_compression_boundary_keeps_the_question_uncompressed():
+    llm = make_tiny_llm(max_num_batched_tokens=64)
+    prompt = list(PROMPT.encode())
+    boundary = len(prompt) - 20
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, kv_compression_boundary=boundary)
+    full = llm.generate([prompt], params)[0]
+    compressed = llm.generate([prompt], params, kv_compression="snapkv:keep=0.25")[0]
+
+    def logprobs(out):
+        return [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])]
+
+    full_lp, comp_lp = logprobs(full), logprobs(compressed)
+    # Up to the boundary both runs see the same full cache; after it the question attends to the survivors.
+    assert comp_lp[:boundary - 1] == pytest.approx(full_lp[:boundary - 1], abs=1e-5)
+    assert comp_lp[boundary:] != pytest.approx(full_lp[boundary:], abs=1e-5)
+    # Pages: the 25% survivors of the context plus the 20 question tokens, per layer.
+    stream = llm.generate_stream(prompt, SamplingParams(max_tokens=3, kv_compression_boundary=boundary),
+                                 kv_compression="snapkv:keep=0.25")
+    next(stream)
+    kept = kept_tokens_per_layer("snapkv:keep=0.25", 2, boundary)
+    assert llm.engine.kv_manager.pool.num_used_blocks == sum(-(-(k + 20) // 8) for k in kept)
+    stream.close()
