@@ -1,0 +1,57 @@
+"""The planner's KV bytes for a request equal what the engine really holds for it (pages of every layer)."""
+
+from __future__ import annotations
+
+import pytest
+
+from longfit import SamplingParams
+from longfit.plan.planner import kv_footprint
+from tests.conftest import make_tiny_llm
+
+
+def _peak_request_bytes(llm, prompt, params, spec) -> int:
+    """Bytes the request holds after compression, at its largest: just before its pages are freed."""
+    manager = llm.engine.kv_manager
+    held = []
+    original = manager.free
+
+    def recording_free(request):
+        held.append(manager.request_bytes(request.request_id))
+        original(request)
+
+    manager.free = recording_free
+    try:
+        llm.generate([prompt], params, kv_compression=spec)
+    finally:
+        manager.free = original
+    return max(held)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("spec", ["none", "snapkv:keep=0.25", "streaming:sinks=4,window=40", "pyramidkv:keep=0.3"])
+def test_planned_bytes_equal_engine_bytes(model, spec):
+    llm = make_tiny_llm(model)
+    prompt = list(range(3, 203))  # 200 tokens
+    output_tokens = 30
+    params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, seed=0)
+    measured = _peak_request_bytes(llm, prompt, params, None if spec == "none" else spec)
+    config = llm.engine.model_config
+    planned = kv_footprint(config, spec, len(prompt), output_tokens, block_size=llm.engine.kv_spec.block_size,
+                           dtype_bytes=llm.engine.kv_spec.dtype_bytes)
+    assert measured == planned.paged_bytes
+
+
+@pytest.mark.real_model
+def test_planned_bytes_equal_engine_bytes_smollm2():
+    from longfit import LLM
+
+    try:
+        llm = LLM("smollm2-135m", max_num_seqs=2)
+    except ValueError as error:
+        pytest.skip(str(error))
+    prompt = list(range(1000, 1300))
+    for spec in ("none", "snapkv:keep=0.25"):
+        measured = _peak_request_bytes(llm, prompt, SamplingParams(max_tokens=8, ignore_eos=True),
+                                       None if spec == "none" else spec)
+        planned = kv_footprint(llm.engine.model_config, spec, len(prompt), 8, block_size=llm.engine.kv_spec.block_size)
+        assert measured == planned.paged_bytes
