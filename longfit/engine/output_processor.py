@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from longfit.engine.request import Request, RequestStatus
+from longfit.models.tokenizer import IncrementalDetokenizer
 from longfit.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from longfit.sampling_params import SamplingParams
 
@@ -22,43 +23,9 @@ def parent_id(engine_request_id: str) -> tuple[str, int]:
     return head, int(index)
 
 
-class TextStream:
-    """Incremental detokenization that never emits half a UTF-8 character.
-
-    Decodes only a short trailing window each time, as vLLM does: the text of ``ids[prefix:]`` minus the
-    text of ``ids[prefix:read]`` (already emitted) is the new text, held back while it ends in U+FFFD (a
-    byte-level token that splits a character). The window starts on a few prompt tokens so a first output
-    token keeps its leading space under SentencePiece decoding.
-    """
-
-    def __init__(self, tokenizer, skip_special_tokens: bool, prompt_tail: list[int] | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = list(prompt_tail or [])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-
-    def _delta(self, final: bool) -> str:
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
-        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
-        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(prefix):]
-        return ""
-
-    def push(self, new_ids: list[int]) -> str:
-        self.ids.extend(new_ids)
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        """At the end: whatever was held back (a truly invalid byte sequence decodes to U+FFFD)."""
-        return self._delta(final=True)
-
-
 @dataclass(slots=True)
 class CompletionState:
-    stream: TextStream
+    stream: IncrementalDetokenizer
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[PositionLogprobs] | None = None
@@ -87,8 +54,8 @@ class OutputProcessor:
         self._max_stop_len: dict[str, int] = {}
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        tail = list(prompt_token_ids[-5:])
-        completions = [CompletionState(TextStream(self.tokenizer, params.skip_special_tokens, tail),
+        completions = [CompletionState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                                              params.skip_special_tokens),
                                        logprobs=[] if params.logprobs is not None else None,
                                        cumulative_logprob=0.0 if params.logprobs is not None else None)
                        for _ in range(params.n)]
