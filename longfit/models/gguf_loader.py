@@ -18,7 +18,13 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from longfit.config import ModelConfig
-from longfit.models.model_config import GGUFFile, GGUFTensorInfo, model_config_from_gguf_metadata, read_gguf
+from longfit.models.model_config import (
+    GGUFFile,
+    GGUFTensorInfo,
+    gguf_rope_freqs,
+    model_config_from_gguf_metadata,
+    read_gguf,
+)
 from longfit.models.weights import RawWeight
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -137,11 +143,8 @@ def load_gguf(path: str | os.PathLike[str]) -> Checkpoint:
     """
     gguf_file = read_gguf(path)
     meta, path = gguf_file.metadata, gguf_file.path
-    rope_freqs = None
-    if "rope_freqs.weight" in gguf_file.tensors:
-        rope_freqs = gguf_dequantize(gguf_file.raw("rope_freqs.weight"), GGMLQuantizationType.F32).reshape(-1).copy()
     config = model_config_from_gguf_metadata(meta, os.path.basename(path).removesuffix(".gguf"),
-                                             tensor_names=gguf_file.tensors, rope_freqs=rope_freqs)
+                                             tensor_names=gguf_file.tensors, rope_freqs=gguf_rope_freqs(gguf_file))
     gguf_arch = str(meta["general.architecture"])
     # Only llama.cpp's "llama" converter permutes q/k; qwen2 and gemma3 use NeoX-style RoPE and keep HF order.
     permute_heads = {"attn_q": config.num_heads, "attn_k": config.num_kv_heads} if gguf_arch == "llama" else {}

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 from longfit.config import ModelConfig, RopeScaling
 
@@ -195,7 +196,8 @@ def _unsupported(kind: str, architecture: object, supported: Collection[str]) ->
     return ValueError(f"unsupported {kind} architecture {architecture!r}; longfit supports {', '.join(supported)}")
 
 
-def _int_field(meta: Mapping[str, Any], key: str, default: int | None = None) -> int:
+def _int_field(meta: Mapping[str, Any], key: str, default: int | None = None, high: int = 2**31 - 1) -> int:
+    """A positive integer metadata value; bounded so a corrupt file fails here, not in a giant allocation."""
     value = meta.get(key, default)
     if value is None:
         raise ValueError(f"GGUF metadata lacks {key!r}")
@@ -203,8 +205,11 @@ def _int_field(meta: Mapping[str, Any], key: str, default: int | None = None) ->
     if array.ndim:  # per-layer values (e.g. head counts): only uniform ones are supported
         if array.size == 0 or (array != array.flat[0]).any():
             raise ValueError(f"GGUF metadata {key!r} varies per layer ({value!r}); only uniform values are supported")
-        return int(array.flat[0])
-    return int(value)
+        array = array.flat[0]
+    number = int(array)
+    if not 1 <= number <= high:
+        raise ValueError(f"GGUF metadata {key!r} must be in 1..{high}, got {number}")
+    return number
 
 
 def _from_float32(value: Any) -> float:
@@ -286,7 +291,7 @@ def model_config_from_gguf_metadata(meta: Mapping[str, Any], name: str,
     tokens = meta.get("tokenizer.ggml.tokens")
     hidden = _int_field(meta, f"{arch}.embedding_length")
     num_heads = _int_field(meta, f"{arch}.attention.head_count")
-    num_layers = _int_field(meta, f"{arch}.block_count")
+    num_layers = _int_field(meta, f"{arch}.block_count", high=4096)
     head_dim = _int_field(meta, f"{arch}.attention.key_length", hidden // num_heads)
     vocab = meta.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else None)
     if vocab is None:
@@ -453,7 +458,12 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     if not path.is_file():
         raise ValueError(f"{path} does not exist; expected a .gguf file, a config.json or a Hugging Face directory")
     gguf_file = read_gguf(path)
-    rope_freqs = None
-    if "rope_freqs.weight" in gguf_file.tensors:
-        rope_freqs = gguf_file.raw("rope_freqs.weight").view(np.float32).reshape(-1).copy()
-    return model_config_from_gguf_metadata(gguf_file.metadata, path.stem, gguf_file.tensors, rope_freqs)
+    return model_config_from_gguf_metadata(gguf_file.metadata, path.stem, gguf_file.tensors, gguf_rope_freqs(gguf_file))
+
+
+def gguf_rope_freqs(gguf_file: GGUFFile) -> np.ndarray | None:
+    """The ``rope_freqs.weight`` tensor (Llama 3.x frequency divisors) as float32 ``[head_dim // 2]``, or None."""
+    info = gguf_file.tensors.get("rope_freqs.weight")
+    if info is None:
+        return None
+    return np.asarray(dequantize(gguf_file.raw(info.name), GGMLQuantizationType[info.qtype]), np.float32).reshape(-1)

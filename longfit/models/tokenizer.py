@@ -4,11 +4,14 @@ GGUF vocabularies, by ``tokenizer.ggml.model``:
 - ``gpt2`` (byte-level BPE): tokens + merges; the pre-tokenizer follows ``tokenizer.ggml.pre`` as llama.cpp does
   (``smollm``: single digits then GPT-2 byte-level, which matches llama.cpp id for id; ``llama-bpe`` / ``qwen2``:
   their split regexes; anything else: plain GPT-2 byte-level, flagged ``approximate``).
-- ``llama`` (SentencePiece with scores): Gemma (no space prefix) as a Unigram over the scores, exactly as
-  transformers' GGUF converter rebuilds it; Llama 2 / Mistral style (space prefix) as BPE with merges ranked by the
-  merged piece's score, which is llama.cpp's greedy SPM algorithm up to tie order (``approximate``).
-Control tokens (token type 3) are registered as special tokens; user-defined ones (type 4) of BPE vocabularies as
-added tokens, matched before the model as llama.cpp does.
+- ``llama`` (SentencePiece with scores): Gemma (no space prefix) as a Unigram over the scores, as transformers'
+  GGUF converter rebuilds it (same ids on ordinary text; llama.cpp agrees); Llama 2 / Mistral style (space prefix)
+  as BPE with merges ranked by the merged piece's score, which is llama.cpp's greedy SPM algorithm up to tie order
+  (``approximate``).
+Control tokens (token type 3) are registered as special tokens, so ``<start_of_turn>`` or ``<|im_start|>`` in text
+is one id and ``decode(skip_special_tokens=True)`` drops them. User-defined tokens (type 4) of BPE and Llama-style
+vocabularies become added tokens, matched before the model as llama.cpp does; Gemma's are left to the Unigram, as
+transformers does.
 """
 
 from __future__ import annotations

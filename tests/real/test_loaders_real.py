@@ -72,9 +72,10 @@ def test_smollm2_tokenizer_matches_llama_cpp(smollm2: tuple[Checkpoint, Tokenize
         assert tokenizer.decode(tokenizer.encode(text)) == text
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    ids = tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Hi"}]) + tokenizer.encode("".join(TEXTS))
     stream = IncrementalDetokenizer(tokenizer)
-    assert "".join(stream.push([i]) for i in ids) + stream.flush() == tokenizer.decode(ids)
+    chunks = [stream.push([i]) for i in ids] + [stream.flush()]
+    assert "".join(chunks) == tokenizer.decode(ids) and not any("\ufffd" in chunk for chunk in chunks)
 
 
 def test_smollm2_weights_equal_transformers(smollm2: tuple[Checkpoint, Tokenizer]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import gguf
@@ -14,9 +15,10 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from safetensors.torch import save_file
 
+from longfit.config import RopeScaling
 from longfit.models.gguf_loader import hf_name, load_gguf, unpermute_rows
 from longfit.models.hf_loader import load_hf_dir
-from longfit.models.model_config import load_model_config, read_gguf
+from longfit.models.model_config import llama3_frequency_divisors, load_model_config, read_gguf
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 64, 96, 4, 2, 16, 32, 2
 
@@ -318,3 +320,15 @@ def test_hf_dir_single_and_sharded(tmp_path: Path) -> None:
             torch.testing.assert_close(raw.dequantize(), tensor.float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="no config.json"):
         load_hf_dir(tmp_path)
+
+
+def test_llama3_rope_freqs_tensor_sets_rope_scaling(tmp_path: Path, hf_weights: dict[str, np.ndarray]) -> None:
+    scaling = RopeScaling(rope_type="llama3", factor=8.0)
+    divisors = llama3_frequency_divisors(scaling, 500000.0, HEAD_DIM)
+    tensors = [(n, w, QT.F32) for n, w in hf_weights.items()] + [("rope_freqs.weight", divisors, QT.F32)]
+    path = write_gguf(tmp_path / "llama3.gguf", "llama", llama_metadata() | {"llama.rope.freq_base": 500000.0}, tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rope_freqs is used, not reported as an unknown tensor
+        checkpoint = load_gguf(path)
+    assert checkpoint.config.rope_scaling == scaling == load_model_config(path).rope_scaling
+    assert "rope_freqs.weight" not in checkpoint.weights

@@ -101,6 +101,10 @@ def test_gguf_errors_name_the_problem() -> None:
         model_config_from_gguf_metadata(missing, "m")
     with pytest.raises(ValueError, match="varies per layer"):
         model_config_from_gguf_metadata(smollm2_meta(**{"llama.attention.head_count_kv": [3, 3, 1]}), "m")
+    with pytest.raises(ValueError, match=r"'llama.block_count' must be in 1..4096, got 3000000000"):
+        model_config_from_gguf_metadata(smollm2_meta(**{"llama.block_count": 3_000_000_000}), "m")
+    with pytest.raises(ValueError, match=r"'llama.attention.head_count' must be in"):
+        model_config_from_gguf_metadata(smollm2_meta(**{"llama.attention.head_count": 0}), "m")
     with pytest.raises(ValueError, match="'yarn' is not supported"):
         model_config_from_gguf_metadata(smollm2_meta(**{"llama.rope.scaling.type": "yarn"}), "m")
 
