@@ -200,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(decode)
     decode.set_defaults(func=cmd_bench)
 
+    from longfit.bench.serve import add_bench_serve_arguments, run_bench_serve
+
+    serve_bench = bench_kind.add_parser("serve", help="load-test an OpenAI-compatible server: TTFT/TPOT/ITL, throughput")
+    add_bench_serve_arguments(serve_bench)
+    serve_bench.set_defaults(func=run_bench_serve)
+
+    from longfit.server.app import add_serve_arguments, run_serve
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, prefix cache)")
+    add_serve_arguments(serve)
+    add_engine_arguments(serve)
+    serve.set_defaults(func=run_serve)
+
     from longfit.plan.planner import add_plan_arguments
 
     plan = commands.add_parser("plan", help="capacity planner: will it fit, how many users, how fast")

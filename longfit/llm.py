@@ -102,6 +102,8 @@ class LLM:
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"messages[{index}] must be a dict with 'role' and 'content'")
         tokenizer = self.engine.tokenizer
+        if hasattr(tokenizer, "encode_chat"):  # adds BOS when the model wants one and the template does not write it
+            return tokenizer.encode_chat(messages, add_generation_prompt=True)
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
 

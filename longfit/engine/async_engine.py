@@ -17,8 +17,8 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Self, TypeVar
 
 from longfit.config import EngineConfig
 from longfit.engine.llm_engine import LLMEngine, configure_threads
@@ -101,7 +101,7 @@ class RequestStream:
             self.finished = True
             self.finish_time = item.time
 
-    def __aiter__(self) -> RequestStream:
+    def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> RequestOutput:
@@ -127,7 +127,7 @@ class RequestStream:
         if not self.finished:
             self._engine.abort(self.request_id)
 
-    async def __aenter__(self) -> RequestStream:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -139,7 +139,6 @@ class _Tracked:
     stream: RequestStream
     loop: asyncio.AbstractEventLoop
     num_completions: int
-    pending: list[StreamItem] = field(default_factory=list)
 
 
 class AsyncLLMEngine:
@@ -248,7 +247,7 @@ class AsyncLLMEngine:
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._publish_stats()
-        except BaseException:  # noqa: BLE001 - a bug in this loop must not leave callers waiting forever
+        except BaseException:
             logger.exception("longfit engine loop crashed")
         finally:
             with self._submit_lock:
@@ -303,7 +302,7 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as error:  # noqa: BLE001 - fail the affected requests, keep serving the others
+        except Exception as error:
             self.num_step_errors += 1
             logger.exception("longfit engine step failed")
             self._fail_after_step_error(error)
@@ -346,7 +345,7 @@ class AsyncLLMEngine:
             tracked = self._tracked[request_id]
             try:
                 self._abort(request_id)
-            except Exception:  # noqa: BLE001 - shutting down; the streams must still hear about it
+            except Exception:
                 logger.exception("abort during shutdown failed")
             _deliver(tracked.loop, [(tracked.stream, StreamItem(None, error, now))])
         self._tracked.clear()

@@ -135,11 +135,14 @@ class LLMEngine:
         try:
             result = self.runner.execute(scheduler_output)
         except Exception:
-            for item in scheduler_output.scheduled:
-                request = self.scheduler.requests.get(item.request_id)
-                if request is not None:
-                    self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
-                    self.outputs.remove(parent_id(item.request_id)[0])
+            # Fail every completion of every parent that had a request in this step (siblings included).
+            for parent in {parent_id(item.request_id)[0] for item in scheduler_output.scheduled}:
+                state = self.outputs.parents.get(parent)
+                for index in range(state.params.n if state else 1):
+                    request = self.scheduler.requests.get(child_id(parent, index))
+                    if request is not None:
+                        self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
+                self.outputs.remove(parent)
             raise
         elapsed = time.perf_counter() - started
         num_prefill = sum(len(it.token_ids) for it in scheduler_output.scheduled if not it.do_sample or
@@ -153,17 +156,19 @@ class LLMEngine:
         self.stats["generation_tokens"] += sum(len(v) for v in result.sampled_token_ids.values())
         for engine_id, entries in result.prompt_logprobs.items():
             self.outputs.add_prompt_logprobs(engine_id, entries)
-        changed: dict[str, None] = {}
+        changed: dict[str, Request] = {}
         for request in touched:
             num_new = len(result.sampled_token_ids.get(request.request_id, ()))
             stop = self.outputs.process(request, num_new, result.logprobs.get(request.request_id))
             if stop is not None and not request.is_finished:
                 request.stop_reason = stop
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
-            changed[parent_id(request.request_id)[0]] = None
+            changed[parent_id(request.request_id)[0]] = request
         outputs = []
-        for request_id in changed:
-            output = self.outputs.output(request_id)
+        for request_id, request in changed.items():
+            if request_id not in self.outputs.parents:
+                continue
+            output = self.outputs.output(request_id, metrics=request.metrics)
             if output.finished:
                 self.outputs.remove(request_id)
             outputs.append(output)

@@ -223,6 +223,9 @@ class Scheduler:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             status = None
+            if request.max_tokens == 0:  # prompt only (e.g. echo + prompt logprobs): nothing to append
+                status = RequestStatus.FINISHED_LENGTH
+                token_ids = []
             for token_id in token_ids:
                 request.append_output_token(token_id)
                 status = request.check_stop()

@@ -164,10 +164,13 @@ def build_app(engine: "AsyncLLMEngine", model_name: str, api_key: str | None = N
     async def json_body(request: Request) -> Any:
         raw = await request.body()
         try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+            body = json.loads(raw)
+            # NOTE: JSON may escape a lone UTF-16 surrogate ("\\udcff"), which no text encoder accepts later.
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except (ValueError, RecursionError) as error:  # UnicodeDecodeError/EncodeError are ValueErrors
             raise APIError(400, f"the request body is not valid JSON: {error}", param="body",
                            code="invalid_json") from None
+        return body
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -7,6 +7,7 @@ from the snapshot the engine loop publishes after every step (``AsyncLLMEngine.s
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -93,7 +94,7 @@ class ServerMetrics:
         if not events:
             return
         self.ttft.observe(events[0].time - stream.arrival_time)
-        for previous, current in zip(events, events[1:]):
+        for previous, current in itertools.pairwise(events):
             self.itl.observe(current.time - previous.time)
         if stream.finish_time is not None:
             self.e2e.observe(stream.finish_time - stream.arrival_time)

@@ -58,7 +58,7 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 
 def _floor(logprob: float) -> float:
-    return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB  # also maps NaN and -inf to the floor
+    return max(_MIN_LOGPROB, logprob)  # also maps NaN and -inf to the floor
 
 
 class OpenAIServing:
@@ -173,12 +173,6 @@ class OpenAIServing:
             raise
         return streams
 
-    def _finish(self, streams: list[RequestStream], status: str) -> None:
-        for stream in streams:
-            stream.close()
-            self.metrics.observe_stream(stream)
-        self.metrics.requests.labels(status=status).inc()
-
     async def _collect(self, streams: list[RequestStream], receive: Receive) -> list[RequestOutput]:
         """Wait for every stream's final output, aborting all of them if the client disconnects first."""
 
@@ -212,9 +206,10 @@ class OpenAIServing:
         except APIError as error:
             self.metrics.requests.labels(status="rejected" if error.status == 429 else "invalid").inc()
             raise
+        outcome = _Outcome(self.metrics, streams)
         if isinstance(body, dict) and body.get("stream") is True:
-            return StreamingResponse(respond_sse(streams, context), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            context["outcome"] = outcome
+            return _EventStream(respond_sse(streams, context), outcome)
         status = "error"
         try:
             outputs = await self._collect(streams, receive)
@@ -229,7 +224,7 @@ class OpenAIServing:
         except (RequestError, EngineDeadError) as error:
             raise APIError(500, str(error), type="server_error", code="engine_error") from None
         finally:
-            self._finish(streams, status)
+            outcome.finish(status)
 
     # ------------------------------------------------------------------ /v1/completions
     async def create_completion(self, body: Any, receive: Receive) -> Response:
@@ -293,7 +288,7 @@ class OpenAIServing:
                 status = "aborted"  # cancelled: the client disconnected
                 raise
             finally:
-                self._finish(streams, status)
+                context["outcome"].finish(status)
             yield _sse("[DONE]")
 
         return await self._run(body, receive, parse, respond_json, respond_sse)
@@ -385,6 +380,8 @@ class OpenAIServing:
                 raise APIError(400, "max_tokens must be at least 1 for chat completions", param="max_tokens")
             if request.top_logprobs is not None and not request.logprobs:
                 raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+            if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
+                raise APIError(400, f"top_logprobs must be in [0, 20], got {request.top_logprobs}", param="top_logprobs")
             if request.n > MAX_CHOICES:
                 raise APIError(400, f"n must be at most {MAX_CHOICES}", param="n")
             logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -431,7 +428,7 @@ class OpenAIServing:
                 status = "aborted"
                 raise
             finally:
-                self._finish(streams, status)
+                context["outcome"].finish(status)
             yield _sse("[DONE]")
 
         return await self._run(body, receive, parse, respond_json, respond_sse)
@@ -481,7 +478,41 @@ class OpenAIServing:
 
 
 # ---------------------------------------------------------------- helpers
-def _validate(model: type[CompletionRequest] | type[ChatCompletionRequest], body: Any) -> Any:
+class _Outcome:
+    """Ends one HTTP request once: closes its streams (aborting unfinished ones) and records its metrics."""
+
+    def __init__(self, metrics: ServerMetrics, streams: list[RequestStream]) -> None:
+        self.metrics = metrics
+        self.streams = streams
+        self.done = False
+
+    def finish(self, status: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        for stream in self.streams:
+            stream.close()
+            self.metrics.observe_stream(stream)
+        self.metrics.requests.labels(status=status).inc()
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that ends its request even when the body generator never ran (the client left first:
+    an async generator that was never started does not run its ``finally`` when closed)."""
+
+    def __init__(self, content: AsyncIterator[str], outcome: _Outcome) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.outcome = outcome
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.outcome.finish("aborted")
+
+
+def _validate(model: type[CompletionRequest | ChatCompletionRequest], body: Any) -> Any:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", param="body")
     try:

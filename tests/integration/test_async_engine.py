@@ -14,7 +14,7 @@ from longfit.engine.async_engine import AsyncLLMEngine, EngineDeadError, Request
 from longfit.engine.scheduler import QueueFullError
 from tests.conftest import make_tiny_llm
 
-OPTIONS = dict(dtype="float32", block_size=8, max_num_batched_tokens=64, max_num_seqs=8)
+OPTIONS = {"dtype": "float32", "block_size": 8, "max_num_batched_tokens": 64, "max_num_seqs": 8}
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 LONG = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
 

@@ -170,3 +170,35 @@ def test_unknown_model_and_options():
         LLM("tiny-llama", dtype="float16")
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM("tiny-llama", no_such_option=1)
+
+
+def test_max_tokens_zero_returns_prompt_logprobs_only(tiny_llm):
+    (out,) = tiny_llm.generate("echo me", SamplingParams(max_tokens=0, prompt_logprobs=1))
+    assert out.outputs[0].token_ids == [] and out.outputs[0].finish_reason == "length"
+    assert len(out.prompt_logprobs) == len("echo me") and out.prompt_logprobs[0] is None
+    assert_no_leak(tiny_llm)
+
+
+def test_failed_step_with_n_siblings_frees_all(monkeypatch):
+    llm = make_tiny_llm(max_num_seqs=1)
+    engine = llm.engine
+    original = engine.runner.execute
+    state = {"fail": True}
+
+    def failing_once(scheduler_output):
+        if state.pop("fail", False):
+            raise RuntimeError("injected")
+        return original(scheduler_output)
+
+    monkeypatch.setattr(engine.runner, "execute", failing_once)
+    engine.add_request("r", "hello", SamplingParams(n=2, max_tokens=4, temperature=0))
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert engine.step() == [] and not engine.has_unfinished_requests()
+    assert_no_leak(llm)
+
+
+def test_outputs_carry_request_metrics(tiny_llm):
+    (out,) = tiny_llm.generate("metrics", GREEDY)
+    assert out.metrics is not None and out.metrics.first_token_time is not None
+    assert out.metrics.kv_bytes > 0

@@ -27,7 +27,7 @@ from longfit.server.app import build_app
 from tests.conftest import make_tiny_llm, smollm2_installed
 
 MODEL = "tiny-llama"
-OPTIONS = dict(dtype="float32", block_size=8, max_num_batched_tokens=64, max_num_seqs=16)
+OPTIONS = {"dtype": "float32", "block_size": 8, "max_num_batched_tokens": 64, "max_num_seqs": 16}
 MAX_BYTES = 2**20
 API_KEY = "sk-test-secret"
 
@@ -36,12 +36,13 @@ API_KEY = "sk-test-secret"
 class Served:
     url: str
     engine: AsyncLLMEngine
+    http: httpx.Client  # NOTE: one client for all calls: building one costs ~50 ms (its SSL context)
 
     def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30, **kwargs)
+        return self.http.get(self.url + path, **kwargs)
 
     def post(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=30, **kwargs)
+        return self.http.post(self.url + path, **kwargs)
 
     def metric(self, name: str, labels: str = "") -> float:
         text = self.get("/metrics").text
@@ -80,7 +81,8 @@ def serve(api_key: str | None = None, **engine_options):
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.01)
     try:
-        yield Served(f"http://127.0.0.1:{port}", engine)
+        with httpx.Client(timeout=30) as http:
+            yield Served(f"http://127.0.0.1:{port}", engine, http)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -137,7 +139,7 @@ def test_openai_n_and_seed(client):
     assert result.usage.completion_tokens == 36 and result.usage.prompt_tokens == 6
     again = client.completions.create(model=MODEL, prompt=["one", "two"], max_tokens=6, n=3, temperature=1.0,
                                       seed=7, extra_body={"ignore_eos": True})
-    by_index = lambda r: [c.text for c in sorted(r.choices, key=lambda c: c.index)]  # noqa: E731
+    by_index = lambda r: [c.text for c in sorted(r.choices, key=lambda c: c.index)]
     assert by_index(result) == by_index(again)
     assert len(set(by_index(result)[:3])) > 1, "seeded samples of one prompt differ (seed + index)"
     streamed = list(client.completions.create(model=MODEL, prompt="one", max_tokens=6, n=3, temperature=1.0, seed=7,
@@ -146,20 +148,49 @@ def test_openai_n_and_seed(client):
     assert [texts[i] for i in range(3)] == by_index(result)[:3]
 
 
+@contextlib.contextmanager
+def one_step_per_chunk(served: Served):
+    """Slow every engine step a little so the consumer reads each step's output on its own (no coalescing)."""
+    inner = served.engine.engine
+    original = inner.step
+
+    def step():
+        outputs = original()
+        time.sleep(0.01)
+        return outputs
+
+    inner.step = step
+    try:
+        yield
+    finally:
+        del inner.step  # back to the class's method
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_openai_stop_strings(client, reference, stream):
+def test_openai_stop_strings(server, client, reference, stream):
     prompt = "stop strings"
     free = reference.generate(prompt, greedy(24))[0].outputs[0].text
-    stop = free[6:8]  # two characters: the streaming side must hold back a partial match
+    # Two printable ASCII characters: the stream must hold back the first while the second may complete the match
+    # (an undecodable byte would be held back by the detokenizer anyway).
+    start = next(i for i in range(3, len(free) - 1) if free[i:i + 2].isascii() and free[i:i + 2].isprintable())
+    stop = free[start:start + 2]
     expected = free[:free.find(stop)]
-    result = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[stop],
-                                       stream=stream, extra_body={"ignore_eos": True})
-    if stream:
-        chunks = list(result)
-        text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
-    else:
-        text, reason = result.choices[0].text, result.choices[0].finish_reason
+    with one_step_per_chunk(server):
+        result = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[stop],
+                                           stream=stream, extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(result)
+            assert len(chunks) > 3, "text arrived in several chunks"
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = result.choices[0].text, result.choices[0].finish_reason
     assert (text, reason) == (expected, "stop")
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=24,
+                                          temperature=0, stop=stop, stream=stream, extra_body={"ignore_eos": True})
+    expected_chat = reference.chat([{"role": "user", "content": prompt}], greedy(24, stop=[stop]))[0].outputs[0]
+    text = "".join(c.choices[0].delta.content or "" for c in chat if c.choices) if stream else \
+        chat.choices[0].message.content
+    assert text == expected_chat.text
 
 
 def test_openai_logprobs_match_the_engine(client, reference):
@@ -333,6 +364,31 @@ def test_kv_compression_field_reaches_the_engine(server):
     assert "no-such-method" in bad.json()["error"]["message"]
 
 
+def test_engine_failure_fails_only_that_request(server):
+    runner = server.engine.engine.runner
+    poison = list(b"POISON")
+
+    def execute(scheduled, _original=runner.execute):
+        if any(item.prompt_token_ids == poison for item in scheduled.scheduled):
+            raise RuntimeError("injected runner failure")
+        return _original(scheduled)
+
+    errors_before = server.metric("longfit_requests_total", '{status="error"}')
+    runner.execute = execute
+    try:
+        failed = server.post("/v1/completions", json={"prompt": poison, "max_tokens": 4})
+        streamed = server.post("/v1/completions", json={"prompt": poison, "max_tokens": 4, "stream": True})
+        healthy = server.post("/v1/completions", json={"prompt": "fine", "max_tokens": 4, "ignore_eos": True})
+    finally:
+        del runner.execute
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "engine_error"
+    events = sse_events(streamed.text)
+    assert events[-1] == "[DONE]" and "injected runner failure" in json.loads(events[-2])["error"]["message"]
+    assert healthy.status_code == 200 and healthy.json()["usage"]["completion_tokens"] == 4
+    assert server.metric("longfit_requests_total", '{status="error"}') - errors_before == 2
+    assert server.wait_idle()["used"] == 0
+
+
 # ---------------------------------------------------------------- invalid input
 LONG_PROMPT = "y" * 2100  # tiny-llama's context is 2048 tokens (1 byte = 1 token)
 BAD_REQUESTS = [
@@ -384,7 +440,7 @@ BAD_REQUESTS = [
     ("chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 99},
-     400, "logprobs"),
+     400, "top_logprobs"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
      "tools"),
@@ -404,7 +460,8 @@ def test_bad_request_gets_its_4xx(server, route, body, status, param):
     assert error["param"] == param, error
 
 
-@pytest.mark.parametrize("raw", [b"{bad json", b'{"prompt": "x",}', b"\xff\xfe", b"[" * 100000, b""])
+@pytest.mark.parametrize("raw", [b"{bad json", b'{"prompt": "x",}', b"\xff\xfe", b"[" * 100000, b"",
+                                 b'{"prompt": "lone surrogate \\udcff"}', b'{"prompt": "x", "stop": "\\ud800"}'])
 def test_malformed_json_is_400(server, raw):
     response = server.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
@@ -436,6 +493,8 @@ def test_random_inputs_never_give_5xx(server):
         body = {"prompt": "fuzz", "max_tokens": 2}
         for field in rng.sample(fields, 3):
             body[field] = rng.choice(values)
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] > 2:
+            body["max_tokens"] = rng.choice([2, "2", 2.5, None]) if attempt % 3 else 2  # chat: None = whole context
         route = "chat/completions" if attempt % 3 == 0 else "completions"
         response = server.post(f"/v1/{route}", json=body)
         assert response.status_code < 500, (body, response.text)
@@ -467,17 +526,18 @@ def test_queue_full_is_429_with_retry_after(guarded):
     body = {"prompt": "busy", "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
 
     async def run():
-        async with httpx.AsyncClient(base_url=guarded.url, headers=headers, timeout=30) as http:
-            async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as running:
-                async for line in running.aiter_lines():
-                    if line.startswith("data: "):
-                        break  # running now: max_num_seqs=1 keeps the next one waiting
-                waiting = asyncio.create_task(http.post("/v1/completions", json=body, timeout=0.8))
-                await asyncio.sleep(0.3)
-                refused = await http.post("/v1/completions", json={**body, "max_tokens": 1})
-                with pytest.raises(httpx.ReadTimeout):
-                    await waiting
-                return refused
+        async with httpx.AsyncClient(base_url=guarded.url, headers=headers, timeout=30) as http, \
+                http.stream("POST", "/v1/completions", json={**body, "stream": True}) as running:
+            # NOTE: no `break` out of aiter_lines: dropping the iterator closes the connection (a disconnect).
+            lines = running.aiter_lines()
+            while not (await lines.__anext__()).startswith("data: "):
+                pass  # once a token arrived it runs; max_num_seqs=1 keeps the next request waiting
+            waiting = asyncio.create_task(http.post("/v1/completions", json=body, timeout=0.8))
+            await asyncio.sleep(0.3)
+            refused = await http.post("/v1/completions", json={**body, "max_tokens": 1})
+            with pytest.raises(httpx.ReadTimeout):
+                await waiting
+            return refused
 
     refused = asyncio.run(run())
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
