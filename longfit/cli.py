@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_arguments(serve)
     serve.set_defaults(func=run_serve)
 
+    from longfit.eval.harness import add_eval_arguments, run_eval
+
+    evaluate = commands.add_parser("eval", help="fidelity: full cache vs compression specs on the same samples")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=run_eval)
+
     from longfit.plan.planner import add_plan_arguments
 
     plan = commands.add_parser("plan", help="capacity planner: will it fit, how many users, how fast")
