@@ -61,3 +61,11 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path, kind):
     result = _run("generate", "hi", "--model", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "broken.gguf" in result.stderr
+
+
+def test_chat_keeps_history_in_the_kv_cache():
+    result = subprocess.run([sys.executable, "-m", "longfit.cli", "chat", "--model", "tiny-llama", "--max-tokens", "8",
+                             "--dtype", "float32"], input="hello there\nand again\n", capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 2 and result.stdout.count("generated 8 tok") == 2

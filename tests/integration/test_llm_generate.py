@@ -202,3 +202,12 @@ def test_outputs_carry_request_metrics(tiny_llm):
     (out,) = tiny_llm.generate("metrics", GREEDY)
     assert out.metrics is not None and out.metrics.first_token_time is not None
     assert out.metrics.kv_bytes > 0
+
+
+def test_second_chat_turn_reuses_the_first_turn_from_the_prefix_cache():
+    llm = make_tiny_llm()
+    history = [{"role": "user", "content": "a first question that is long enough to fill pages"}]
+    first = llm.chat(history, GREEDY)[0]
+    history += [{"role": "assistant", "content": first.outputs[0].text}, {"role": "user", "content": "and next?"}]
+    second = llm.chat(history, GREEDY)[0]
+    assert second.metrics.num_cached_prompt_tokens >= len(first.prompt_token_ids) // 8 * 8 - 8
