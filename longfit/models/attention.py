@@ -122,7 +122,7 @@ class Attention(nn.Module):
         layer = self.layer_idx
         pages = meta.decode_block_tables[layer]  # [Bd, P]
         keys, values = gather_keys_values(meta.kv_pool, pages)  # [Bd, S, Hkv, D]
-        key_pos = meta.decode_first_key[layer].unsqueeze(1) + torch.arange(keys.shape[1])  # [Bd, S]
+        key_pos = meta.decode_first_key[layer].unsqueeze(1) + torch.arange(keys.shape[1], device=q.device)  # [Bd, S]
         seq_lens = meta.decode_seq_lens[layer].unsqueeze(1)  # [Bd, 1]
         valid = key_pos < seq_lens
         if self.window is not None:
@@ -153,8 +153,8 @@ class Attention(nn.Module):
         if cached == 0 and self.window is None:
             out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            query_pos = torch.arange(cached, cached + num_new).unsqueeze(1)  # [n, 1]
-            key_pos = torch.arange(first_key, first_key + keys.shape[0]).unsqueeze(0)  # [1, S]
+            query_pos = torch.arange(cached, cached + num_new, device=q.device).unsqueeze(1)  # [n, 1]
+            key_pos = torch.arange(first_key, first_key + keys.shape[0], device=q.device).unsqueeze(0)  # [1, S]
             mask = key_pos <= query_pos
             if self.window is not None:
                 mask &= key_pos > query_pos - self.window

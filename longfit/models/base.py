@@ -23,7 +23,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = config
         self.dtype = source.dtype
-        self.embed = source.tensor("model.embed_tokens.weight")  # [V, d]
+        self.register_buffer("embed", source.tensor("model.embed_tokens.weight"), persistent=False)  # [V, d]
         self.norm = RMSNorm(source.tensor("model.norm.weight", torch.float32), config.rms_norm_eps, self.norm_offset,
                             out_dtype=source.dtype)
         head = "model.embed_tokens.weight" if config.tie_word_embeddings or not source.has("lm_head.weight") \

@@ -72,13 +72,16 @@ class RotaryEmbedding(nn.Module):
     def _grow(self, size: int) -> None:
         positions = torch.arange(size, dtype=torch.float64)
         angles = torch.outer(positions, self.inv_freq)  # [size, D/2]
-        self.cos = angles.cos().float()
-        self.sin = angles.sin().float()
+        device = self.cos.device if self.cos.numel() else torch.device("cpu")
+        self.cos = angles.cos().float().to(device)
+        self.sin = angles.sin().float().to(device)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [N, 1, D/2] fp32 for ``positions`` [N]."""
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
             self._grow(max(int(positions.max()) + 1, 2 * self.cos.shape[0]))
+        if self.cos.device != positions.device:  # tables follow the inputs (CUDA when the runner is on it)
+            self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     @staticmethod

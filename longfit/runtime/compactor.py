@@ -76,7 +76,7 @@ class Compactor:
             if window is not None:
                 kept_counts.append(num_tokens)
                 continue
-            pages = torch.from_numpy(tables[layer, :-(-num_tokens // bs)])
+            pages = torch.from_numpy(tables[layer, :-(-num_tokens // bs)]).to(self.kv_pool.device)
             keys, values = gather_keys_values(self.kv_pool, pages)  # [P*bs, Hkv, D]
             keys = keys[:num_tokens].transpose(0, 1)  # [Hkv, T, D]
             values = values[:num_tokens].transpose(0, 1)
@@ -90,7 +90,7 @@ class Compactor:
             if kept == num_tokens:
                 continue
             # Survivors go to the first `kept` slots; everything was read above, so nothing is overwritten early.
-            slots = torch.arange(kept)
+            slots = torch.arange(kept, device=pages.device)
             rows = pages[slots // bs] * (2 * bs) + slots % bs
             flat = self.kv_pool.view(-1, *self.kv_pool.shape[-2:])  # [num_blocks * 2 * bs, Hkv, D]
             flat.index_copy_(0, rows, keys.transpose(0, 1).contiguous())

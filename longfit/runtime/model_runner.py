@@ -207,12 +207,14 @@ class ModelRunner:
         targets = item.prompt_token_ids[begin + 1:begin + 1 + hidden.shape[0]]
         out: list[PositionLogprobs | None] = [None] if begin == 0 else []
         if targets:
-            logits = self.model.compute_logits(hidden[:len(targets)])
+            logits = self.model.compute_logits(hidden[:len(targets)]).cpu()
             target_ids = torch.tensor(targets, dtype=torch.int64)
             out.extend(compute_logprobs(logits, target_ids, [item.sampling_params.prompt_logprobs] * len(targets)))
         return out
 
     def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest], result: ModelRunnerOutput) -> None:
+        # Sampling runs on the CPU: [B, V] is small next to a step, and the per-request generators live there.
+        logits = logits.cpu()
         params = [it.sampling_params for it in items]
         raw = logits
         penalized = [row for row, p in enumerate(params) if p.needs_penalties]
