@@ -36,6 +36,10 @@ def _config(kind: str):
                   tie_word_embeddings=False)
     if kind == "llama":
         return transformers.LlamaConfig(**common, rope_theta=10000.0, head_dim=16)
+    if kind == "llama3-rope":
+        return transformers.LlamaConfig(**common, head_dim=16, rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64})
     if kind == "qwen2":
         return transformers.Qwen2Config(**common, rope_theta=10000.0)
     return transformers.Gemma3TextConfig(**{**common, "num_hidden_layers": 4}, head_dim=16, sliding_window=24,
@@ -43,11 +47,12 @@ def _config(kind: str):
                                          layer_types=["sliding_attention"] * 3 + ["full_attention"])
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "llama3-rope", "qwen2", "gemma3"])
 def checkpoint(request, tmp_path_factory):
     torch.manual_seed(0)
     config = _config(request.param)
-    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+    model_cls = {"llama": transformers.LlamaForCausalLM, "llama3-rope": transformers.LlamaForCausalLM,
+                 "qwen2": transformers.Qwen2ForCausalLM,
                  "gemma3": transformers.Gemma3ForCausalLM}[request.param]
     model = model_cls(config).eval()
     with torch.no_grad():  # random init leaves biases and norms trivial: perturb them so they are tested
