@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from tests.unit.compression_tensors import layer_tensors
 from longfit.compression.duo_attention import DuoAttentionPolicy
 from longfit.compression.h2o import H2OPolicy
 from longfit.compression.knorm import KnormPolicy
@@ -23,13 +24,7 @@ from longfit.compression.think import ThinKPolicy
 from longfit.compression.tova import TOVAPolicy
 
 
-def _tensors(num_kv_heads: int, groups: int, num_tokens: int, head_dim: int, seed: int = 0,
-             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(num_kv_heads, num_tokens, head_dim, generator=g)
-    values = torch.randn(num_kv_heads, num_tokens, head_dim, generator=g)
-    queries = torch.randn(num_kv_heads * groups, num_tokens, head_dim, generator=g) * 1.5
-    return keys.to(dtype), values.to(dtype), queries.to(dtype)
+_tensors = layer_tensors
 
 
 # ---------------------------------------------------------------------------------------------------------------
