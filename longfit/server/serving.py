@@ -238,9 +238,8 @@ class OpenAIServing:
                 raise APIError(400, "suffix is not supported", param="suffix")
             prompts = self._completion_prompts(request)
             echo_logprobs = request.logprobs if request.echo else None
-            # NOTE: the engine always samples one token; max_tokens=0 (echo-only scoring) drops it here.
-            params = request.sampling_params(request.max_tokens if request.max_tokens != 0 else 1, request.logprobs,
-                                             prompt_logprobs=echo_logprobs)
+            # max_tokens=0 (echo-only scoring): the engine prefills, returns prompt logprobs and samples nothing.
+            params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs=echo_logprobs)
             streams = await self._admit(response_id, prompts, params, request.kv_compression)
             return streams, {"request": request, "prompts": prompts}
 
@@ -254,7 +253,7 @@ class OpenAIServing:
                     choices.append({"index": prompt_index * request.n + completion.index, "text": text,
                                     "logprobs": logprobs, "finish_reason": completion.finish_reason})
             num_prompt = sum(len(p.token_ids) for p in context["prompts"])
-            num_generated = 0 if request.max_tokens == 0 else sum(len(c.token_ids) for o in outputs for c in o.outputs)
+            num_generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
             return {"id": response_id, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": choices, "usage": _usage(num_prompt, num_generated)}
 
@@ -277,8 +276,7 @@ class OpenAIServing:
                             yield _sse({**base, "choices": [choice]} | ({"usage": None} if include_usage else {}))
                 if include_usage:
                     outputs = [s.latest for s in streams]
-                    num_generated = 0 if request.max_tokens == 0 else sum(
-                        len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
+                    num_generated = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
                     usage = _usage(sum(len(p.token_ids) for p in context["prompts"]), num_generated)
                     yield _sse({**base, "choices": [], "usage": usage})
                 status = "success"
@@ -296,9 +294,9 @@ class OpenAIServing:
     def _completion_choice(self, request: CompletionRequest, prompt: _Prompt, output: RequestOutput,
                            completion: CompletionOutput) -> tuple[str, dict[str, Any] | None]:
         """Final text and logprobs of one non-streaming choice (echo puts the prompt first)."""
-        token_ids = [] if request.max_tokens == 0 else completion.token_ids
-        entries = [] if request.max_tokens == 0 else (completion.logprobs or [])
-        text = "" if request.max_tokens == 0 else completion.text
+        token_ids = completion.token_ids
+        entries = completion.logprobs or []
+        text = completion.text
         ids: list[int] = []
         all_entries: list[PositionLogprobs | None] = []
         if request.echo:
@@ -321,8 +319,7 @@ class OpenAIServing:
         if state.done:
             return None
         finished = completion.finish_reason is not None
-        zero = request.max_tokens == 0
-        text = "" if zero else completion.text
+        text = completion.text
         end = len(text) if finished else max(state.sent_chars, len(text) - holdback)
         delta = text[state.sent_chars:end]
         prefix, ids, entries = "", [], []
@@ -332,10 +329,9 @@ class OpenAIServing:
             state.started = True
         if not (prefix or delta or finished):
             return None
-        if not zero:
-            ids += completion.token_ids[state.sent_tokens:]
-            entries += (completion.logprobs or [])[state.sent_tokens:]
-            state.sent_tokens = len(completion.token_ids)
+        ids += completion.token_ids[state.sent_tokens:]
+        entries += (completion.logprobs or [])[state.sent_tokens:]
+        state.sent_tokens = len(completion.token_ids)
         logprobs = None
         if request.logprobs is not None:
             logprobs = self._completion_logprobs(ids, entries, state.text_offset)
