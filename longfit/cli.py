@@ -100,8 +100,7 @@ def _summary(llm, output, started: float, first: float, ended: float) -> str:
     prompt_tokens = len(output.prompt_token_ids)
     prefill = prompt_tokens / max(first - started, 1e-9)
     decode = (generated - 1) / (ended - first) if generated > 1 and ended > first else 0.0
-    kv_bytes = llm.engine.kv_manager.spec.page_bytes * llm.engine.kv_manager.spec.pages_for_tokens(
-        prompt_tokens + generated)
+    kv_bytes = output.metrics.kv_bytes if output.metrics is not None else 0  # pages held at the last step
     return (f"[prompt {prompt_tokens} tok | generated {generated} tok | prefill {prefill:.1f} tok/s | "
             f"decode {decode:.1f} tok/s | KV {kv_bytes / 2**20:.2f} MiB ({kv_bytes} B) | "
             f"finish {output.outputs[0].finish_reason}]")

@@ -92,7 +92,6 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("prompt is empty: it must contain at least one token")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
-        self.scheduler.validate_request(len(token_ids), max_tokens)
         spec = kv_compression if kv_compression is not None else params.kv_compression or self.config.kv_compression
         if spec:
             spec = validate_engine_spec(spec) or None

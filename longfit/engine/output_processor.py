@@ -51,7 +51,6 @@ class OutputProcessor:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.parents: dict[str, ParentState] = {}
-        self._max_stop_len: dict[str, int] = {}
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams) -> None:
         completions = [CompletionState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
@@ -61,11 +60,9 @@ class OutputProcessor:
                        for _ in range(params.n)]
         self.parents[request_id] = ParentState(request_id, prompt, list(prompt_token_ids), params, completions,
                                                prompt_logprobs=[] if params.prompt_logprobs is not None else None)
-        self._max_stop_len[request_id] = max((len(s) for s in params.stop), default=0)
 
     def remove(self, request_id: str) -> None:
         self.parents.pop(request_id, None)
-        self._max_stop_len.pop(request_id, None)
 
     def add_prompt_logprobs(self, engine_request_id: str, entries: list[PositionLogprobs | None]) -> None:
         request_id, index = parent_id(engine_request_id)
@@ -97,7 +94,8 @@ class OutputProcessor:
             new_text += state.stream.flush()
         hit = None
         if params.stop and new_text:
-            start = max(0, len(state.text) - self._max_stop_len[request_id] + 1)
+            # A stop string may straddle the old text and the new: search from its longest overlap.
+            start = max(0, len(state.text) - max(len(s) for s in params.stop) + 1)
             state.text += new_text
             hit = self._find_stop(state, params, start)
         else:

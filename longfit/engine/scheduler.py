@@ -59,9 +59,10 @@ class Scheduler:
                              "tokens; raise the KV memory budget or lower max_tokens")
 
     def add_request(self, request: Request) -> None:
+        # Invalid input is refused before a full queue: retrying a request that can never run is pointless.
+        self.validate_request(request.num_prompt_tokens, request.max_tokens)
         if self.config.max_queue is not None and len(self.waiting) >= self.config.max_queue:
             raise QueueFullError(f"{len(self.waiting)} requests are waiting (max_queue={self.config.max_queue})")
-        self.validate_request(request.num_prompt_tokens, request.max_tokens)
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request

@@ -136,13 +136,14 @@ class KVCacheManager:
         return num_hit
 
     # ------------------------------------------------------------------ allocation
+    @staticmethod
+    def _layer_needs(state: RequestKV, num_new_tokens: int) -> list[int]:
+        """Pages each layer must add to hold ``num_new_tokens`` more tokens."""
+        return [max(0, -(-(cached + num_new_tokens) // per_page) - len(table))
+                for cached, per_page, table in zip(state.num_cached, state.tokens_per_block, state.tables)]
+
     def pages_needed(self, request: Request, num_new_tokens: int) -> int:
-        state = self._state(request)
-        total = 0
-        for layer in range(self.num_layers):
-            need = -(-(state.num_cached[layer] + num_new_tokens) // state.tokens_per_block[layer])
-            total += max(0, need - len(state.tables[layer]))
-        return total
+        return sum(self._layer_needs(self._state(request), num_new_tokens))
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Make room for ``num_new_tokens`` more tokens in every layer; False if the pool is too full.
@@ -151,19 +152,18 @@ class KVCacheManager:
         sliding-window layers release the pages no future query can see.
         """
         state = self._state(request)
-        needed = self.pages_needed(request, num_new_tokens)
+        needs = self._layer_needs(state, num_new_tokens)
+        needed = sum(needs)
         if needed > self.pool.num_free_blocks:
             return False
         if needed:
             pages = self.pool.allocate(needed)
             cursor = 0
-            for layer in range(self.num_layers):
-                table = state.tables[layer]
-                need = -(-(state.num_cached[layer] + num_new_tokens) // state.tokens_per_block[layer]) - len(table)
-                if need > 0:
+            for layer, need in enumerate(needs):
+                if need:
                     chunk = pages[cursor:cursor + need]
                     cursor += need
-                    table.extend(chunk)
+                    state.tables[layer].extend(chunk)
                     state.new_blocks[layer].extend(chunk)
         for layer in range(self.num_layers):
             state.num_cached[layer] += num_new_tokens

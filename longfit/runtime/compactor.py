@@ -10,6 +10,7 @@ left as they are.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -25,6 +26,7 @@ from longfit.outputs import CompactionResult
 SUPPORTED_KINDS = frozenset({"evict"})
 
 
+@functools.lru_cache(maxsize=256)
 def validate_engine_spec(text: str) -> str:
     """Parse a spec (ValueError naming the problem) and check the engine can apply every stage."""
     spec = parse_spec(text)

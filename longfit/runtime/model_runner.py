@@ -39,14 +39,10 @@ class RequestState:
             self.num_pages[:] = 0
         for layer, pages in enumerate(new_block_ids):
             if pages:
+                # Sized for max_model_len tokens; compaction only shrinks a table, so this never overflows.
                 start = self.num_pages[layer]
-                end = start + len(pages)
-                if end > self.tables.shape[1]:  # compaction can leave room; growth beyond max_model_len cannot happen
-                    grown = np.zeros((self.tables.shape[0], max(end, 2 * self.tables.shape[1])), dtype=np.int64)
-                    grown[:, :self.tables.shape[1]] = self.tables
-                    self.tables = grown
-                self.tables[layer, start:end] = pages
-                self.num_pages[layer] = end
+                self.tables[layer, start:start + len(pages)] = pages
+                self.num_pages[layer] = start + len(pages)
 
 
 class ModelRunner:
