@@ -110,13 +110,15 @@ class SchedulerOutput:
 class CompactionResult:
     """After a compression step: tokens kept per layer (physical), so whole leftover pages can be freed.
 
-    ``tokens_per_block`` gives, per layer, how many tokens one page now holds (a quantized layer packs
-    more tokens into a page of the same bytes); None means unchanged.
+    Quantized storage (None: unchanged): per layer, ``quant_tokens`` leading tokens are stored as a byte stream of
+    ``quant_bytes`` bytes on the first ``quant_pages`` pages of the table; the rest follow in ordinary pages.
     """
 
     request_id: str
     num_kept_tokens: list[int]
-    tokens_per_block: list[int] | None = None
+    quant_tokens: list[int] | None = None
+    quant_pages: list[int] | None = None
+    quant_bytes: list[int] | None = None
 
 
 @dataclass(slots=True)

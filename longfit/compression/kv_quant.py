@@ -261,10 +261,11 @@ class KIVIPolicy(QuantizationPolicy):
     """KIVI: asymmetric min-max, keys per channel over ``group`` tokens, values per token over ``group`` channels.
 
     Paper: "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache" (jy-yuan/KIVI ``models/llama_kivi.py``).
-    Prefill rule of the reference: keys quantize the first ``n - n % residual`` tokens (whole groups), values all
-    but the last ``residual`` tokens; the rest stays full precision. Defaults G=32, R=128 (LongBench setting).
-    Deliberate differences: codes packed per token along channels into uint8 (the reference packs int32 along
-    tokens for keys), float16 scales rounded outward; value groups are ``min(group, head_dim)`` channels.
+    Keys and values quantize the first ``n - n % residual`` tokens (whole groups); the rest stays full precision
+    (``spec.kivi_split``). Defaults G=32, R=128 (LongBench setting). Deliberate differences: values share the
+    keys' boundary (the reference keeps a sliding window of exactly ``residual`` full-precision values); codes
+    packed per token along channels into uint8 (the reference packs int32 along tokens for keys), float16 scales
+    rounded outward; value groups are ``min(group, head_dim)`` channels.
     """
 
     name: ClassVar[str] = "kivi"

@@ -457,10 +457,17 @@ def kept_tokens_per_layer(spec: str | CompressionSpec | None, num_layers: int, n
 
 
 def kivi_split(num_tokens: int, group: int, residual: int) -> tuple[int, int]:
-    """(quantized keys, quantized values) of KIVI: keys in whole multiples of ``residual`` (``n - n % R``, the rest
-    full precision), values all but the last ``residual`` tokens (jy-yuan/KIVI prefill rule)."""
-    del group  # residual is a multiple of group, so quantized keys always fill whole groups
-    return num_tokens - num_tokens % residual, max(0, num_tokens - residual)
+    """(quantized keys, quantized values) of KIVI as longfit stores it: both ``n - n % residual``.
+
+    Keys follow the reference (jy-yuan/KIVI): whole multiples of ``residual`` are quantized, the rest stays full
+    precision. NOTE: the reference keeps exactly the last ``residual`` values in full precision (a sliding window,
+    one value quantized per decode step); longfit quantizes values at the same boundary as keys so a record holds
+    the keys and values of the same tokens and the tail is flushed ``residual`` tokens at a time. The full-precision
+    window is therefore ``n % residual`` tokens for both (between 0 and ``residual - 1``).
+    """
+    del group  # residual is a multiple of group, so quantized tokens always fill whole groups
+    quantized = num_tokens - num_tokens % residual
+    return quantized, quantized
 
 
 def value_group(group: int, head_dim: int) -> int:

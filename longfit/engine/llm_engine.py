@@ -94,7 +94,7 @@ class LLMEngine:
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
         spec = kv_compression if kv_compression is not None else params.kv_compression or self.config.kv_compression
         if spec:
-            spec = validate_engine_spec(spec) or None
+            spec = validate_engine_spec(spec, self.kv_spec.block_size) or None
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, token_ids, params)
         children = []
         for index in range(params.n):

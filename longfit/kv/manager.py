@@ -24,7 +24,11 @@ class RequestKV:
 
     tables: list[list[int]]  # per layer: page ids in token order (0 = released / padding)
     num_cached: list[int]  # per layer: physical tokens stored once the scheduled step has run
-    tokens_per_block: list[int]  # per layer: tokens one page holds
+    # Quantized layers: the first quant_pages[l] pages hold a byte stream of quant_tokens[l] quantized tokens
+    # (quant_bytes[l] bytes); the tokens after them sit in ordinary pages of block_size tokens.
+    quant_tokens: list[int]
+    quant_pages: list[int]
+    quant_bytes: list[int]
     new_blocks: list[list[int]]  # per layer: pages appended since the runner last heard of this request
     num_released: list[int]  # per layer: leading pages already released (sliding windows)
     block_hashes: list[Hashable] = field(default_factory=list)  # prefix hash of each full block
@@ -73,6 +77,21 @@ class KVCacheManager:
         state = self.requests.get(request_id)
         return 0 if state is None else state.num_pages() * self.spec.page_bytes
 
+    def stored_bytes(self, request_id: str) -> int:
+        """Exact KV bytes of a request's tokens, without page rounding: quantized streams plus the other tokens
+        in the cache dtype (sliding-window layers count the tokens of the pages they still hold)."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return 0
+        token_bytes = self.spec.page_bytes // self.block_size
+        total = 0
+        for layer, window in enumerate(self.spec.layer_windows):
+            tokens = state.num_cached[layer] - state.quant_tokens[layer]
+            if window is not None:
+                tokens = min(tokens, state.num_cached[layer] - state.num_released[layer] * self.block_size)
+            total += state.quant_bytes[layer] + tokens * token_bytes
+        return total
+
     def max_pages_for(self, num_tokens: int) -> int:
         """Pages an uncompressed request of ``num_tokens`` tokens needs at its peak."""
         return self.spec.pages_for_tokens(num_tokens)
@@ -90,8 +109,8 @@ class KVCacheManager:
         if state is None:
             layers = range(self.num_layers)
             state = RequestKV(tables=[[] for _ in layers], num_cached=[0] * self.num_layers,
-                              tokens_per_block=[self.block_size] * self.num_layers,
-                              new_blocks=[[] for _ in layers], num_released=[0] * self.num_layers)
+                              quant_tokens=[0] * self.num_layers, quant_pages=[0] * self.num_layers,
+                              quant_bytes=[0] * self.num_layers, new_blocks=[[] for _ in layers], num_released=[0] * self.num_layers)
             state.cacheable = self.enable_prefix_caching and not request.kv_compression
             self.requests[request.request_id] = state
         return state
@@ -136,11 +155,12 @@ class KVCacheManager:
         return num_hit
 
     # ------------------------------------------------------------------ allocation
-    @staticmethod
-    def _layer_needs(state: RequestKV, num_new_tokens: int) -> list[int]:
-        """Pages each layer must add to hold ``num_new_tokens`` more tokens."""
-        return [max(0, -(-(cached + num_new_tokens) // per_page) - len(table))
-                for cached, per_page, table in zip(state.num_cached, state.tokens_per_block, state.tables)]
+    def _layer_needs(self, state: RequestKV, num_new_tokens: int) -> list[int]:
+        """Pages each layer must add to hold ``num_new_tokens`` more tokens (new tokens go after the stream)."""
+        bs = self.block_size
+        return [max(0, q_pages + -(-(cached - q_tokens + num_new_tokens) // bs) - len(table))
+                for cached, q_tokens, q_pages, table in zip(state.num_cached, state.quant_tokens, state.quant_pages,
+                                                            state.tables)]
 
     def pages_needed(self, request: Request, num_new_tokens: int) -> int:
         return sum(self._layer_needs(self._state(request), num_new_tokens))
@@ -221,15 +241,18 @@ class KVCacheManager:
     # ------------------------------------------------------------------ compaction and freeing
     def apply_compaction(self, request: Request, result: CompactionResult) -> list[int]:
         """After compression kept ``result.num_kept_tokens[l]`` tokens in layer ``l`` (written to the
-        first pages of its table), free every page beyond them. Returns the freed page ids."""
+        first pages of its table: the quantized stream, then the other tokens), free every page beyond them.
+        Returns the freed page ids."""
         state = self._state(request)
         freed: list[int] = []
         request.is_compressed = True
         state.cacheable = False
         for layer, kept in enumerate(result.num_kept_tokens):
-            if result.tokens_per_block is not None:
-                state.tokens_per_block[layer] = result.tokens_per_block[layer]
-            keep_pages = -(-kept // state.tokens_per_block[layer])
+            if result.quant_tokens is not None:
+                state.quant_tokens[layer] = result.quant_tokens[layer]
+                state.quant_pages[layer] = result.quant_pages[layer]
+                state.quant_bytes[layer] = result.quant_bytes[layer]
+            keep_pages = state.quant_pages[layer] + -(-(kept - state.quant_tokens[layer]) // self.block_size)
             table = state.tables[layer]
             freed.extend(table[keep_pages:])
             del table[keep_pages:]

@@ -20,6 +20,22 @@ from torch import nn
 
 from longfit.models.layers import RMSNorm, RotaryEmbedding
 from longfit.quant.linear import Linear
+from longfit.runtime.quant_pages import PageQuantFormat
+
+
+@dataclass(slots=True)
+class StreamRead:
+    """Quantized stream pages to read (``runtime.quant_pages``) for some rows of a batch, one format.
+
+    Decode: ``rows`` [R] batch rows, ``pages`` [R, W] stream pages (padded with 0), ``records`` [R] records each.
+    Prefill chunk: ``rows`` and ``records`` None, ``pages`` [W], every one of ``max_records`` records valid.
+    """
+
+    fmt: PageQuantFormat
+    rows: torch.Tensor | None
+    pages: torch.Tensor
+    records: torch.Tensor | None
+    max_records: int
 
 
 @dataclass(slots=True)
@@ -36,6 +52,7 @@ class ChunkMeta:
     num_cached: list[int]
     block_table: torch.Tensor  # [L, P] int64
     capture_window: int = 0
+    quant: list[StreamRead | None] | None = None  # per layer: its quantized stream (block_table then holds the tail)
 
 
 @dataclass(slots=True)
@@ -45,7 +62,8 @@ class AttentionMetadata:
     key_rows[l, i]: row of token i's key in ``kv_pool.view(-1, Hkv, D)`` for layer l (its value sits
     ``block_size`` rows later). Decode: ``decode_block_tables[l]`` [Bd, P] pages to read,
     ``decode_first_key[l]`` [Bd] physical index of the first key those pages hold, ``decode_seq_lens[l]``
-    [Bd] physical keys including the new one.
+    [Bd] physical keys including the new one. On a quantized layer those describe the full-precision tail, and
+    ``decode_quant[l]`` lists the streams of quantized tokens that come before it.
     """
 
     kv_pool: torch.Tensor
@@ -55,6 +73,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [L, Bd, P] int64
     decode_first_key: torch.Tensor | None = None  # [L, Bd] int64
     decode_seq_lens: torch.Tensor | None = None  # [L, Bd] int64
+    decode_quant: list[list[StreamRead] | None] | None = None
     chunks: list[ChunkMeta] = field(default_factory=list)
     captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (chunk, layer) → [Hq, W, D]
     rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -68,6 +87,29 @@ def gather_keys_values(kv_pool: torch.Tensor, pages: torch.Tensor) -> tuple[torc
     keys = blocks.select(-4, 0).reshape(*lead, -1, hkv, dim)
     values = blocks.select(-4, 1).reshape(*lead, -1, hkv, dim)
     return keys, values
+
+
+def pool_bytes(kv_pool: torch.Tensor) -> torch.Tensor:
+    """The pool as ``uint8 [num_blocks, page_bytes]`` (quantized pages are byte streams)."""
+    return kv_pool.view(torch.uint8).view(kv_pool.shape[0], -1)
+
+
+def read_streams(reads: list[StreamRead], kv_pool: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+    """Dequantize decode rows' streams → keys, values float32 [batch, S, Hkv, D] and valid [batch, S] (rows
+    without a stream, and padding, are zero and invalid: padded records may hold any bytes)."""
+    num_tokens = max(r.max_records * r.fmt.record_tokens for r in reads)
+    hkv, dim = kv_pool.shape[-2:]
+    keys = kv_pool.new_zeros(batch, num_tokens, hkv, dim, dtype=torch.float32)
+    values = torch.zeros_like(keys)
+    valid = torch.zeros(batch, num_tokens, dtype=torch.bool, device=kv_pool.device)
+    data = pool_bytes(kv_pool)
+    for read in reads:
+        k, v = read.fmt.decode(read.fmt.read(data, read.pages, read.max_records))  # [R, n, Hkv, D]
+        ok = torch.arange(k.shape[1], device=k.device) < read.records.unsqueeze(1) * read.fmt.record_tokens
+        keys[read.rows, :k.shape[1]] = torch.where(ok[..., None, None], k, 0.0)
+        values[read.rows, :k.shape[1]] = torch.where(ok[..., None, None], v, 0.0)
+        valid[read.rows, :k.shape[1]] = ok
+    return keys, values, valid
 
 
 class Attention(nn.Module):
@@ -127,9 +169,15 @@ class Attention(nn.Module):
         valid = key_pos < seq_lens
         if self.window is not None:
             valid &= key_pos > seq_lens - 1 - self.window
+        keys, values = keys.float(), values.float()
+        streams = meta.decode_quant[layer] if meta.decode_quant is not None else None
+        if streams:  # quantized tokens come before the tail
+            stream_keys, stream_values, stream_valid = read_streams(streams, meta.kv_pool, q.shape[0])
+            keys, values = torch.cat([stream_keys, keys], dim=1), torch.cat([stream_values, values], dim=1)
+            valid = torch.cat([stream_valid, valid], dim=1)
         out = F.scaled_dot_product_attention(
             q.float().unsqueeze(2),  # [Bd, Hq, 1, D]
-            keys.float().transpose(1, 2), values.float().transpose(1, 2),  # [Bd, Hkv, S, D]
+            keys.transpose(1, 2), values.transpose(1, 2),  # [Bd, Hkv, S, D]
             attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
         return out.squeeze(2).to(q.dtype)
 
@@ -139,8 +187,18 @@ class Attention(nn.Module):
         num_new = q.shape[0]
         cached = chunk.num_cached[self.layer_idx]
         first_key = 0
+        stream = chunk.quant[self.layer_idx] if chunk.quant is not None else None
         if cached == 0:
             keys, values = k, v
+        elif stream is not None:  # quantized stream, then the tail pages (this chunk included)
+            fmt = stream.fmt
+            stream_keys, stream_values = fmt.decode(fmt.read(pool_bytes(meta.kv_pool), stream.pages, stream.max_records))
+            num_tail = cached + num_new - stream_keys.shape[0]
+            first_tail = stream.pages.shape[0]
+            tail = chunk.block_table[self.layer_idx, first_tail:first_tail + -(-num_tail // meta.block_size)]
+            tail_keys, tail_values = gather_keys_values(meta.kv_pool, tail)
+            keys = torch.cat([stream_keys.to(q.dtype), tail_keys[:num_tail].to(q.dtype)])
+            values = torch.cat([stream_values.to(q.dtype), tail_values[:num_tail].to(q.dtype)])
         else:
             total = cached + num_new
             if self.window is not None:

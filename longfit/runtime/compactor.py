@@ -1,11 +1,14 @@
-"""Compactor: applies eviction policies to a request's paged KV at the end of its prefill.
+"""Compactor: applies compression to a request's paged KV at the end of its prefill, and flushes quantized tails.
 
-For every full-attention layer: read the layer's keys and values from its pages, let each evicting stage
-of the spec pick the positions to keep per KV head (``KeepPlan``), write the survivors to the first slots
-of the same pages, and report how many tokens each layer kept. ``KVCacheManager.apply_compaction`` then
-returns the whole pages left over to the pool. Positions stay logical: kept keys carry their RoPE phase,
-new tokens are appended after the survivors. Sliding-window layers already hold only their window and are
-left as they are.
+For every full-attention layer: read the layer's keys and values from its pages, let each evicting stage of the
+spec pick the positions to keep per KV head (``KeepPlan``), then store the survivors back into the first pages of
+the same table: as they are, or (quantize stage: KIVI, int8) as a stream of quantized records followed by the
+full-precision tail (``runtime.quant_pages``). ``KVCacheManager.apply_compaction`` then returns the whole pages left
+over to the pool. Positions stay logical: kept keys carry their RoPE phase, new tokens are appended after the
+survivors. Sliding-window layers already hold only their window and are left as they are.
+
+Everything is rewritten in place: a layer is read completely before it is written, and its new layout never needs
+more pages than it had.
 """
 
 from __future__ import annotations
@@ -20,21 +23,29 @@ from longfit.compression.registry import build_policy
 from longfit.compression.spec import parse_spec
 from longfit.models.attention import gather_keys_values
 from longfit.outputs import CompactionResult
+from longfit.runtime.quant_pages import ENGINE_QUANT_METHODS, PageQuantFormat
 
-# Kinds the engine applies today. The others (quantize, lowrank, merge, select) are validated by the spec
-# parser but refused at admission until their paged storage lands.
-SUPPORTED_KINDS = frozenset({"evict"})
+# What the engine applies today. The other kinds (lowrank, merge, select) and KVQuant (pre-RoPE keys) are validated
+# by the spec parser but refused at admission until their paged storage lands.
+ENGINE_METHODS = ("streaming, h2o, snapkv, pyramidkv, tova, knorm, duo_attention (eviction); "
+                  + ", ".join(ENGINE_QUANT_METHODS) + " (quantized pages)")
 
 
 @functools.lru_cache(maxsize=256)
-def validate_engine_spec(text: str) -> str:
+def validate_engine_spec(text: str, block_size: int | None = None) -> str:
     """Parse a spec (ValueError naming the problem) and check the engine can apply every stage."""
     spec = parse_spec(text)
-    unsupported = [policy for policy in build_policy(spec) if policy.kind not in SUPPORTED_KINDS]
+    unsupported = [policy for policy in build_policy(spec)
+                   if policy.kind not in ("evict", "quantize")
+                   or (policy.kind == "quantize" and policy.name not in ENGINE_QUANT_METHODS)]
     if unsupported:
         names = ", ".join(sorted({type(p).__name__ for p in unsupported}))
         raise ValueError(f"kv_compression {text!r}: {names} are not applied inside the engine yet; "
-                         "eviction methods (streaming, h2o, snapkv, pyramidkv, tova, knorm, duo_attention) are")
+                         f"the engine applies {ENGINE_METHODS}")
+    quant = spec.stage("quantize")
+    if quant is not None and quant.name == "kivi" and block_size and quant.get("residual") % block_size:
+        raise ValueError(f"kv_compression {text!r}: kivi:residual must be a multiple of the KV block size "
+                         f"{block_size} (the full-precision tail is flushed in whole pages)")
     return spec.text
 
 
@@ -43,7 +54,8 @@ class Compactor:
 
     def __init__(self, kv_pool: torch.Tensor, block_size: int, layer_windows: tuple[int | None, ...],
                  attention_scale: float) -> None:
-        self.kv_pool = kv_pool
+        self.kv_pool = kv_pool  # [num_blocks, 2, bs, Hkv, D]
+        self.pool_bytes = kv_pool.view(torch.uint8).view(kv_pool.shape[0], -1)  # [num_blocks, page_bytes]
         self.block_size = block_size
         self.layer_windows = layer_windows
         self.attention_scale = attention_scale
@@ -60,19 +72,28 @@ class Compactor:
         """Query window the spec's policies need (captured during the last prefill chunk)."""
         return max((p.window_size for p in self.policies(spec)), default=0)
 
+    def quant_format(self, spec: str) -> PageQuantFormat | None:
+        stage = parse_spec(spec).stage("quantize")
+        if stage is None:
+            return None
+        return PageQuantFormat.from_stage(stage, self.kv_pool.shape[3], self.kv_pool.shape[4])
+
+    # ------------------------------------------------------------------ prefill-end compression
     def compact(self, request_id: str, spec: str, tables: np.ndarray, num_tokens: int,
                 queries: dict[int, torch.Tensor]) -> CompactionResult:
-        """Compress a request whose ``num_tokens`` prompt tokens are all cached.
+        """Compress a request whose ``num_tokens`` prompt tokens are all cached (nothing quantized yet).
 
         Args:
             tables: [L, max_pages] the request's page tables (runner mirror).
             queries: layer → [Hq, W, D] post-RoPE queries of the prompt's last tokens.
         Returns:
-            tokens kept per layer (physical), the manager frees the pages beyond them.
+            tokens kept per layer (physical) and, when quantizing, the stream layout; the manager frees the
+            pages beyond them.
         """
-        policies = self.policies(spec)
+        evictors = [p for p in self.policies(spec) if p.kind == "evict"]
+        fmt = self.quant_format(spec)
         num_layers = len(self.layer_windows)
-        kept_counts = []
+        kept_counts, q_tokens, q_pages, q_bytes = [], [0] * num_layers, [0] * num_layers, [0] * num_layers
         bs = self.block_size
         for layer, window in enumerate(self.layer_windows):
             if window is not None:
@@ -83,18 +104,64 @@ class Compactor:
             keys = keys[:num_tokens].transpose(0, 1)  # [Hkv, T, D]
             values = values[:num_tokens].transpose(0, 1)
             layer_queries = queries.get(layer)
-            for policy in policies:
+            for policy in evictors:
                 plan = policy.plan(layer, num_layers, keys, values, layer_queries)
                 if not plan.is_keep_all:
                     keys, values = plan.gather(keys), plan.gather(values)  # [Hkv, K, D]
             kept = keys.shape[1]
             kept_counts.append(kept)
-            if kept == num_tokens:
-                continue
-            # Survivors go to the first `kept` slots; everything was read above, so nothing is overwritten early.
-            slots = torch.arange(kept, device=pages.device)
-            rows = pages[slots // bs] * (2 * bs) + slots % bs
-            flat = self.kv_pool.view(-1, *self.kv_pool.shape[-2:])  # [num_blocks * 2 * bs, Hkv, D]
-            flat.index_copy_(0, rows, keys.transpose(0, 1).contiguous())
-            flat.index_copy_(0, rows + bs, values.transpose(0, 1).contiguous())
-        return CompactionResult(request_id=request_id, num_kept_tokens=kept_counts)
+            if fmt is not None:
+                q_tokens[layer] = self._store(fmt, pages, 0, keys.transpose(0, 1), values.transpose(0, 1))
+                q_bytes[layer], q_pages[layer] = fmt.stream_bytes(q_tokens[layer]), self._stream_pages(fmt, q_tokens[layer])
+            elif kept < num_tokens:
+                self._write_tokens(pages, 0, keys.transpose(0, 1), values.transpose(0, 1))
+        if fmt is None:
+            return CompactionResult(request_id=request_id, num_kept_tokens=kept_counts)
+        return CompactionResult(request_id, kept_counts, q_tokens, q_pages, q_bytes)
+
+    # ------------------------------------------------------------------ decode-time flush of quantized tails
+    def flush(self, request_id: str, fmt: PageQuantFormat, tables: np.ndarray, num_cached: list[int],
+              quant_tokens: np.ndarray, quant_pages: np.ndarray, quant_bytes: np.ndarray) -> CompactionResult | None:
+        """Quantize whole flush units of every full layer's tail (``num_cached[l] - quant_tokens[l]`` tokens);
+        None when no layer's tail has reached ``fmt.flush_tokens``."""
+        bs = self.block_size
+        tails = [n - int(q) for n, q in zip(num_cached, quant_tokens)]
+        todo = [layer for layer, window in enumerate(self.layer_windows)
+                if window is None and fmt.quantizable(tails[layer]) > 0]
+        if not todo:
+            return None
+        q_tokens, q_pages, q_bytes = quant_tokens.tolist(), quant_pages.tolist(), quant_bytes.tolist()
+        for layer in todo:
+            used = q_pages[layer] + -(-tails[layer] // bs)
+            pages = torch.from_numpy(tables[layer, :used]).to(self.kv_pool.device)
+            keys, values = gather_keys_values(self.kv_pool, pages[q_pages[layer]:])  # [tail pages * bs, Hkv, D]
+            q_tokens[layer] += self._store(fmt, pages, q_tokens[layer], keys[:tails[layer]], values[:tails[layer]])
+            q_bytes[layer], q_pages[layer] = fmt.stream_bytes(q_tokens[layer]), self._stream_pages(fmt, q_tokens[layer])
+        return CompactionResult(request_id, list(num_cached), q_tokens, q_pages, q_bytes)
+
+    # ------------------------------------------------------------------ storage
+    def _stream_pages(self, fmt: PageQuantFormat, num_tokens: int) -> int:
+        return fmt.stream_pages(num_tokens, self.pool_bytes.shape[1])
+
+    def _store(self, fmt: PageQuantFormat, pages: torch.Tensor, stream_tokens: int, keys: torch.Tensor,
+               values: torch.Tensor) -> int:
+        """Append whole flush units of ``keys, values: [T, Hkv, D]`` to the layer's stream (``stream_tokens``
+        tokens already on ``pages``) and write the rest after the stream in the cache dtype; returns the tokens
+        added to the stream. The caller has read everything it needs from ``pages`` before."""
+        quantized = fmt.quantizable(keys.shape[0])
+        if quantized:
+            records = fmt.encode(keys[:quantized], values[:quantized])
+            fmt.write(self.pool_bytes, pages, stream_tokens // fmt.record_tokens, records)
+        if quantized < keys.shape[0]:
+            tail_start = self._stream_pages(fmt, stream_tokens + quantized)
+            self._write_tokens(pages[tail_start:], 0, keys[quantized:], values[quantized:])
+        return quantized
+
+    def _write_tokens(self, pages: torch.Tensor, first_slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``keys, values: [T, Hkv, D]`` to slots ``first_slot ...`` of ``pages`` (cache dtype)."""
+        bs = self.block_size
+        slots = torch.arange(first_slot, first_slot + keys.shape[0], device=pages.device)
+        rows = pages[slots // bs] * (2 * bs) + slots % bs
+        flat = self.kv_pool.view(-1, *self.kv_pool.shape[-2:])  # [num_blocks * 2 * bs, Hkv, D]
+        flat.index_copy_(0, rows, keys.to(flat.dtype).contiguous())
+        flat.index_copy_(0, rows + bs, values.to(flat.dtype).contiguous())

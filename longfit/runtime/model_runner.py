@@ -14,18 +14,25 @@ import torch
 
 from longfit.config import ModelConfig
 from longfit.kv.spec import KVCacheSpec
-from longfit.models.attention import AttentionMetadata, ChunkMeta
+from longfit.models.attention import AttentionMetadata, ChunkMeta, StreamRead
 from longfit.models.base import DecoderModel
-from longfit.outputs import ModelRunnerOutput, PositionLogprobs, ScheduledRequest, SchedulerOutput
+from longfit.outputs import (
+    CompactionResult,
+    ModelRunnerOutput,
+    PositionLogprobs,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from longfit.runtime.compactor import Compactor
 from longfit.runtime.kv_store import allocate_kv_pool
+from longfit.runtime.quant_pages import PageQuantFormat
 from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_logprobs, sample
 
 
 class RequestState:
     """Runner-side state of a running request: page tables mirror [L, max_pages] and its generator."""
 
-    __slots__ = ("tables", "num_pages", "generator", "queries")
+    __slots__ = ("tables", "num_pages", "generator", "queries", "quant", "quant_tokens", "quant_pages", "quant_bytes")
 
     def __init__(self, num_layers: int, max_pages: int, seed: int | None) -> None:
         self.tables = np.zeros((num_layers, max_pages), dtype=np.int64)
@@ -33,6 +40,20 @@ class RequestState:
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         # layer → post-RoPE queries [Hq, w, D] of the prompt's last tokens, gathered over chunks (compression)
         self.queries: dict[int, list[torch.Tensor]] = {}
+        # Quantized storage once compressed: per layer, the first quant_pages pages hold quant_tokens tokens.
+        self.quant: PageQuantFormat | None = None
+        self.quant_tokens = np.zeros(num_layers, dtype=np.int64)
+        self.quant_pages = np.zeros(num_layers, dtype=np.int64)
+        self.quant_bytes = np.zeros(num_layers, dtype=np.int64)
+
+    def set_layout(self, result: CompactionResult, block_size: int) -> None:
+        """Follow a compaction: the manager kept the stream pages plus the pages of the remaining tokens."""
+        if result.quant_tokens is not None:
+            self.quant_tokens[:] = result.quant_tokens
+            self.quant_pages[:] = result.quant_pages
+            self.quant_bytes[:] = result.quant_bytes
+        kept = np.asarray(result.num_kept_tokens)
+        self.num_pages[:] = self.quant_pages + -(-(kept - self.quant_tokens) // block_size)
 
     def append_pages(self, new_block_ids: list[list[int]], reset: bool) -> None:
         if reset:
@@ -72,7 +93,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in scheduler_output.finished_request_ids:
-            self.states.pop(request_id, None)
+            state = self.states.pop(request_id, None)
+            if state is not None and state.quant is not None:
+                self._clear_streams(state)
         result = ModelRunnerOutput(sampled_token_ids={})
         if not scheduler_output.scheduled:
             return result
@@ -102,9 +125,13 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta)  # [N, d]
         for (chunk_index, layer), queries in meta.captured.items():
             self.states[chunks[chunk_index].request_id].queries.setdefault(layer, []).append(queries)
-        for item in chunks:
+        for item in scheduler_output.scheduled:
             if self._compresses(item):
                 result.compactions.append(self._compact(item))
+            elif self.states[item.request_id].quant is not None:
+                flushed = self._flush(item)
+                if flushed is not None:
+                    result.compactions.append(flushed)
 
         # Rows that produce logits: every decode token; a chunk's last token if it samples; all its
         # tokens if prompt logprobs are asked.
@@ -127,6 +154,15 @@ class ModelRunner:
             self._sample(logits, sample_items, result)
         return result
 
+    def _clear_streams(self, state: RequestState) -> None:
+        """Zero the stream pages of a request that leaves: as ordinary pages they may next hold tokens only in
+        some slots, and attention multiplies the other (masked) slots by zero, so they must never hold the NaN
+        bit patterns packed codes can form. The pages are free already; nothing reuses them before this step."""
+        width = int(state.quant_pages.max())
+        pages = state.tables[:, :width][np.arange(width) < state.quant_pages[:, None]]
+        if pages.size:
+            self.kv_pool[torch.from_numpy(pages).to(self.device)] = 0
+
     # ------------------------------------------------------------------ inputs
     def _flat_inputs(self, items: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids, positions: [N]; key_rows: [L, N] rows of each new key in the flattened pool."""
@@ -137,46 +173,85 @@ class ModelRunner:
             n = len(item.token_ids)
             ids.extend(item.token_ids)
             pos_parts.append(np.arange(item.num_computed_tokens, item.num_computed_tokens + n))
-            physical = np.asarray(item.num_cached_tokens)[:, None] + np.arange(n)  # [L, n]
-            pages = np.take_along_axis(self.states[item.request_id].tables, physical // bs, axis=1)
-            row_parts.append(pages * (2 * bs) + physical % bs)
+            state = self.states[item.request_id]
+            # New tokens go to the tail, after the quantized stream (if any): [L, n] slots in the tail.
+            slot = np.asarray(item.num_cached_tokens)[:, None] + np.arange(n) - state.quant_tokens[:, None]
+            pages = np.take_along_axis(state.tables, state.quant_pages[:, None] + slot // bs, axis=1)
+            row_parts.append(pages * (2 * bs) + slot % bs)
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
         positions = torch.from_numpy(np.concatenate(pos_parts)).to(self.device)
         key_rows = torch.from_numpy(np.concatenate(row_parts, axis=1)).to(self.device)
         return input_ids, positions, key_rows
 
     def _decode_metadata(self, items: list[ScheduledRequest], meta: AttentionMetadata) -> None:
-        """Per layer: the pages each decode query reads (only the window's pages on sliding layers)."""
+        """Per layer: the pages each decode query reads (only the window's pages on sliding layers; the
+        quantized stream pages and the tail pages on quantized layers)."""
         bs = self.block_size
+        states = [self.states[it.request_id] for it in items]
         seq_lens = np.asarray([it.num_cached_tokens for it in items]).T + 1  # [L, Bd]
-        tables = np.stack([self.states[it.request_id].tables for it in items], axis=1)  # [L, Bd, maxP]
+        tables = np.stack([st.tables for st in states], axis=1)  # [L, Bd, maxP]
+        q_tokens = np.stack([st.quant_tokens for st in states], axis=1)  # [L, Bd]
+        q_pages = np.stack([st.quant_pages for st in states], axis=1)
+        formats = [st.quant for st in states]
         meta.decode_block_tables, meta.decode_first_key, meta.decode_seq_lens = [], [], []
+        meta.decode_quant = [None] * len(self.windows)
         for layer, window in enumerate(self.windows):
             lens = seq_lens[layer]
-            if window is None:
-                num_pages = int(-(-lens.max() // bs))
-                pages = tables[layer, :, :num_pages]
-                first_page = np.zeros_like(lens)
-            else:
+            first_page = np.zeros_like(lens)  # per row: table index of the first page read
+            if window is not None:
                 first_page = np.maximum(lens - window, 0) // bs
-                span = np.minimum(first_page[:, None] + np.arange(-(-window // bs) + 1), tables.shape[2] - 1)
-                pages = np.take_along_axis(tables[layer], span, axis=1)
-            meta.decode_block_tables.append(torch.from_numpy(np.ascontiguousarray(pages)).to(self.device))
+                width = -(-window // bs) + 1
+            else:
+                if q_tokens[layer].any():
+                    lens = lens - q_tokens[layer]  # the tail: tokens after the stream
+                    meta.decode_quant[layer] = self._stream_reads(formats, tables[layer], q_tokens[layer],
+                                                                  q_pages[layer])
+                width = int(-(-lens.max() // bs))
+            start = first_page + (q_pages[layer] if window is None else 0)
+            span = start[:, None] + np.arange(width)
+            # Entries past a row's own pages read the null page: the mirror may still name pages that were freed
+            # and now hold another request's packed (non-float) bytes.
+            limit = (q_pages[layer] if window is None else 0) + -(-lens // bs)
+            pages = np.take_along_axis(tables[layer], np.minimum(span, tables.shape[2] - 1), axis=1)
+            pages = np.where(span < limit[:, None], pages, 0)
+            meta.decode_block_tables.append(torch.from_numpy(pages).to(self.device))
             meta.decode_first_key.append(torch.from_numpy(first_page * bs).to(self.device))
             meta.decode_seq_lens.append(torch.from_numpy(lens).to(self.device))
 
+    def _stream_reads(self, formats: list[PageQuantFormat | None], tables: np.ndarray, q_tokens: np.ndarray,
+                      q_pages: np.ndarray) -> list[StreamRead]:
+        """One read per quantization format in the batch: its rows' stream pages (padded with page 0) and
+        record counts. tables: [Bd, maxP]; q_tokens, q_pages: [Bd]."""
+        reads = []
+        for fmt in {f for f, n in zip(formats, q_tokens) if n and f is not None}:
+            rows = np.asarray([r for r, f in enumerate(formats) if f == fmt and q_tokens[r]])
+            width = int(q_pages[rows].max())
+            pages = np.where(np.arange(width) < q_pages[rows, None], tables[rows, :width], 0)
+            records = q_tokens[rows] // fmt.record_tokens
+            reads.append(StreamRead(fmt, torch.from_numpy(rows).to(self.device),
+                                    torch.from_numpy(np.ascontiguousarray(pages)).to(self.device),
+                                    torch.from_numpy(records).to(self.device), int(records.max())))
+        return reads
+
     def _chunk_metadata(self, item: ScheduledRequest, start: int) -> ChunkMeta:
         n = len(item.token_ids)
-        num_pages = -(-(max(item.num_cached_tokens) + n) // self.block_size)
-        table = self.states[item.request_id].tables[:, :num_pages]
+        state = self.states[item.request_id]
+        num_pages = int((state.quant_pages + -(-(np.asarray(item.num_cached_tokens) + n - state.quant_tokens)
+                                                // self.block_size)).max())
+        table = state.tables[:, :num_pages]
         window = 0
         if item.kv_compression:
             # Capture the queries of this chunk's tokens among the prompt's last `window_size` tokens.
             first_wanted = item.compress_at - self.compactor.window_size(item.kv_compression)
             window = max(0, min(n, item.num_computed_tokens + n - first_wanted))
+        quant = None
+        if state.quant is not None and state.quant_tokens.any():
+            quant = [None if not q else StreamRead(state.quant, None, torch.from_numpy(state.tables[layer, :p]).to(
+                         self.device), None, int(q) // state.quant.record_tokens)
+                     for layer, (q, p) in enumerate(zip(state.quant_tokens, state.quant_pages))]
         return ChunkMeta(start=start, end=start + n, num_cached=list(item.num_cached_tokens),
                          block_table=torch.from_numpy(np.ascontiguousarray(table)).to(self.device),
-                         capture_window=window)
+                         capture_window=window, quant=quant)
 
     # ------------------------------------------------------------------ compression
     @staticmethod
@@ -190,11 +265,27 @@ class ModelRunner:
         state.queries.clear()
         result = self.compactor.compact(item.request_id, item.kv_compression, state.tables, item.compress_at,
                                         queries)
-        # The manager truncates its tables to the pages still holding tokens; the mirror follows.
-        for layer, kept in enumerate(result.num_kept_tokens):
-            if self.windows[layer] is None:
-                state.num_pages[layer] = -(-kept // self.block_size)
+        state.quant = self.compactor.quant_format(item.kv_compression)
+        self._follow(state, result)
         return result
+
+    def _flush(self, item: ScheduledRequest) -> CompactionResult | None:
+        """Quantize the full-precision tails that reached a flush unit after this step's tokens were written."""
+        state = self.states[item.request_id]
+        num_cached = [n + len(item.token_ids) for n in item.num_cached_tokens]
+        result = self.compactor.flush(item.request_id, state.quant, state.tables, num_cached, state.quant_tokens,
+                                      state.quant_pages, state.quant_bytes)
+        if result is not None:
+            self._follow(state, result)
+        return result
+
+    def _follow(self, state: RequestState, result: CompactionResult) -> None:
+        """The manager truncates full layers' tables to the pages still holding tokens; the mirror follows
+        (sliding-window layers keep their tables)."""
+        num_pages = state.num_pages.copy()
+        state.set_layout(result, self.block_size)
+        sliding = np.asarray([w is not None for w in self.windows])
+        state.num_pages[sliding] = num_pages[sliding]
 
     # ------------------------------------------------------------------ outputs
     def _prompt_logprobs(self, item: ScheduledRequest, hidden: torch.Tensor) -> list[PositionLogprobs | None]:

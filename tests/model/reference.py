@@ -4,9 +4,15 @@ elsewhere) and re-derives everything the paged path does: RoPE, GQA, windows, th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from longfit.models.base import DecoderModel
+
+# (layer, keys [T, Hkv, D], values [T, Hkv, D]) → (stored keys, stored values, use [T, T] bool) or None: query t
+# reads key j from the stored (e.g. quantized then dequantized) tensors where use[t, j], else the exact ones.
+KVView = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
 
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -18,8 +24,8 @@ def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> t
 
 
 @torch.inference_mode()
-def reference_logits(model: DecoderModel, token_ids: list[int]) -> torch.Tensor:
-    """[T, V] fp32 logits for every position of ``token_ids``."""
+def reference_logits(model: DecoderModel, token_ids: list[int], kv_view: KVView | None = None) -> torch.Tensor:
+    """[T, V] fp32 logits for every position of ``token_ids``; ``kv_view`` substitutes stored keys/values."""
     cfg = model.config
     ids = torch.tensor(token_ids)
     positions = torch.arange(len(token_ids))
@@ -38,15 +44,25 @@ def reference_logits(model: DecoderModel, token_ids: list[int]) -> torch.Tensor:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = _rope(q, positions, attn.rope.inv_freq), _rope(k, positions, attn.rope.inv_freq)
         group = cfg.num_heads // cfg.num_kv_heads
+        view = kv_view(index, k, v) if kv_view is not None else None
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [T, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * cfg.attention_scale
+        if view is not None:
+            ks, vs = (t.float().repeat_interleave(group, dim=1) for t in view[:2])
+            use = view[2]
+            scores = torch.where(use, torch.einsum("qhd,khd->hqk", q.float(), ks) * cfg.attention_scale, scores)
         qpos, kpos = positions[:, None], positions[None, :]
         mask = kpos <= qpos
         window = cfg.layer_window(index)
         if window is not None:
             mask &= kpos > qpos - window
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        out = torch.einsum("hqk,khd->qhd", probs, v.float()).to(x.dtype).reshape(T, q_size)
+        if view is None:
+            out = torch.einsum("hqk,khd->qhd", probs, v.float())
+        else:
+            out = (torch.einsum("hqk,khd->qhd", probs * ~use, v.float())
+                   + torch.einsum("hqk,khd->qhd", probs * use, vs))
+        out = out.to(x.dtype).reshape(T, q_size)
         o = attn.o_proj(out)
         if cfg.architecture == "gemma3":
             x = x + layer.post_attention_norm(o)

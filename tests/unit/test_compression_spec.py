@@ -168,9 +168,10 @@ KV_BYTES = [  # tiny config: 2 layers, 2 KV heads, head_dim 16, 100 tokens, bf16
     ("snapkv:keep=0.25", 2 * 2 * 2 * 25 * 16 * 2),
     ("streaming:sinks=4,window=16", 2 * 2 * 2 * 20 * 16 * 2),
     ("kivi:bits=2", 25600),  # 100 tokens < residual 128: keys and values all full precision
-    # kivi G16 R32: keys 96 quantized + 4 fp, values 68 quantized + 32 fp; per layer codes 1312, scales 1312, fp 2304
-    ("kivi:bits=2,group=16,residual=32", 2 * (1312 + 1312 + 2304)),
-    ("kivi:bits=4,group=16,residual=32", 2 * (2624 + 1312 + 2304)),
+    # kivi G16 R32: keys and values 96 quantized + 4 fp; per layer codes 2*192*16*2/8=1536, scales 2*2*2*(6*16+96)=1536,
+    # fp 2*8*16*2=512
+    ("kivi:bits=2,group=16,residual=32", 2 * (1536 + 1536 + 512)),
+    ("kivi:bits=4,group=16,residual=32", 2 * (3072 + 1536 + 512)),
     ("int8", 2 * 2 * 2 * 100 * (16 + 2)),
     # kvquant 4-bit G32: keys codes 1536 + scales 384 + 5 outliers/group 120 + 4 fp tokens 256; values 1600 + 800
     ("kvquant", 2 * (1536 + 384 + 120 + 256 + 1600 + 800)),
@@ -183,8 +184,8 @@ KV_BYTES = [  # tiny config: 2 layers, 2 KV heads, head_dim 16, 100 tokens, bf16
     ("minicache:start=0,retain=1", 25600),
     ("minicache:start=0.5,retain=0.1", 25600),  # only layer 1 left: no pair
     ("quest:budget=32,dense_layers=1", 25600 + 7 * 2 * 2 * 16 * 2),  # 7 pages of 16 on layer 1
-    # snapkv keeps 25; kivi G16 R16: keys 16 quantized + 9 fp, values 9 quantized + 16 fp
-    ("snapkv:keep=0.25+kivi:bits=2,group=16,residual=16", 2 * (200 + 200 + 1600)),
+    # snapkv keeps 25; kivi G16 R16: keys and values 16 quantized + 9 fp: codes 256, scales 2*2*2*(16+16)=256, fp 1152
+    ("snapkv:keep=0.25+kivi:bits=2,group=16,residual=16", 2 * (256 + 256 + 1152)),
 ]
 
 
@@ -203,13 +204,13 @@ def test_kv_bytes_gemma_sliding_layers() -> None:
 
 def test_two_bit_is_an_eighth_of_bf16_plus_scales() -> None:
     big = ModelConfig.tiny(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64)
-    tokens = 128 * 64  # a multiple of the residual: every key quantized, values all but the last 128
-    quantized = tokens + (tokens - 128)  # key tokens + value tokens in codes
+    tokens = 128 * 64  # a multiple of the residual: every key and value quantized, no full-precision tail
+    quantized = 2 * tokens  # key tokens + value tokens in codes
     codes = 2 * quantized * 64 * 2 // 8
     assert codes * 8 == 2 * quantized * 64 * 2 * 2 // 2  # exactly 1/8 of the same tokens in bf16
-    scales = 2 * 2 * 2 * (tokens // 32 * 64 + (tokens - 128) * 64 // 32)  # scale + zero, float16
-    residual = 2 * 128 * 64 * 2  # last 128 values in bf16
-    assert kv_bytes("kivi:bits=2,group=32,residual=128", big, tokens) == codes + scales + residual
+    scales = 2 * 2 * 2 * (tokens // 32 * 64 + tokens * 64 // 32)  # scale + zero, float16
+    assert kv_bytes("kivi:bits=2,group=32,residual=128", big, tokens) == codes + scales
+    assert kv_bytes("kivi:bits=2,group=32,residual=128", big, tokens + 5) == codes + scales + 2 * 2 * 5 * 64 * 2
     assert kv_bytes("kivi:bits=2,group=32,residual=128", big, tokens) < kv_bytes("none", big, tokens) / 4
 
 

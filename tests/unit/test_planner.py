@@ -263,7 +263,7 @@ def test_quantized_specs_include_scales_and_kivi_residual() -> None:
     h, d, layers = 3, 64, 30
     for prompt, output in ((2048, 0), (2048, 100), (1000, 1)):
         n = kv_tokens_held(prompt, output)
-        qk, qv = n - n % 128, max(0, n - 128)  # KIVI: keys flush in whole residual blocks, values keep the last 128
+        qk = qv = n - n % 128  # KIVI: keys and values flush together in whole residual blocks
         codes = h * (qk + qv) * d * 2 // 8
         scales = 2 * 2 * h * (qk // 32 * d + qv * d // 32)  # fp16 scale + zero per group of 32
         residual = h * ((n - qk) + (n - qv)) * d * 2

@@ -1,0 +1,150 @@
+"""Quantized KV pages inside the engine (KIVI, int8): the decode logits equal a slow reference that quantizes the
+same tokens at the same moments, pages and bytes equal the plan, nothing leaks, mixed batches equal solo runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longfit import SamplingParams
+from longfit.compression.spec import kv_bytes, parse_spec
+from longfit.runtime.quant_pages import PageQuantFormat
+from tests.conftest import make_tiny_llm
+from tests.model.reference import reference_logits
+
+PROMPT = "the quick brown fox jumps over the lazy dog; " * 6  # 270 byte tokens
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)
+QUANT_SPECS = ["kivi:bits=2,group=8,residual=16", "kivi:bits=4,group=16,residual=32", "int8"]
+
+
+def _kv_view(spec: str, num_prompt: int, model_config):
+    """Reference of the engine's schedule: the prompt attends exactly; the query at position t >= num_prompt reads
+    the first ``t - t % flush`` tokens (``flush`` = residual, 1 for int8) from their quantized records."""
+    fmt = PageQuantFormat.from_stage(parse_spec(spec).stage("quantize"), model_config.num_kv_heads,
+                                     model_config.head_dim)
+
+    def view(layer, keys, values):
+        if model_config.layer_window(layer) is not None:
+            return None
+        n = keys.shape[0]
+        whole = n - n % fmt.record_tokens
+        stored_k, stored_v = keys.float().clone(), values.float().clone()
+        stored_k[:whole], stored_v[:whole] = fmt.decode(fmt.encode(keys[:whole], values[:whole]))
+        t = torch.arange(n)
+        quantized = torch.where(t >= num_prompt, t - t % fmt.flush_tokens, 0)  # tokens quantized before query t
+        use = torch.arange(n)[None, :] < quantized[:, None]
+        return stored_k, stored_v, use
+
+    return view
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("spec", QUANT_SPECS)
+def test_decode_logits_match_the_quantizing_reference(model, spec):
+    llm = make_tiny_llm(model, max_num_batched_tokens=100)
+    out = llm.generate(PROMPT, GREEDY, kv_compression=spec)[0]
+    prompt, generated = list(out.prompt_token_ids), list(out.outputs[0].token_ids)
+    config = llm.engine.model_config
+    logits = reference_logits(llm.engine.runner.model, prompt + generated, _kv_view(spec, len(prompt), config))
+    exact = reference_logits(llm.engine.runner.model, prompt + generated)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(generated) - 1)
+    targets = torch.tensor(generated)
+    ref = logits[positions].log_softmax(-1)[torch.arange(len(generated)), targets]
+    unquantized = exact[positions].log_softmax(-1)[torch.arange(len(generated)), targets]
+    engine = torch.tensor([step[tok].logprob for step, tok in zip(out.outputs[0].logprobs, generated)])
+    assert torch.allclose(engine, ref, atol=2e-3), (engine - ref).abs().max()
+    if spec.startswith("kivi:bits=2"):  # the reference really quantizes: it is not the exact cache
+        assert (unquantized - ref).abs().max() > 10 * (engine - ref).abs().max()
+
+
+@pytest.mark.parametrize("spec", QUANT_SPECS + ["snapkv:keep=0.25+kivi:bits=2,group=8,residual=16"])
+def test_bytes_and_pages_equal_the_plan(spec):
+    llm = make_tiny_llm()
+    engine = llm.engine
+    stream = llm.generate_stream(PROMPT, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                                 kv_compression=spec)
+    outputs = [next(stream) for _ in range(12)]
+    request_id = next(iter(engine.kv_manager.requests))
+    num_tokens = len(outputs[-1].prompt_token_ids) + len(outputs[-1].outputs[0].token_ids) - 1  # last not cached
+    stored = engine.kv_manager.stored_bytes(request_id)
+    if "+" not in spec:  # eviction plans count generated tokens as kept: compare the prompt-only case below
+        assert stored == kv_bytes(spec, engine.model_config, num_tokens, dtype_bytes=4)
+    page_bytes = engine.kv_spec.page_bytes
+    fmt = engine.runner.states[request_id].quant
+    state = engine.kv_manager.requests[request_id]
+    for layer in range(engine.model_config.num_layers):  # stream pages + tail pages, nothing more
+        tail = state.num_cached[layer] - state.quant_tokens[layer]
+        assert state.quant_bytes[layer] == fmt.stream_bytes(state.quant_tokens[layer])
+        assert len(state.tables[layer]) == -(-state.quant_bytes[layer] // page_bytes) + -(-tail // 8)
+    assert engine.kv_manager.pool.num_used_blocks == state.num_pages()
+    list(stream)
+    assert engine.kv_manager.pool.num_used_blocks == 0
+    engine.kv_manager.pool.check_invariants()
+
+
+def test_a_two_bit_layer_takes_a_fraction_of_the_pages():
+    llm = make_tiny_llm(block_size=16)
+    long_prompt = PROMPT * 4
+    full = llm.generate_stream(long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    next(full)
+    full_pages = llm.engine.kv_manager.pool.num_used_blocks
+    list(full)
+    stream = llm.generate_stream(long_prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                                 kv_compression="kivi:bits=2,group=16,residual=16")
+    next(stream)
+    quant_pages = llm.engine.kv_manager.pool.num_used_blocks
+    list(stream)
+    # fp32 cache, head_dim 16, group 16: 2-bit codes + fp16 scales = 3 bytes per value pair vs 8 in fp32
+    assert quant_pages * 4 <= full_pages
+
+
+def test_bits16_is_the_identity_and_mixed_batches_equal_solo_runs():
+    llm = make_tiny_llm(max_num_batched_tokens=512)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [PROMPT, PROMPT[:150], PROMPT[40:], PROMPT[:90]]
+    specs = ["kivi:bits=2,group=8,residual=16", "int8", None, "kivi:bits=4,group=16,residual=32"]
+    solo = [llm.generate(p, params, kv_compression=s)[0].outputs[0].token_ids for p, s in zip(prompts, specs)]
+    full = llm.generate(PROMPT, params)[0].outputs[0].token_ids
+    assert llm.generate(PROMPT, params, kv_compression="kivi:bits=16")[0].outputs[0].token_ids == full
+    ids = [llm.engine.add_request(None, p, params, kv_compression=s) for p, s in zip(prompts, specs)]
+    done = {}
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert [done[i] for i in ids] == solo
+    assert llm.engine.kv_manager.pool.num_used_blocks == 0
+
+
+def test_boundary_abort_and_preemption_leave_no_pages():
+    llm = make_tiny_llm(max_num_batched_tokens=40)
+    spec = "kivi:bits=2,group=8,residual=16"
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, kv_compression_boundary=100)
+    out = llm.generate(PROMPT, params, kv_compression=spec)[0]  # prompt chunks after the boundary read the stream
+    assert len(out.outputs[0].token_ids) == 20
+    request_id = llm.engine.add_request(None, PROMPT, SamplingParams(max_tokens=50), kv_compression=spec)
+    for _ in range(12):
+        llm.engine.step()
+    llm.engine.abort_request(request_id)
+    llm.engine.step()
+    assert llm.engine.kv_manager.pool.num_used_blocks == 0
+    engine = llm.engine
+    # one request of prompt + 60 tokens, uncompressed (what admission checks)
+    peak = engine.model_config.num_layers * -(-(len(PROMPT) + 60) // 8) * engine.kv_spec.page_bytes
+    small = make_tiny_llm(memory_bytes=int(peak * 1.2), max_num_batched_tokens=40)  # a bit more than one prompt
+    greedy = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    prompts = [PROMPT, PROMPT[10:], PROMPT[20:], PROMPT[30:]]
+    alone = [small.generate(p, greedy, kv_compression=spec)[0].outputs[0].token_ids for p in prompts]
+    outs = small.generate(prompts, greedy, kv_compression=spec)
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.kv_manager.pool.num_used_blocks == 0
+    small.engine.kv_manager.pool.check_invariants()
+
+
+def test_engine_refuses_what_it_cannot_store():
+    llm = make_tiny_llm()
+    with pytest.raises(ValueError, match="multiple of the KV block size"):
+        llm.generate(PROMPT, SamplingParams(max_tokens=2), kv_compression="kivi:group=4,residual=4")
+    with pytest.raises(ValueError, match="not applied inside the engine"):
+        llm.generate(PROMPT, SamplingParams(max_tokens=2), kv_compression="kvquant:bits=4")
