@@ -27,8 +27,9 @@ from longfit.runtime.quant_pages import PageQuantFormat
 class StreamRead:
     """Quantized stream pages to read (``runtime.quant_pages``) for some rows of a batch, one format.
 
-    Decode: ``rows`` [R] batch rows, ``pages`` [R, W] stream pages (padded with 0), ``records`` [R] records each.
-    Prefill chunk: ``rows`` and ``records`` None, ``pages`` [W], every one of ``max_records`` records valid.
+    Decode: ``rows`` [R] batch rows, ``pages`` [R, W] stream pages (padded with 0), ``records`` [R] records each,
+    ``channels`` [R, Hkv, d'] (ThinK). Prefill chunk: ``rows`` and ``records`` None, ``pages`` [W], every one of
+    ``max_records`` records valid, ``channels`` [Hkv, d'].
     """
 
     fmt: PageQuantFormat
@@ -36,6 +37,7 @@ class StreamRead:
     pages: torch.Tensor
     records: torch.Tensor | None
     max_records: int
+    channels: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -104,7 +106,7 @@ def read_streams(reads: list[StreamRead], kv_pool: torch.Tensor, batch: int) -> 
     valid = torch.zeros(batch, num_tokens, dtype=torch.bool, device=kv_pool.device)
     data = pool_bytes(kv_pool)
     for read in reads:
-        k, v = read.fmt.decode(read.fmt.read(data, read.pages, read.max_records))  # [R, n, Hkv, D]
+        k, v = read.fmt.decode(read.fmt.read(data, read.pages, read.max_records), read.channels)  # [R, n, Hkv, D]
         ok = torch.arange(k.shape[1], device=k.device) < read.records.unsqueeze(1) * read.fmt.record_tokens
         keys[read.rows, :k.shape[1]] = torch.where(ok[..., None, None], k, 0.0)
         values[read.rows, :k.shape[1]] = torch.where(ok[..., None, None], v, 0.0)
@@ -192,7 +194,8 @@ class Attention(nn.Module):
             keys, values = k, v
         elif stream is not None:  # quantized stream, then the tail pages (this chunk included)
             fmt = stream.fmt
-            stream_keys, stream_values = fmt.decode(fmt.read(pool_bytes(meta.kv_pool), stream.pages, stream.max_records))
+            stream_keys, stream_values = fmt.decode(fmt.read(pool_bytes(meta.kv_pool), stream.pages, stream.max_records),
+                                                    stream.channels)
             num_tail = cached + num_new - stream_keys.shape[0]
             first_tail = stream.pages.shape[0]
             tail = chunk.block_table[self.layer_idx, first_tail:first_tail + -(-num_tail // meta.block_size)]

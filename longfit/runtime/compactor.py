@@ -28,7 +28,7 @@ from longfit.runtime.quant_pages import ENGINE_QUANT_METHODS, PageQuantFormat
 # What the engine applies today. The other kinds (lowrank, merge, select) and KVQuant (pre-RoPE keys) are validated
 # by the spec parser but refused at admission until their paged storage lands.
 ENGINE_METHODS = ("streaming, h2o, snapkv, pyramidkv, tova, knorm, duo_attention (eviction); "
-                  + ", ".join(ENGINE_QUANT_METHODS) + " (quantized pages)")
+                  + ", ".join(ENGINE_QUANT_METHODS) + " (compressed pages)")
 
 
 @functools.lru_cache(maxsize=256)
@@ -36,8 +36,7 @@ def validate_engine_spec(text: str, block_size: int | None = None) -> str:
     """Parse a spec (ValueError naming the problem) and check the engine can apply every stage."""
     spec = parse_spec(text)
     unsupported = [policy for policy in build_policy(spec)
-                   if policy.kind not in ("evict", "quantize")
-                   or (policy.kind == "quantize" and policy.name not in ENGINE_QUANT_METHODS)]
+                   if policy.kind != "evict" and policy.name not in ENGINE_QUANT_METHODS]
     if unsupported:
         names = ", ".join(sorted({type(p).__name__ for p in unsupported}))
         raise ValueError(f"kv_compression {text!r}: {names} are not applied inside the engine yet; "
@@ -73,25 +72,30 @@ class Compactor:
         return max((p.window_size for p in self.policies(spec)), default=0)
 
     def quant_format(self, spec: str) -> PageQuantFormat | None:
-        stage = parse_spec(spec).stage("quantize")
+        """The record format of the spec's storage stage (quantize, or ThinK), None when it stores plain tokens."""
+        stage = parse_spec(spec).stage("quantize", "lowrank")
         if stage is None:
             return None
-        return PageQuantFormat.from_stage(stage, self.kv_pool.shape[3], self.kv_pool.shape[4])
+        dtype = "bfloat16" if self.kv_pool.dtype == torch.bfloat16 else "float32"
+        return PageQuantFormat.from_stage(stage, self.kv_pool.shape[3], self.kv_pool.shape[4], dtype)
 
     # ------------------------------------------------------------------ prefill-end compression
     def compact(self, request_id: str, spec: str, tables: np.ndarray, num_tokens: int,
-                queries: dict[int, torch.Tensor]) -> CompactionResult:
+                queries: dict[int, torch.Tensor], channels: dict[int, torch.Tensor] | None = None) -> CompactionResult:
         """Compress a request whose ``num_tokens`` prompt tokens are all cached (nothing quantized yet).
 
         Args:
             tables: [L, max_pages] the request's page tables (runner mirror).
             queries: layer → [Hq, W, D] post-RoPE queries of the prompt's last tokens.
+            channels: filled with layer → [Hkv, d'] key channels kept (ThinK), which later flushes need.
         Returns:
             tokens kept per layer (physical) and, when quantizing, the stream layout; the manager frees the
             pages beyond them.
         """
         evictors = [p for p in self.policies(spec) if p.kind == "evict"]
+        pruner = next((p for p in self.policies(spec) if p.name == "think"), None)
         fmt = self.quant_format(spec)
+        channels = channels if channels is not None else {}
         num_layers = len(self.layer_windows)
         kept_counts, q_tokens, q_pages, q_bytes = [], [0] * num_layers, [0] * num_layers, [0] * num_layers
         bs = self.block_size
@@ -111,8 +115,12 @@ class Compactor:
             kept = keys.shape[1]
             kept_counts.append(kept)
             if fmt is not None:
-                q_tokens[layer] = self._store(fmt, pages, 0, keys.transpose(0, 1), values.transpose(0, 1))
-                q_bytes[layer], q_pages[layer] = fmt.stream_bytes(q_tokens[layer]), self._stream_pages(fmt, q_tokens[layer])
+                if fmt.method == "think":
+                    channels[layer] = pruner.prune(keys, layer_queries).channels  # [Hkv, d']
+                q_tokens[layer] = self._store(fmt, pages, 0, keys.transpose(0, 1), values.transpose(0, 1),
+                                              channels.get(layer))
+                q_bytes[layer] = fmt.stream_bytes(q_tokens[layer]) + fmt.side_bytes
+                q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
             elif kept < num_tokens:
                 self._write_tokens(pages, 0, keys.transpose(0, 1), values.transpose(0, 1))
         if fmt is None:
@@ -121,7 +129,8 @@ class Compactor:
 
     # ------------------------------------------------------------------ decode-time flush of quantized tails
     def flush(self, request_id: str, fmt: PageQuantFormat, tables: np.ndarray, num_cached: list[int],
-              quant_tokens: np.ndarray, quant_pages: np.ndarray, quant_bytes: np.ndarray) -> CompactionResult | None:
+              quant_tokens: np.ndarray, quant_pages: np.ndarray, quant_bytes: np.ndarray,
+              channels: dict[int, torch.Tensor]) -> CompactionResult | None:
         """Quantize whole flush units of every full layer's tail (``num_cached[l] - quant_tokens[l]`` tokens);
         None when no layer's tail has reached ``fmt.flush_tokens``."""
         bs = self.block_size
@@ -135,8 +144,10 @@ class Compactor:
             used = q_pages[layer] + -(-tails[layer] // bs)
             pages = torch.from_numpy(tables[layer, :used]).to(self.kv_pool.device)
             keys, values = gather_keys_values(self.kv_pool, pages[q_pages[layer]:])  # [tail pages * bs, Hkv, D]
-            q_tokens[layer] += self._store(fmt, pages, q_tokens[layer], keys[:tails[layer]], values[:tails[layer]])
-            q_bytes[layer], q_pages[layer] = fmt.stream_bytes(q_tokens[layer]), self._stream_pages(fmt, q_tokens[layer])
+            q_tokens[layer] += self._store(fmt, pages, q_tokens[layer], keys[:tails[layer]], values[:tails[layer]],
+                                           channels.get(layer))
+            q_bytes[layer] = fmt.stream_bytes(q_tokens[layer]) + fmt.side_bytes
+            q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
         return CompactionResult(request_id, list(num_cached), q_tokens, q_pages, q_bytes)
 
     # ------------------------------------------------------------------ storage
@@ -144,13 +155,13 @@ class Compactor:
         return fmt.stream_pages(num_tokens, self.pool_bytes.shape[1])
 
     def _store(self, fmt: PageQuantFormat, pages: torch.Tensor, stream_tokens: int, keys: torch.Tensor,
-               values: torch.Tensor) -> int:
+               values: torch.Tensor, channels: torch.Tensor | None = None) -> int:
         """Append whole flush units of ``keys, values: [T, Hkv, D]`` to the layer's stream (``stream_tokens``
         tokens already on ``pages``) and write the rest after the stream in the cache dtype; returns the tokens
         added to the stream. The caller has read everything it needs from ``pages`` before."""
         quantized = fmt.quantizable(keys.shape[0])
         if quantized:
-            records = fmt.encode(keys[:quantized], values[:quantized])
+            records = fmt.encode(keys[:quantized], values[:quantized], channels)
             fmt.write(self.pool_bytes, pages, stream_tokens // fmt.record_tokens, records)
         if quantized < keys.shape[0]:
             tail_start = self._stream_pages(fmt, stream_tokens + quantized)

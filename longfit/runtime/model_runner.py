@@ -32,7 +32,8 @@ from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_lo
 class RequestState:
     """Runner-side state of a running request: page tables mirror [L, max_pages] and its generator."""
 
-    __slots__ = ("tables", "num_pages", "generator", "queries", "quant", "quant_tokens", "quant_pages", "quant_bytes")
+    __slots__ = ("tables", "num_pages", "generator", "queries", "quant", "quant_tokens", "quant_pages", "quant_bytes",
+                 "channels")
 
     def __init__(self, num_layers: int, max_pages: int, seed: int | None) -> None:
         self.tables = np.zeros((num_layers, max_pages), dtype=np.int64)
@@ -45,6 +46,7 @@ class RequestState:
         self.quant_tokens = np.zeros(num_layers, dtype=np.int64)
         self.quant_pages = np.zeros(num_layers, dtype=np.int64)
         self.quant_bytes = np.zeros(num_layers, dtype=np.int64)
+        self.channels: dict[int, torch.Tensor] = {}  # ThinK: layer → [Hkv, d'] key channels kept
 
     def set_layout(self, result: CompactionResult, block_size: int) -> None:
         """Follow a compaction: the manager kept the stream pages plus the pages of the remaining tokens."""
@@ -205,7 +207,7 @@ class ModelRunner:
                 if q_tokens[layer].any():
                     lens = lens - q_tokens[layer]  # the tail: tokens after the stream
                     meta.decode_quant[layer] = self._stream_reads(formats, tables[layer], q_tokens[layer],
-                                                                  q_pages[layer])
+                                                                  q_pages[layer], states, layer)
                 width = int(-(-lens.max() // bs))
             start = first_page + (q_pages[layer] if window is None else 0)
             span = start[:, None] + np.arange(width)
@@ -219,7 +221,7 @@ class ModelRunner:
             meta.decode_seq_lens.append(torch.from_numpy(lens).to(self.device))
 
     def _stream_reads(self, formats: list[PageQuantFormat | None], tables: np.ndarray, q_tokens: np.ndarray,
-                      q_pages: np.ndarray) -> list[StreamRead]:
+                      q_pages: np.ndarray, states: list[RequestState], layer: int) -> list[StreamRead]:
         """One read per quantization format in the batch: its rows' stream pages (padded with page 0) and
         record counts. tables: [Bd, maxP]; q_tokens, q_pages: [Bd]."""
         reads = []
@@ -228,9 +230,10 @@ class ModelRunner:
             width = int(q_pages[rows].max())
             pages = np.where(np.arange(width) < q_pages[rows, None], tables[rows, :width], 0)
             records = q_tokens[rows] // fmt.record_tokens
+            channels = torch.stack([states[r].channels[layer] for r in rows]) if fmt.method == "think" else None
             reads.append(StreamRead(fmt, torch.from_numpy(rows).to(self.device),
                                     torch.from_numpy(np.ascontiguousarray(pages)).to(self.device),
-                                    torch.from_numpy(records).to(self.device), int(records.max())))
+                                    torch.from_numpy(records).to(self.device), int(records.max()), channels))
         return reads
 
     def _chunk_metadata(self, item: ScheduledRequest, start: int) -> ChunkMeta:
@@ -247,7 +250,7 @@ class ModelRunner:
         quant = None
         if state.quant is not None and state.quant_tokens.any():
             quant = [None if not q else StreamRead(state.quant, None, torch.from_numpy(state.tables[layer, :p]).to(
-                         self.device), None, int(q) // state.quant.record_tokens)
+                         self.device), None, int(q) // state.quant.record_tokens, state.channels.get(layer))
                      for layer, (q, p) in enumerate(zip(state.quant_tokens, state.quant_pages))]
         return ChunkMeta(start=start, end=start + n, num_cached=list(item.num_cached_tokens),
                          block_table=torch.from_numpy(np.ascontiguousarray(table)).to(self.device),
@@ -264,7 +267,7 @@ class ModelRunner:
         queries = {layer: torch.cat(parts, dim=1) for layer, parts in state.queries.items()}  # [Hq, W, D]
         state.queries.clear()
         result = self.compactor.compact(item.request_id, item.kv_compression, state.tables, item.compress_at,
-                                        queries)
+                                        queries, state.channels)
         state.quant = self.compactor.quant_format(item.kv_compression)
         self._follow(state, result)
         return result
@@ -274,7 +277,7 @@ class ModelRunner:
         state = self.states[item.request_id]
         num_cached = [n + len(item.token_ids) for n in item.num_cached_tokens]
         result = self.compactor.flush(item.request_id, state.quant, state.tables, num_cached, state.quant_tokens,
-                                      state.quant_pages, state.quant_bytes)
+                                      state.quant_pages, state.quant_bytes, state.channels)
         if result is not None:
             self._follow(state, result)
         return result

@@ -1,4 +1,5 @@
-"""Quantized KV pages: KIVI (2/4-bit) and int8 stored packed inside the ordinary pages of the pool.
+"""Compressed KV pages: KIVI (2/4-bit), int8 and ThinK (pruned key channels) stored as records inside the
+ordinary pages of the pool.
 
 A quantized layer of a request keeps its tokens in two parts, in one page table:
 
@@ -20,7 +21,9 @@ KIVI record (``G`` tokens, ``Hkv`` heads, ``D`` channels, ``b`` bits, value grou
     key codes             uint8   [G, Hkv, D * b / 8] (packed along channels, little-endian)
     value codes           uint8   [G, Hkv, D * b / 8]
 int8 record (1 token): key scale, value scale float16 [Hkv]; key codes, value codes int8 [Hkv, D].
-The byte counts equal ``compression.spec.quantized_bytes`` exactly (the planner's numbers).
+ThinK record (1 token): the kept key channels [Hkv, d'] and the values [Hkv, D], both in the cache dtype; the
+channel index [Hkv, d'] of each layer is chosen once at prefill and held by the runner.
+The byte counts equal ``compression.spec.kv_bytes`` exactly (the planner's numbers).
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from longfit.compression.kv_quant import (
     quantize_keys_per_channel,
     quantize_values_per_token,
 )
-from longfit.compression.spec import StageSpec, value_group
+from longfit.compression.spec import INDEX_BYTES, StageSpec, think_channels_kept, value_group
 
-ENGINE_QUANT_METHODS = ("kivi", "int8")
+ENGINE_QUANT_METHODS = ("kivi", "int8", "think")
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @functools.lru_cache(maxsize=8)
@@ -52,14 +56,16 @@ def _unpack_table(bits: int, device: str) -> Tensor:
 
 @dataclass(frozen=True, slots=True)
 class PageQuantFormat:
-    """Record layout of one quantization stage for a model's KV heads.
+    """Record layout of one storage stage for a model's KV heads.
 
     Attributes:
-        method: "kivi" or "int8".
-        bits: code width.
-        record_tokens: tokens per record (KIVI: the key group G; int8: 1).
-        flush_tokens: tail tokens quantized at once (KIVI: the residual R, a multiple of G; int8: 1).
+        method: "kivi", "int8" or "think".
+        bits: code width (ThinK: the cache dtype's width).
+        record_tokens: tokens per record (KIVI: the key group G; int8, ThinK: 1).
+        flush_tokens: tail tokens stored at once (KIVI: the residual R, a multiple of G; int8, ThinK: 1).
         value_group: channels sharing one value scale (KIVI).
+        key_channels: key channels kept per head (ThinK).
+        dtype: the cache dtype (ThinK stores keys and values in it).
     """
 
     method: str
@@ -69,10 +75,19 @@ class PageQuantFormat:
     num_kv_heads: int
     head_dim: int
     value_group: int = 0
+    key_channels: int = 0
+    dtype: str = "bfloat16"
 
     @staticmethod
-    def from_stage(stage: StageSpec, num_kv_heads: int, head_dim: int) -> PageQuantFormat | None:
-        """The format of a quantize stage, or None for ``bits=16`` (nothing stored differently)."""
+    def from_stage(stage: StageSpec, num_kv_heads: int, head_dim: int,
+                   dtype: str = "bfloat16") -> PageQuantFormat | None:
+        """The format of a storage stage, or None for its identity (``bits=16``, every channel kept)."""
+        if stage.name == "think":
+            kept = think_channels_kept(head_dim, stage.get("channels"))
+            if kept == head_dim:
+                return None
+            bits = 8 * _DTYPES[dtype].itemsize
+            return PageQuantFormat("think", bits, 1, 1, num_kv_heads, head_dim, key_channels=kept, dtype=dtype)
         bits = stage.get("bits")
         if bits == 16:
             return None
@@ -92,6 +107,9 @@ class PageQuantFormat:
         h, d, g = self.num_kv_heads, self.head_dim, self.record_tokens
         if self.method == "int8":
             return 2 * h, 2 * h, h * d, h * d
+        if self.method == "think":
+            width = self.bits // 8
+            return 0, 0, h * self.key_channels * width, h * d * width
         codes = g * h * d * self.bits // 8
         return 4 * h * d, 4 * g * h * (d // self.value_group), codes, codes
 
@@ -103,6 +121,11 @@ class PageQuantFormat:
         """Bytes of ``num_tokens`` quantized tokens (a multiple of ``record_tokens``)."""
         return num_tokens // self.record_tokens * self.record_bytes
 
+    @property
+    def side_bytes(self) -> int:
+        """Bytes held outside the pages per layer (ThinK's int64 channel index), as the planner counts them."""
+        return self.num_kv_heads * self.key_channels * INDEX_BYTES if self.method == "think" else 0
+
     def stream_pages(self, num_tokens: int, page_bytes: int) -> int:
         return -(-self.stream_bytes(num_tokens) // page_bytes)
 
@@ -111,10 +134,17 @@ class PageQuantFormat:
         return num_tokens - num_tokens % self.flush_tokens
 
     # ------------------------------------------------------------------ encode / decode
-    def encode(self, keys: Tensor, values: Tensor) -> Tensor:
-        """``keys, values: [T, Hkv, D]`` (T a multiple of ``record_tokens``) → records ``uint8 [T / G, record_bytes]``."""
+    def encode(self, keys: Tensor, values: Tensor, channels: Tensor | None = None) -> Tensor:
+        """``keys, values: [T, Hkv, D]`` (T a multiple of ``record_tokens``) → records ``uint8 [T / G, record_bytes]``.
+        ThinK: ``channels: [Hkv, d']`` the key channels kept."""
         num_tokens = keys.shape[0]
         n, g = num_tokens // self.record_tokens, self.record_tokens
+        if self.method == "think":
+            assert channels is not None
+            dtype = _DTYPES[self.dtype]
+            kept = keys.gather(2, channels.unsqueeze(0).expand(num_tokens, -1, -1))  # [T, Hkv, d']
+            return torch.cat([kept.to(dtype).reshape(n, -1).view(torch.uint8),
+                              values.to(dtype).reshape(n, -1).view(torch.uint8)], dim=1)
         k, v = keys.transpose(0, 1), values.transpose(0, 1)  # [Hkv, T, D]
         if self.method == "int8":
             kq, vq = quantize_int8_per_token(k), quantize_int8_per_token(v)
@@ -130,12 +160,21 @@ class PageQuantFormat:
         scales = [p.contiguous().view(torch.uint8) for p in parts]
         return torch.cat(scales + codes, dim=1)
 
-    def decode(self, records: Tensor) -> tuple[Tensor, Tensor]:
-        """``records: uint8 [..., n, record_bytes]`` → keys, values float32 ``[..., n * G, Hkv, D]``."""
+    def decode(self, records: Tensor, channels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``records: uint8 [..., n, record_bytes]`` → keys, values float32 ``[..., n * G, Hkv, D]``.
+        ThinK: ``channels: [..., Hkv, d']``; pruned key channels come back as zeros (``q · k`` is unchanged)."""
         lead, n = records.shape[:-2], records.shape[-2]
         h, d, g = self.num_kv_heads, self.head_dim, self.record_tokens
         ks_b, vs_b, kc_b, _ = self._field_bytes
         o1, o2, o3 = ks_b, ks_b + vs_b, ks_b + vs_b + kc_b
+        if self.method == "think":
+            assert channels is not None
+            dtype = _DTYPES[self.dtype]
+            kept = records[..., :o3].contiguous().view(dtype).reshape(*lead, n, h, self.key_channels)
+            values = records[..., o3:].contiguous().view(dtype).reshape(*lead, n, h, d).float()
+            index = channels.unsqueeze(-3).expand(*lead, n, h, self.key_channels)
+            keys = kept.new_zeros(*lead, n, h, d, dtype=torch.float32).scatter_(-1, index, kept.float())
+            return keys, values
 
         def f16(lo: int, hi: int) -> Tensor:
             return records[..., lo:hi].contiguous().view(torch.float16).float()

@@ -10,9 +10,11 @@ import torch
 
 from longfit.models.base import DecoderModel
 
-# (layer, keys [T, Hkv, D], values [T, Hkv, D]) → (stored keys, stored values, use [T, T] bool) or None: query t
-# reads key j from the stored (e.g. quantized then dequantized) tensors where use[t, j], else the exact ones.
-KVView = Callable[[int, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
+# (layer, queries [T, Hq, D], keys [T, Hkv, D], values [T, Hkv, D]) → (stored keys, stored values, use [T, T] bool)
+# or None: query t reads key j from the stored (e.g. quantized then dequantized) tensors where use[t, j], else the
+# exact ones. Queries and keys are post-RoPE.
+KVView = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor],
+                  "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
 
 
 def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -44,7 +46,7 @@ def reference_logits(model: DecoderModel, token_ids: list[int], kv_view: KVView 
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = _rope(q, positions, attn.rope.inv_freq), _rope(k, positions, attn.rope.inv_freq)
         group = cfg.num_heads // cfg.num_kv_heads
-        view = kv_view(index, k, v) if kv_view is not None else None
+        view = kv_view(index, q, k, v) if kv_view is not None else None
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [T, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * cfg.attention_scale
         if view is not None:

@@ -1,5 +1,6 @@
-"""Quantized KV pages inside the engine (KIVI, int8): the decode logits equal a slow reference that quantizes the
-same tokens at the same moments, pages and bytes equal the plan, nothing leaks, mixed batches equal solo runs."""
+"""Compressed KV pages inside the engine (KIVI, int8, ThinK): the decode logits equal a slow reference that stores
+the same tokens the same way at the same moments, pages and bytes equal the plan, nothing leaks, mixed batches equal
+solo runs."""
 
 from __future__ import annotations
 
@@ -8,28 +9,35 @@ import torch
 
 from longfit import SamplingParams
 from longfit.compression.spec import kv_bytes, parse_spec
+from longfit.compression.think import ThinKPolicy
 from longfit.runtime.quant_pages import PageQuantFormat
 from tests.conftest import make_tiny_llm
 from tests.model.reference import reference_logits
 
 PROMPT = "the quick brown fox jumps over the lazy dog; " * 6  # 270 byte tokens
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)
-QUANT_SPECS = ["kivi:bits=2,group=8,residual=16", "kivi:bits=4,group=16,residual=32", "int8"]
+QUANT_SPECS = ["kivi:bits=2,group=8,residual=16", "kivi:bits=4,group=16,residual=32", "int8", "think:channels=0.5"]
 
 
 def _kv_view(spec: str, num_prompt: int, model_config):
     """Reference of the engine's schedule: the prompt attends exactly; the query at position t >= num_prompt reads
     the first ``t - t % flush`` tokens (``flush`` = residual, 1 for int8) from their quantized records."""
-    fmt = PageQuantFormat.from_stage(parse_spec(spec).stage("quantize"), model_config.num_kv_heads,
-                                     model_config.head_dim)
+    stage = parse_spec(spec).stage("quantize", "lowrank")
+    fmt = PageQuantFormat.from_stage(stage, model_config.num_kv_heads, model_config.head_dim, "float32")
 
-    def view(layer, keys, values):
+    def view(layer, queries, keys, values):
         if model_config.layer_window(layer) is not None:
             return None
         n = keys.shape[0]
         whole = n - n % fmt.record_tokens
         stored_k, stored_v = keys.float().clone(), values.float().clone()
-        stored_k[:whole], stored_v[:whole] = fmt.decode(fmt.encode(keys[:whole], values[:whole]))
+        if fmt.method == "think":  # channels from the prompt's last `window` queries, pruned channels read as 0
+            window = queries[num_prompt - stage.get("window"):num_prompt].transpose(0, 1)
+            pruned = ThinKPolicy(channels=stage.get("channels")).prune(keys[:num_prompt].transpose(0, 1), window)
+            kept = torch.zeros(keys.shape[1:], dtype=torch.bool).scatter_(1, pruned.channels, True)  # [Hkv, D]
+            stored_k = stored_k * kept
+        else:
+            stored_k[:whole], stored_v[:whole] = fmt.decode(fmt.encode(keys[:whole], values[:whole]))
         t = torch.arange(n)
         quantized = torch.where(t >= num_prompt, t - t % fmt.flush_tokens, 0)  # tokens quantized before query t
         use = torch.arange(n)[None, :] < quantized[:, None]
@@ -53,7 +61,7 @@ def test_decode_logits_match_the_quantizing_reference(model, spec):
     unquantized = exact[positions].log_softmax(-1)[torch.arange(len(generated)), targets]
     engine = torch.tensor([step[tok].logprob for step, tok in zip(out.outputs[0].logprobs, generated)])
     assert torch.allclose(engine, ref, atol=2e-3), (engine - ref).abs().max()
-    if spec.startswith("kivi:bits=2"):  # the reference really quantizes: it is not the exact cache
+    if spec.startswith(("kivi:bits=2", "think")):  # the reference really compresses: it is not the exact cache
         assert (unquantized - ref).abs().max() > 10 * (engine - ref).abs().max()
 
 
@@ -71,10 +79,11 @@ def test_bytes_and_pages_equal_the_plan(spec):
         assert stored == kv_bytes(spec, engine.model_config, num_tokens, dtype_bytes=4)
     page_bytes = engine.kv_spec.page_bytes
     fmt = engine.runner.states[request_id].quant
+    side = fmt.side_bytes
     state = engine.kv_manager.requests[request_id]
     for layer in range(engine.model_config.num_layers):  # stream pages + tail pages, nothing more
         tail = state.num_cached[layer] - state.quant_tokens[layer]
-        assert state.quant_bytes[layer] == fmt.stream_bytes(state.quant_tokens[layer])
+        assert state.quant_bytes[layer] == fmt.stream_bytes(state.quant_tokens[layer]) + side
         assert len(state.tables[layer]) == -(-state.quant_bytes[layer] // page_bytes) + -(-tail // 8)
     assert engine.kv_manager.pool.num_used_blocks == state.num_pages()
     list(stream)
