@@ -510,6 +510,24 @@ def quantized_bytes(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_d
     return keys + values
 
 
+def stored_layout(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_dim: int,
+                  dtype_bytes: int) -> tuple[int, int, int] | None:
+    """How the engine stores one layer of ``num_tokens`` tokens under a storage stage it applies in its pages:
+    ``(stream tokens, stream bytes, side bytes)`` — the leading tokens packed as records on the first pages, their
+    bytes, and bytes held beside the pages (ThinK's channel index) — the remaining tokens sit in ordinary pages.
+    None when the stage stores plain tokens (identity) or has no paged layout in the engine (kvquant, shadowkv,
+    minicache: estimated by the planner).
+    """
+    h, n, d = num_kv_heads, num_tokens, head_dim
+    if stage.name == "think":
+        dk = think_channels_kept(d, stage.get("channels"))
+        return None if dk == d else (n, h * n * (dk + d) * dtype_bytes, h * dk * INDEX_BYTES)
+    if stage.name not in ("kivi", "int8") or stage.get("bits") == 16:
+        return None
+    quantized = kivi_split(n, stage.get("group"), stage.get("residual"))[0] if stage.name == "kivi" else n
+    return quantized, quantized_bytes(stage, h, quantized, d, dtype_bytes), 0
+
+
 def think_channels_kept(head_dim: int, channels: float) -> int:
     """Key channels ThinK keeps: ``head_dim - floor(head_dim * (1 - channels))`` (kvpress pruned count)."""
     return head_dim - int(head_dim * (1.0 - channels) + 1e-9)

@@ -79,7 +79,7 @@ class KVCacheManager:
 
     def stored_bytes(self, request_id: str) -> int:
         """Exact KV bytes of a request's tokens, without page rounding: quantized streams plus the other tokens
-        in the cache dtype (sliding-window layers count the tokens of the pages they still hold)."""
+        in the cache dtype (sliding-window layers count the last ``window`` tokens, the ones still visible)."""
         state = self.requests.get(request_id)
         if state is None:
             return 0
@@ -88,7 +88,7 @@ class KVCacheManager:
         for layer, window in enumerate(self.spec.layer_windows):
             tokens = state.num_cached[layer] - state.quant_tokens[layer]
             if window is not None:
-                tokens = min(tokens, state.num_cached[layer] - state.num_released[layer] * self.block_size)
+                tokens = min(tokens, window)
             total += state.quant_bytes[layer] + tokens * token_bytes
         return total
 

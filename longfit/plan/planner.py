@@ -67,9 +67,10 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
 
     Evicting specs compress the prompt once at the end of prefill (``compression.spec.kv_bytes``); generated
     tokens are appended in the spec's storage format (same function, eviction stage removed). Paged bytes are
-    exact for the full cache and for evict/select specs (pages of ``block_size`` tokens per layer); for storage
-    specs (quantize, lowrank, merge) the runtime's packing is not known here, so each layer's share of the exact
-    bytes is rounded up to whole pages and the footprint is marked estimated.
+    exact for the full cache, for evict/select specs (pages of ``block_size`` tokens per layer) and for the
+    storage the engine packs into its pages (KIVI, int8, ThinK: ``compression.spec.stored_layout``, whose exact
+    bytes then follow the engine's per-layer token counts); for the other storage specs (kvquant, shadowkv,
+    minicache) each layer's share of the exact bytes is rounded up to whole pages and marked estimated.
     """
     held = kv_tokens_held(num_prompt_tokens, num_output_tokens)
     page = cm.page_bytes(model, block_size, dtype_bytes)
@@ -92,9 +93,26 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
     kept = module.kept_tokens_per_layer(parsed, model.num_layers, num_prompt_tokens, layer_windows=windows)
     tokens = [n + grown if w is None else min(held, w) for n, w in zip(kept, windows)]
     dense = sum(tokens) * cm.kv_bytes_per_token_per_layer(model, dtype_bytes)
-    estimated = parsed.stage("merge", "lowrank", "quantize") is not None
+    storage = parsed.stage("merge", "lowrank", "quantize")
+    layouts = None
+    if storage is not None:
+        layouts = [module.stored_layout(storage, model.num_kv_heads, n, model.head_dim, dtype_bytes)
+                   if w is None else None for n, w in zip(tokens, windows)]
+    estimated = storage is not None and not any(layouts)
     if estimated:
         paged = model.num_layers * -(-exact // (model.num_layers * page)) * page
+    elif layouts is not None and any(layouts):  # records on the first pages, the other tokens after them (engine)
+        per_token = cm.kv_bytes_per_token_per_layer(model, dtype_bytes)
+        exact, pages = 0, 0
+        for n, w, layout in zip(tokens, windows, layouts):
+            if w is not None:
+                exact += min(held, w) * per_token
+                pages += cm.peak_layer_pages(held, w, block_size)
+                continue
+            stream_tokens, stream_bytes, side = layout or (0, 0, 0)
+            exact += stream_bytes + side + (n - stream_tokens) * per_token
+            pages += -(-stream_bytes // page) + -(-(n - stream_tokens) // block_size)
+        paged = pages * page + sum(layout[2] for layout in layouts if layout)
     else:  # whole pages per layer, plus any page metadata the select stage stores beside them
         pages = sum(-(-n // block_size) if w is None else cm.peak_layer_pages(held, w, block_size)
                     for n, w in zip(tokens, windows))
