@@ -41,6 +41,40 @@ class StreamRead:
 
 
 @dataclass(slots=True)
+class PageSelect:
+    """Quest at decode for some rows of a batch (one policy): each KV head reads its top pages by key bounds.
+
+    ``tables`` [R, C] the rows' pages in order (0 past a row's ``num_pages``), ``seq_lens`` [R] keys including the
+    new one, ``bounds`` [num_blocks, 2, Hkv, D] per-page key minimum / maximum (filled for full pages).
+    """
+
+    rows: torch.Tensor
+    tables: torch.Tensor
+    seq_lens: torch.Tensor
+    pages_kept: int  # Quest's max(3, budget // page)
+    bounds: torch.Tensor
+
+
+def quest_select(q: torch.Tensor, bounds: torch.Tensor, tables: torch.Tensor, num_pages: torch.Tensor,
+                 pages_kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched ``compression.quest.select_pages``: q [R, Hq, D], tables [R, C], num_pages [R] →
+    (table indices [R, Hkv, k] ascending, valid [R, Hkv, k]); the newest page is always read, a KV head's bound
+    is the max over its query heads (``q⁺ · max + q⁻ · min``), ties go to the lower page."""
+    rows, num_heads, dim = q.shape
+    lo, hi = bounds[tables].float().unbind(2)  # [R, C, Hkv, D]
+    num_kv_heads = lo.shape[2]
+    qg = q.float().view(rows, 1, num_kv_heads, num_heads // num_kv_heads, dim)  # [R, 1, Hkv, g, D]
+    bound = (qg.clamp(min=0) * hi.unsqueeze(3) + qg.clamp(max=0) * lo.unsqueeze(3)).sum(-1)  # [R, C, Hkv, g]
+    score = bound.amax(dim=3).transpose(1, 2)  # [R, Hkv, C]
+    index = torch.arange(tables.shape[1], device=q.device)
+    last = (num_pages - 1).view(rows, 1, 1)
+    score = score.masked_fill(index > last, float("-inf")).masked_fill(index == last, float("inf"))
+    k = min(pages_kept, tables.shape[1])
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)[..., :k].sort(dim=-1).values
+    return order, order <= last
+
+
+@dataclass(slots=True)
 class ChunkMeta:
     """A run of consecutive prompt (or multi-token) positions of one request.
 
@@ -76,6 +110,7 @@ class AttentionMetadata:
     decode_first_key: torch.Tensor | None = None  # [L, Bd] int64
     decode_seq_lens: torch.Tensor | None = None  # [L, Bd] int64
     decode_quant: list[list[StreamRead] | None] | None = None
+    decode_select: list[list[PageSelect] | None] | None = None  # per layer: Quest rows (their tables above are 0)
     chunks: list[ChunkMeta] = field(default_factory=list)
     captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (chunk, layer) → [Hq, W, D]
     rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -181,6 +216,29 @@ class Attention(nn.Module):
             q.float().unsqueeze(2),  # [Bd, Hq, 1, D]
             keys.transpose(1, 2), values.transpose(1, 2),  # [Bd, Hkv, S, D]
             attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
+        out = out.squeeze(2).to(q.dtype)
+        selects = meta.decode_select[layer] if meta.decode_select is not None else None
+        for select in selects or ():
+            out[select.rows] = self._decode_selected(q[select.rows], select, meta)
+        return out
+
+    def _decode_selected(self, q: torch.Tensor, select: PageSelect, meta: AttentionMetadata) -> torch.Tensor:
+        """Quest rows: q [R, Hq, D] → [R, Hq, D], each KV head attending over its own selected pages."""
+        bs = meta.block_size
+        num_pages = -(-select.seq_lens // bs)  # [R]
+        index, page_valid = quest_select(q, select.bounds, select.tables, num_pages, select.pages_kept)  # [R, Hkv, k]
+        pages = select.tables.gather(1, index.flatten(1)).view_as(index)  # [R, Hkv, k]
+        heads = torch.arange(self.num_kv_heads, device=q.device).view(1, -1, 1)
+        blocks = meta.kv_pool[pages, :, :, heads]  # [R, Hkv, k, 2, bs, D]: only each head's own slices
+        rows, hkv, k = index.shape
+        keys = blocks[:, :, :, 0].reshape(rows, hkv, k * bs, -1).float()
+        values = blocks[:, :, :, 1].reshape(rows, hkv, k * bs, -1).float()
+        key_pos = (index.unsqueeze(-1) * bs + torch.arange(bs, device=q.device)).flatten(2)  # [R, Hkv, k*bs]
+        valid = page_valid.repeat_interleave(bs, dim=2) & (key_pos < select.seq_lens.view(-1, 1, 1))
+        group = self.num_heads // self.num_kv_heads
+        out = F.scaled_dot_product_attention(
+            q.float().unsqueeze(2), keys, values,  # [R, Hq, 1, D], [R, Hkv, S, D]
+            attn_mask=valid.repeat_interleave(group, dim=1).unsqueeze(2), scale=self.scale, enable_gqa=True)
         return out.squeeze(2).to(q.dtype)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: ChunkMeta,

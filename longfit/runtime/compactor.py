@@ -28,7 +28,7 @@ from longfit.runtime.quant_pages import ENGINE_QUANT_METHODS, PageQuantFormat
 # What the engine applies today. The other kinds (lowrank, merge, select) and KVQuant (pre-RoPE keys) are validated
 # by the spec parser but refused at admission until their paged storage lands.
 ENGINE_METHODS = ("streaming, h2o, snapkv, pyramidkv, tova, knorm, duo_attention (eviction); "
-                  + ", ".join(ENGINE_QUANT_METHODS) + " (compressed pages)")
+                  + ", ".join(ENGINE_QUANT_METHODS) + " (compressed pages); quest (page selection)")
 
 
 @functools.lru_cache(maxsize=256)
@@ -36,7 +36,7 @@ def validate_engine_spec(text: str, block_size: int | None = None) -> str:
     """Parse a spec (ValueError naming the problem) and check the engine can apply every stage."""
     spec = parse_spec(text)
     unsupported = [policy for policy in build_policy(spec)
-                   if policy.kind != "evict" and policy.name not in ENGINE_QUANT_METHODS]
+                   if policy.kind != "evict" and policy.name not in ENGINE_QUANT_METHODS + ("quest",)]
     if unsupported:
         names = ", ".join(sorted({type(p).__name__ for p in unsupported}))
         raise ValueError(f"kv_compression {text!r}: {names} are not applied inside the engine yet; "
@@ -45,6 +45,12 @@ def validate_engine_spec(text: str, block_size: int | None = None) -> str:
     if quant is not None and quant.name == "kivi" and block_size and quant.get("residual") % block_size:
         raise ValueError(f"kv_compression {text!r}: kivi:residual must be a multiple of the KV block size "
                          f"{block_size} (the full-precision tail is flushed in whole pages)")
+    select = spec.stage("select")
+    if select is not None and block_size and select.get("page") != block_size:
+        raise ValueError(f"kv_compression {text!r}: quest:page must equal the KV block size {block_size} "
+                         "(the engine's pages are Quest's pages)")
+    if select is not None and spec.stage("quantize", "lowrank", "merge") is not None:
+        raise ValueError(f"kv_compression {text!r}: quest does not combine with a storage stage in the engine yet")
     return spec.text
 
 
@@ -70,6 +76,10 @@ class Compactor:
     def window_size(self, spec: str) -> int:
         """Query window the spec's policies need (captured during the last prefill chunk)."""
         return max((p.window_size for p in self.policies(spec)), default=0)
+
+    def selector(self, spec: str):
+        """The spec's decode-time page selection policy (Quest), or None."""
+        return next((p for p in self.policies(spec) if p.kind == "select"), None)
 
     def quant_format(self, spec: str) -> PageQuantFormat | None:
         """The record format of the spec's storage stage (quantize, or ThinK), None when it stores plain tokens."""
@@ -101,6 +111,9 @@ class Compactor:
         bs = self.block_size
         for layer, window in enumerate(self.layer_windows):
             if window is not None:
+                kept_counts.append(num_tokens)
+                continue
+            if not evictors and fmt is None:  # page selection only: nothing to rewrite
                 kept_counts.append(num_tokens)
                 continue
             pages = torch.from_numpy(tables[layer, :-(-num_tokens // bs)]).to(self.kv_pool.device)

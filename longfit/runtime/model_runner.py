@@ -14,7 +14,7 @@ import torch
 
 from longfit.config import ModelConfig
 from longfit.kv.spec import KVCacheSpec
-from longfit.models.attention import AttentionMetadata, ChunkMeta, StreamRead
+from longfit.models.attention import AttentionMetadata, ChunkMeta, PageSelect, StreamRead
 from longfit.models.base import DecoderModel
 from longfit.outputs import (
     CompactionResult,
@@ -33,7 +33,7 @@ class RequestState:
     """Runner-side state of a running request: page tables mirror [L, max_pages] and its generator."""
 
     __slots__ = ("tables", "num_pages", "generator", "queries", "quant", "quant_tokens", "quant_pages", "quant_bytes",
-                 "channels")
+                 "channels", "quest")
 
     def __init__(self, num_layers: int, max_pages: int, seed: int | None) -> None:
         self.tables = np.zeros((num_layers, max_pages), dtype=np.int64)
@@ -47,6 +47,7 @@ class RequestState:
         self.quant_pages = np.zeros(num_layers, dtype=np.int64)
         self.quant_bytes = np.zeros(num_layers, dtype=np.int64)
         self.channels: dict[int, torch.Tensor] = {}  # ThinK: layer → [Hkv, d'] key channels kept
+        self.quest = None  # Quest policy once the prompt is compressed: decode reads selected pages
 
     def set_layout(self, result: CompactionResult, block_size: int) -> None:
         """Follow a compaction: the manager kept the stream pages plus the pages of the remaining tokens."""
@@ -90,6 +91,8 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
         self.windows = spec.layer_windows
         self.compactor = Compactor(self.kv_pool, spec.block_size, spec.layer_windows, config.attention_scale)
+        # Quest: per-page key min / max [num_blocks, 2, Hkv, D], allocated when a request first selects pages.
+        self.page_bounds: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -130,6 +133,9 @@ class ModelRunner:
         for item in scheduler_output.scheduled:
             if self._compresses(item):
                 result.compactions.append(self._compact(item))
+            elif self.states[item.request_id].quest is not None:
+                before = np.asarray(item.num_cached_tokens)
+                self._update_bounds(self.states[item.request_id], before, before + len(item.token_ids))
             elif self.states[item.request_id].quant is not None:
                 flushed = self._flush(item)
                 if flushed is not None:
@@ -214,11 +220,33 @@ class ModelRunner:
             # Entries past a row's own pages read the null page: the mirror may still name pages that were freed
             # and now hold another request's packed (non-float) bytes.
             limit = (q_pages[layer] if window is None else 0) + -(-lens // bs)
+            if window is None and any(st.quest is not None and layer >= st.quest.dense_layers for st in states):
+                meta.decode_select = meta.decode_select or [None] * len(self.windows)
+                meta.decode_select[layer], selected = self._page_selects(states, tables[layer], lens, layer)
+                limit = np.where(selected, 0, limit)  # those rows read nothing in the dense path
+                width = max(1, int(limit.max()))
+                span = span[:, :width]
             pages = np.take_along_axis(tables[layer], np.minimum(span, tables.shape[2] - 1), axis=1)
             pages = np.where(span < limit[:, None], pages, 0)
             meta.decode_block_tables.append(torch.from_numpy(pages).to(self.device))
             meta.decode_first_key.append(torch.from_numpy(first_page * bs).to(self.device))
             meta.decode_seq_lens.append(torch.from_numpy(lens).to(self.device))
+
+    def _page_selects(self, states: list[RequestState], tables: np.ndarray, lens: np.ndarray,
+                      layer: int) -> tuple[list[PageSelect], np.ndarray]:
+        """Quest rows of one layer, one PageSelect per policy; returns them and the [Bd] mask of those rows."""
+        bs = self.block_size
+        selects, selected = [], np.zeros(len(states), dtype=bool)
+        for policy in {st.quest for st in states if st.quest is not None and layer >= st.quest.dense_layers}:
+            rows = np.asarray([r for r, st in enumerate(states) if st.quest == policy])
+            num_pages = -(-lens[rows] // bs)
+            width = int(num_pages.max())
+            pages = np.where(np.arange(width) < num_pages[:, None], tables[rows, :width], 0)
+            selects.append(PageSelect(torch.from_numpy(rows).to(self.device), torch.from_numpy(pages).to(self.device),
+                                      torch.from_numpy(lens[rows]).to(self.device),
+                                      policy.num_pages_kept(1 << 30), self._bounds()))
+            selected[rows] = True
+        return selects, selected
 
     def _stream_reads(self, formats: list[PageQuantFormat | None], tables: np.ndarray, q_tokens: np.ndarray,
                       q_pages: np.ndarray, states: list[RequestState], layer: int) -> list[StreamRead]:
@@ -270,7 +298,31 @@ class ModelRunner:
                                         queries, state.channels)
         state.quant = self.compactor.quant_format(item.kv_compression)
         self._follow(state, result)
+        state.quest = self.compactor.selector(item.kv_compression)
+        if state.quest is not None:
+            self._update_bounds(state, np.zeros(len(self.windows), dtype=np.int64), np.asarray(result.num_kept_tokens))
         return result
+
+    def _update_bounds(self, state: RequestState, before: np.ndarray, after: np.ndarray) -> None:
+        """Quest: key bounds of the pages that became full while the layers went from ``before`` to ``after``
+        tokens (the newest, partial page is always read, so it needs none)."""
+        bs = self.block_size
+        pages = [state.tables[layer, before[layer] // bs:after[layer] // bs]
+                 for layer, window in enumerate(self.windows) if window is None and layer >= state.quest.dense_layers]
+        pages = np.concatenate(pages) if pages else np.zeros(0, dtype=np.int64)
+        if not pages.size:
+            return
+        ids = torch.from_numpy(pages).to(self.device)
+        keys = self.kv_pool[ids, 0]  # [n, bs, Hkv, D]
+        bounds = self._bounds()
+        bounds[ids, 0] = keys.amin(dim=1)
+        bounds[ids, 1] = keys.amax(dim=1)
+
+    def _bounds(self) -> torch.Tensor:
+        if self.page_bounds is None:
+            shape = (self.kv_pool.shape[0], 2, *self.kv_pool.shape[-2:])
+            self.page_bounds = torch.zeros(shape, dtype=self.kv_pool.dtype, device=self.device)
+        return self.page_bounds
 
     def _flush(self, item: ScheduledRequest) -> CompactionResult | None:
         """Quantize the full-precision tails that reached a flush unit after this step's tokens were written."""

@@ -10,9 +10,9 @@ import torch
 
 from longfit.models.base import DecoderModel
 
-# (layer, queries [T, Hq, D], keys [T, Hkv, D], values [T, Hkv, D]) → (stored keys, stored values, use [T, T] bool)
-# or None: query t reads key j from the stored (e.g. quantized then dequantized) tensors where use[t, j], else the
-# exact ones. Queries and keys are post-RoPE.
+# (layer, queries [T, Hq, D], keys [T, Hkv, D], values [T, Hkv, D]) → (stored keys, stored values, use [T, T] bool,
+# visible [Hkv, T, T] bool or None) or None: query t reads key j from the stored (e.g. quantized then dequantized)
+# tensors where use[t, j], else the exact ones, and only where visible[h, t, j] (page selection). Post-RoPE.
 KVView = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor],
                   "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
 
@@ -51,13 +51,15 @@ def reference_logits(model: DecoderModel, token_ids: list[int], kv_view: KVView 
         scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * cfg.attention_scale
         if view is not None:
             ks, vs = (t.float().repeat_interleave(group, dim=1) for t in view[:2])
-            use = view[2]
+            use, visible = view[2], view[3] if len(view) > 3 else None
             scores = torch.where(use, torch.einsum("qhd,khd->hqk", q.float(), ks) * cfg.attention_scale, scores)
         qpos, kpos = positions[:, None], positions[None, :]
         mask = kpos <= qpos
         window = cfg.layer_window(index)
         if window is not None:
             mask &= kpos > qpos - window
+        if view is not None and visible is not None:
+            mask = mask & visible.repeat_interleave(group, dim=0)  # [Hq, T, T]
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         if view is None:
             out = torch.einsum("hqk,khd->qhd", probs, v.float())
