@@ -69,7 +69,7 @@ def test_survivors_are_written_where_the_policy_says(monkeypatch):
     seen = {}
     original = compactor.compact
 
-    def spy(request_id, spec, tables, num_tokens, queries):
+    def spy(request_id, spec, tables, num_tokens, queries, channels=None):
         bs = compactor.block_size
         before = {}
         for layer in range(tables.shape[0]):
@@ -77,7 +77,7 @@ def test_survivors_are_written_where_the_policy_says(monkeypatch):
             blocks = runner.kv_pool[torch.from_numpy(pages)].clone()  # [P, 2, bs, Hkv, D]
             before[layer] = blocks[:, 0].reshape(-1, *blocks.shape[-2:])[:num_tokens].transpose(0, 1)  # [Hkv, T, D]
         seen.update(before=before, queries={k: v.clone() for k, v in queries.items()}, tables=tables.copy())
-        result = original(request_id, spec, tables, num_tokens, queries)
+        result = original(request_id, spec, tables, num_tokens, queries, channels)
         seen["result"] = result
         return result
 
