@@ -126,6 +126,22 @@ def gather_keys_values(kv_pool: torch.Tensor, pages: torch.Tensor) -> tuple[torc
     return keys, values
 
 
+def gather_heads_first(kv_pool: torch.Tensor, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode read: pages [B, P] → keys, values float32 [B, Hkv, P * block_size, D], contiguous.
+
+    One row gather of whole pages, then one copy that converts to float32 and puts heads first: SDPA on CPU is
+    several times slower on the strided [B, S, Hkv, D] view than on this layout (measured 2x per layer at 8k).
+    """
+    batch, num_pages = pages.shape
+    _, _, bs, hkv, dim = kv_pool.shape
+    blocks = kv_pool.view(kv_pool.shape[0], -1).index_select(0, pages.reshape(-1))
+    blocks = blocks.view(batch, num_pages, 2, bs, hkv, dim)
+    kv = torch.empty(2, batch, hkv, num_pages, bs, dim, dtype=torch.float32, device=kv_pool.device)
+    kv.copy_(blocks.permute(2, 0, 4, 1, 3, 5))
+    kv = kv.view(2, batch, hkv, num_pages * bs, dim)
+    return kv[0], kv[1]
+
+
 def pool_bytes(kv_pool: torch.Tensor) -> torch.Tensor:
     """The pool as ``uint8 [num_blocks, page_bytes]`` (quantized pages are byte streams)."""
     return kv_pool.view(torch.uint8).view(kv_pool.shape[0], -1)
@@ -200,21 +216,21 @@ class Attention(nn.Module):
         """q: [Bd, Hq, D] → [Bd, Hq, D]; one query per request against its pages."""
         layer = self.layer_idx
         pages = meta.decode_block_tables[layer]  # [Bd, P]
-        keys, values = gather_keys_values(meta.kv_pool, pages)  # [Bd, S, Hkv, D]
-        key_pos = meta.decode_first_key[layer].unsqueeze(1) + torch.arange(keys.shape[1], device=q.device)  # [Bd, S]
+        keys, values = gather_heads_first(meta.kv_pool, pages)  # [Bd, Hkv, S, D] float32
+        key_pos = meta.decode_first_key[layer].unsqueeze(1) + torch.arange(keys.shape[2], device=q.device)  # [Bd, S]
         seq_lens = meta.decode_seq_lens[layer].unsqueeze(1)  # [Bd, 1]
         valid = key_pos < seq_lens
         if self.window is not None:
             valid &= key_pos > seq_lens - 1 - self.window
-        keys, values = keys.float(), values.float()
         streams = meta.decode_quant[layer] if meta.decode_quant is not None else None
         if streams:  # quantized tokens come before the tail
             stream_keys, stream_values, stream_valid = read_streams(streams, meta.kv_pool, q.shape[0])
-            keys, values = torch.cat([stream_keys, keys], dim=1), torch.cat([stream_values, values], dim=1)
+            keys = torch.cat([stream_keys.transpose(1, 2), keys], dim=2)
+            values = torch.cat([stream_values.transpose(1, 2), values], dim=2)
             valid = torch.cat([stream_valid, valid], dim=1)
         out = F.scaled_dot_product_attention(
             q.float().unsqueeze(2),  # [Bd, Hq, 1, D]
-            keys.transpose(1, 2), values.transpose(1, 2),  # [Bd, Hkv, S, D]
+            keys, values,  # [Bd, Hkv, S, D]
             attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
         out = out.squeeze(2).to(q.dtype)
         selects = meta.decode_select[layer] if meta.decode_select is not None else None
