@@ -143,14 +143,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from longfit.bench.decode import bench_decode
+    """`bench decode|prefill|context`: longfit (and --peer engines) on the same figures, one table."""
+    from longfit.bench.decode import run_micro_bench
 
-    llm = _build_llm(args)
-    batches = tuple(int(b) for b in args.batch_sizes.split(","))
-    result = bench_decode(llm, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                          batch_sizes=batches, repeats=args.repeats)
-    print("\n".join(result.lines()))
-    return 0
+    return run_micro_bench(args, _build_llm(args), args.bench)
 
 
 def _plan_model_config(name: str):
@@ -168,6 +164,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from longfit.plan.planner import run_plan_command
 
     return run_plan_command(args, load_model=_plan_model_config)
+
+
+def cmd_profile_heads(args: argparse.Namespace) -> int:
+    from longfit.eval.heads import run_profile_heads
+
+    return run_profile_heads(args, _build_llm(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,13 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure throughput")
     bench_kind = bench.add_subparsers(dest="bench", required=True)
-    decode = bench_kind.add_parser("decode", help="prefill tok/s at a prompt length, decode tok/s per batch size")
-    decode.add_argument("--prompt-tokens", type=int, default=512, help="prefill prompt length")
-    decode.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per request")
-    decode.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes, e.g. 1,4,16")
-    decode.add_argument("--repeats", type=int, default=3, help="measured runs per figure (median)")
-    add_engine_arguments(decode)
-    decode.set_defaults(func=cmd_bench)
+    from longfit.bench.decode import add_micro_bench_arguments
+
+    for name, text in (("decode", "decode tok/s at --batch-sizes (and prefill at --prompt-tokens), roofline, RSS"),
+                       ("prefill", "prefill tok/s at --lengths (default 512,4k), RSS"),
+                       ("context", "batch-1 decode tok/s at --depths (default 0,2k,8k), roofline, RSS")):
+        micro = bench_kind.add_parser(name, help=text + "; --peer llama.cpp|transformers adds ratios")
+        add_micro_bench_arguments(micro, name)
+        add_engine_arguments(micro)
+        micro.set_defaults(func=cmd_bench)
 
     from longfit.bench.serve import add_bench_serve_arguments, run_bench_serve
 
@@ -223,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="capacity planner: will it fit, how many users, how fast")
     add_plan_arguments(plan)
     plan.set_defaults(func=cmd_plan)
+
+    from longfit.eval.heads import add_profile_heads_arguments
+
+    heads = commands.add_parser("profile-heads", help="score retrieval heads on passkey prompts (for duo_attention)")
+    add_profile_heads_arguments(heads)
+    add_engine_arguments(heads)
+    heads.set_defaults(func=cmd_profile_heads)
     return parser
 
 
