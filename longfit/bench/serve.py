@@ -3,8 +3,10 @@
 It streams completions at a fixed concurrency or with Poisson arrivals (or both: a rate capped by a
 concurrency), with prompt and output lengths drawn from fixed values or uniform ranges, optionally behind
 shared prefixes, and reports TTFT, TPOT, ITL (p50/p90/p99), request and output-token throughput.
-``--peer llama.cpp`` starts ``python -m llama_cpp.server`` on a GGUF file (when llama-cpp-python is
-installed), runs the same workload against it in the same run and prints the ratios.
+``--peer llama-server`` starts llama.cpp's ``llama-server`` (built by ``scripts/build_peers.sh``) with
+``--parallel N -cb`` on a GGUF file; ``--peer llama.cpp`` starts ``python -m llama_cpp.server`` (llama-cpp-python,
+which serves one request at a time); ``--peer-url`` uses a peer already running. The same workload runs against
+both, in the same run, ``--rounds`` times with the order alternating, and the ratios of the medians are printed.
 
 Lengths are in words of a fixed English vocabulary (most are one token in BPE vocabularies); the token
 counts in the report come from the server's ``usage`` when it sends one, else from the number of chunks.
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +41,7 @@ _WORDS = ("the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "wit
           "long", "get", "here", "between", "both", "life", "being", "under", "never", "day", "same", "another",
           "know", "while", "last", "might", "us", "great", "old", "year", "off", "come", "since", "against", "go",
           "came", "right", "used", "take", "three")
-PEERS = ("llama.cpp",)
+PEERS = ("llama.cpp", "llama-server")
 PEER_MISSING = ("--peer llama.cpp needs llama-cpp-python, which is not installed: `pip install llama-cpp-python` (it "
                 "compiles llama.cpp, several minutes), or start a llama.cpp server yourself (e.g. llama-server -m "
                 "MODEL.gguf --parallel 16) and pass --peer-url http://HOST:PORT/v1")
@@ -160,12 +164,12 @@ class Summary:
     def row(self) -> str:
         stats = self.latency_ms
         fmt = lambda m: "/".join(f"{stats[m][k]:.0f}" for k in ("p50", "p90", "p99"))
-        return (f"{self.label:<10} {self.num_ok:>5} {self.num_failed:>6} {self.duration_s:>8.1f} "
+        return (f"{self.label:<16} {self.num_ok:>5} {self.num_failed:>6} {self.duration_s:>8.1f} "
                 f"{self.request_throughput:>7.2f} {self.output_throughput:>9.1f} {fmt('ttft'):>17} "
                 f"{fmt('tpot'):>14} {fmt('itl'):>14} {fmt('e2e'):>17}")
 
 
-HEADER = (f"{'target':<10} {'ok':>5} {'failed':>6} {'time_s':>8} {'req/s':>7} {'out_tok/s':>9} "
+HEADER = (f"{'target':<16} {'ok':>5} {'failed':>6} {'time_s':>8} {'req/s':>7} {'out_tok/s':>9} "
           f"{'TTFT ms p50/90/99':>17} {'TPOT p50/90/99':>14} {'ITL p50/90/99':>14} {'E2E ms p50/90/99':>17}")
 
 
@@ -310,22 +314,66 @@ def start_llama_cpp_peer(gguf: str | None, port: int, context: int, threads: int
     command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
                "--n_ctx", str(context), "--interrupt_requests", "False"]
     command += (["--n_threads", str(threads)] if threads else []) + extra
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + startup_timeout
+    return _wait_until_serving(command, port, "llama_cpp.server", startup_timeout)
+
+
+def default_llama_server() -> str:
+    """``$LONGFIT_PEERS_DIR/bin/llama-server`` (scripts/build_peers.sh puts it there), else the one on PATH."""
+    import shutil
+
+    directory = os.environ.get("LONGFIT_PEERS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "longfit",
+                                                                    "peers")
+    built = os.path.join(directory, "bin", "llama-server")
+    return built if os.path.isfile(built) else (shutil.which("llama-server") or built)
+
+
+def start_llama_server(binary: str, gguf: str | None, port: int, parallel: int, context: int, threads: int | None,
+                       extra: list[str], startup_timeout: float = 300.0) -> subprocess.Popen[bytes]:
+    """Start ``llama-server --parallel N -cb`` (continuous batching over N slots) and wait for ``/v1/models``.
+
+    ``context`` is per slot: the server gets ``-c parallel * context`` (llama-server splits ``-c`` over its slots).
+
+    Raises:
+        PeerUnavailable: the binary or the GGUF is missing, or the server exited.
+    """
+    if not os.path.isfile(binary) or not os.access(binary, os.X_OK):
+        raise PeerUnavailable(f"llama-server not found at {binary}: build it with scripts/build_peers.sh or pass "
+                              f"--peer-binary")
+    if not gguf or not os.path.isfile(gguf):
+        raise PeerUnavailable(f"--peer-model must be the GGUF file both servers load, got {gguf!r}")
+    command = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(parallel), "-cb",
+               "-c", str(parallel * context)] + (["-t", str(threads), "-tb", str(threads)] if threads else []) + extra
+    return _wait_until_serving(command, port, "llama-server", startup_timeout)
+
+
+def _wait_until_serving(command: list[str], port: int, name: str, startup_timeout: float) -> subprocess.Popen[bytes]:
+    """Start ``command`` and wait until it answers ``/v1/models``.
+
+    Its output goes to a log file, not a pipe: a server logging every request would block once a pipe nobody reads
+    is full. The log's tail is quoted when the server exits early.
+    """
+    import tempfile
+
     import httpx
 
+    log = tempfile.NamedTemporaryFile(prefix=f"longfit-peer-{name}-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            stderr = process.stderr.read().decode(errors="replace")[-500:] if process.stderr else ""
-            raise PeerUnavailable(f"llama_cpp.server exited with status {process.returncode}: {stderr}")
+            with open(log.name, errors="replace") as handle:
+                tail = handle.read()[-500:]
+            raise PeerUnavailable(f"{name} exited with status {process.returncode} (log {log.name}): {tail}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                process.log_path = log.name  # type: ignore[attr-defined]  # stop_process removes it
                 return process
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     stop_process(process)
-    raise PeerUnavailable(f"llama_cpp.server did not answer within {startup_timeout:.0f} s")
+    raise PeerUnavailable(f"{name} did not answer within {startup_timeout:.0f} s (log {log.name})")
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -335,6 +383,10 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    log_path = getattr(process, "log_path", None)
+    if log_path:
+        with contextlib.suppress(OSError):
+            os.unlink(log_path)
 
 
 def _free_port() -> int:
@@ -368,55 +420,98 @@ def add_bench_serve_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
     load.add_argument("--json", default=None, help="also write the summaries to this JSON file")
     peer = parser.add_argument_group("peer")
-    peer.add_argument("--peer", choices=PEERS, default=None, help="run the same workload against this server too")
+    target.add_argument("--target-label", default="target", help="name of --base-url in the table (e.g. longfit)")
+    load.add_argument("--rounds", type=int, default=1,
+                      help="run the workload this many times per server, alternating servers; medians are compared")
+    peer.add_argument("--peer", choices=PEERS, default=None,
+                      help="run the same workload against this server too: llama-server (llama.cpp, --parallel "
+                           "slots, continuous batching) or llama.cpp (llama-cpp-python's one-at-a-time server)")
     peer.add_argument("--peer-model", default=None, help="GGUF file the peer loads (the one longfit serves)")
     peer.add_argument("--peer-url", default=None, help="use an already running peer at this base URL instead")
-    peer.add_argument("--peer-context", type=int, default=4096, help="peer context size (n_ctx)")
+    peer.add_argument("--peer-context", type=int, default=4096,
+                      help="peer context per sequence (llama-server gets -c parallel x this)")
+    peer.add_argument("--peer-parallel", type=int, default=None, help="llama-server slots (default: --concurrency)")
+    peer.add_argument("--peer-binary", default=None, help="llama-server binary (default: scripts/build_peers.sh's)")
     peer.add_argument("--peer-threads", type=int, default=None, help="peer threads (default: its own)")
     peer.add_argument("--peer-args", default="", help="extra peer server flags, one string")
 
 
+def median_summary(label: str, runs: list[Summary]) -> Summary:
+    """Element-wise median of several rounds' summaries (counts are summed)."""
+    med = lambda values: statistics.median(values) if values else math.nan
+    latency = {metric: {key: med([r.latency_ms[metric][key] for r in runs]) for key in runs[0].latency_ms[metric]}
+               for metric in runs[0].latency_ms}
+    return Summary(label, sum(r.num_ok for r in runs), sum(r.num_failed for r in runs),
+                   med([r.duration_s for r in runs]), med([r.request_throughput for r in runs]),
+                   med([r.output_throughput for r in runs]), med([r.total_token_throughput for r in runs]),
+                   sum(r.prompt_tokens for r in runs), sum(r.output_tokens for r in runs), latency)
+
+
+def _start_peer(args: argparse.Namespace) -> tuple[str, subprocess.Popen[bytes] | None]:
+    """The peer's base URL, and its process when this run started it."""
+    if args.peer_url is not None:
+        return args.peer_url, None
+    port = _free_port()
+    if args.peer == "llama-server":
+        process = start_llama_server(args.peer_binary or default_llama_server(), args.peer_model, port,
+                                     args.peer_parallel or args.concurrency, args.peer_context, args.peer_threads,
+                                     args.peer_args.split())
+    else:
+        process = start_llama_cpp_peer(args.peer_model, port, args.peer_context, args.peer_threads,
+                                       args.peer_args.split())
+    return f"http://127.0.0.1:{port}/v1", process
+
+
 def run_bench_serve(args: argparse.Namespace) -> int:
-    """Run the workload against --base-url (and the peer); print one table. Returns the exit status."""
+    """Run the workload against --base-url (and the peer), ``--rounds`` times alternating; print one table."""
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     specs = build_workload(args.num_requests + args.warmup, LengthDist.parse(args.prompt_len, "--prompt-len"),
                            LengthDist.parse(args.output_len, "--output-len"), args.shared_prefix_len,
                            args.num_prefixes, args.seed)
     warm, measured = specs[:args.warmup], specs[args.warmup:]
-    if args.peer is not None and args.peer_url is None and not llama_cpp_available():
+    if args.peer == "llama.cpp" and args.peer_url is None and not llama_cpp_available():
         # NOTE: checked before the target run, so nobody waits a whole benchmark to learn this.
         print(f"longfit bench serve: {PEER_MISSING}", file=sys.stderr)
         return 2
-    summaries = [asyncio.run(_bench_target("target", args.base_url, args.model, args.api_key, warm, measured, args))]
-    if args.peer is not None:
-        process = None
-        try:
-            peer_url = args.peer_url
-            if peer_url is None:
-                port = _free_port()
-                process = start_llama_cpp_peer(args.peer_model, port, args.peer_context, args.peer_threads,
-                                               args.peer_args.split())
-                peer_url = f"http://127.0.0.1:{port}/v1"
-            summaries.append(asyncio.run(_bench_target(args.peer, peer_url, None, None, warm, measured, args)))
-        except PeerUnavailable as error:
-            print(f"longfit bench serve: {error}", file=sys.stderr)
-            print("\n".join([HEADER] + [s.row() for s in summaries]))
-            return 2
-        finally:
-            if process is not None:
-                stop_process(process)
+    label = args.target_label
+    targets = [(label, args.base_url, args.model, args.api_key)]
+    rounds: dict[str, list[Summary]] = {label: []}
+    process = None
+    try:
+        if args.peer is not None:
+            peer_url, process = _start_peer(args)
+            targets.append((args.peer, peer_url, None, None))
+            rounds[args.peer] = []
+        for index in range(args.rounds):
+            for name, url, model, key in (targets if index % 2 == 0 else targets[::-1]):
+                summary = asyncio.run(_bench_target(name, url, model, key, warm, measured, args))
+                summary.label = f"{name} #{index + 1}" if args.rounds > 1 else name
+                rounds[name].append(summary)
+    except PeerUnavailable as error:
+        print(f"longfit bench serve: {error}", file=sys.stderr)
+        print("\n".join([HEADER] + [s.row() for runs in rounds.values() for s in runs]))
+        return 2
+    finally:
+        if process is not None:
+            stop_process(process)
+    summaries = [runs[0] if args.rounds == 1 else median_summary(f"{name} med", runs) for name, runs in rounds.items()]
     print(f"workload: {args.num_requests} requests, concurrency {args.concurrency}, rate {args.request_rate} req/s, "
           f"prompt {args.prompt_len} words, output {args.output_len} tokens, shared prefix {args.shared_prefix_len} "
-          f"words x {args.num_prefixes}")
-    print("\n".join([HEADER] + [s.row() for s in summaries]))
+          f"words x {args.num_prefixes}; {args.rounds} round(s), servers alternated")
+    rows = [s.row() for runs in rounds.values() for s in runs] if args.rounds > 1 else []
+    print("\n".join([HEADER] + rows + [s.row() for s in summaries]))
     if len(summaries) == 2:
         ours, theirs = summaries
         ratio = lambda a, b: a / b if b else math.nan
-        print(f"ratio target/{theirs.label}: output tok/s x{ratio(ours.output_throughput, theirs.output_throughput):.2f}"
+        print(f"ratio {label}/{args.peer}: output tok/s x{ratio(ours.output_throughput, theirs.output_throughput):.2f}"
               f", TPOT p50 x{ratio(ours.latency_ms['tpot']['p50'], theirs.latency_ms['tpot']['p50']):.2f}, "
-              f"TTFT p50 x{ratio(ours.latency_ms['ttft']['p50'], theirs.latency_ms['ttft']['p50']):.2f}")
+              f"TTFT p50 x{ratio(ours.latency_ms['ttft']['p50'], theirs.latency_ms['ttft']['p50']):.2f}"
+              + (" (medians of the rounds)" if args.rounds > 1 else ""))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump([asdict(s) for s in summaries], handle, indent=2)
+            json.dump({"summaries": [asdict(s) for s in summaries],
+                       "rounds": {name: [asdict(s) for s in runs] for name, runs in rounds.items()}}, handle, indent=2)
     return 0 if all(s.num_failed == 0 for s in summaries) else 1

@@ -7,11 +7,20 @@ An architecture file only says how to build one layer from the checkpoint; the s
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from longfit.config import ModelConfig
 from longfit.models.attention import AttentionMetadata
 from longfit.models.layers import RMSNorm, WeightSource
+from longfit.quant.linear import DenseLinear, Int8Linear
+
+# bf16 has 8 significant bits: a product or a sum rounded to it moves by at most 2^-9 of its magnitude.
+_BF16_REL = 2.0**-9
+# From this many rows on, a tied int8 LM head is computed as one bf16 matmul over the embedding table instead:
+# the int8 kernel's time grows about linearly with rows (measured, 49152x576, 1-2 threads: int8 faster up to
+# 4 rows, even at 6-8, 2x slower at 16).
+PACKED_HEAD_MAX_ROWS = 8
 
 
 class DecoderModel(nn.Module):
@@ -23,20 +32,51 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.config = config
         self.dtype = source.dtype
-        self.register_buffer("embed", source.tensor("model.embed_tokens.weight"), persistent=False)  # [V, d]
         self.norm = RMSNorm(source.tensor("model.norm.weight", torch.float32), config.rms_norm_eps, self.norm_offset,
                             out_dtype=source.dtype)
-        head = "model.embed_tokens.weight" if config.tie_word_embeddings or not source.has("lm_head.weight") \
-            else "lm_head.weight"
-        self.lm_head = source.linear([head])
+        tied = config.tie_word_embeddings or not source.has("lm_head.weight")
+        self.lm_head = source.linear(["model.embed_tokens.weight" if tied else "lm_head.weight"])
+        head = self.lm_head
+        exact_dense = isinstance(head, DenseLinear) and head.fallback_reason is None
+        if tied and exact_dense and head.weight.dtype == source.dtype:
+            embed = head.weight  # the same dequantized [V, d] table: share it instead of holding it twice
+        else:
+            embed = source.tensor("model.embed_tokens.weight")
+        self.register_buffer("embed", embed, persistent=False)  # [V, d] model dtype
+        self._init_exact_rows(tied)
         self.layers = nn.ModuleList()
+
+    def _init_exact_rows(self, tied: bool) -> None:
+        """Which [V, d] rows ``compute_logits`` rescores the leading candidates with (``exact_rows``), and how far
+        the fast head's weights may be from them (``head_row_error`` [V] fp32: max |w_head - w_rows| per row).
+
+        bf16 dense head: its own weight (the matmul only rounds its output). int8 head tied to the embeddings:
+        the bf16 embedding rows, i.e. the checkpoint's weights as the bf16 path uses them. Others: none.
+        """
+        head = self.lm_head
+        self._exact_rows_name: str | None = None  # a buffer name, so that it follows .to(device)
+        self.head_row_error: torch.Tensor | None
+        self.register_buffer("head_row_error", None, persistent=False)
+        if isinstance(head, DenseLinear):
+            if head.weight.dtype != torch.float32:
+                self._exact_rows_name = "lm_head.weight"
+        elif isinstance(head, Int8Linear) and tied and head.bias is None:
+            self._exact_rows_name = "embed"
+            # RTN: |code·s - w| ≤ s/2; the bf16 rows differ from w by ≤ 2^-9·|w| ≤ 2^-9·127·s.
+            self.head_row_error = head.scales.float() * (0.5 + 127 * _BF16_REL)
+
+    @property
+    def exact_rows(self) -> torch.Tensor | None:
+        """[V, d] rows the leading logits are recomputed from, or None."""
+        return None if self._exact_rows_name is None else self.get_buffer(self._exact_rows_name)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [N] int64 → hidden states [N, d] (model dtype) after the final norm.
 
-        The residual stream between layers is fp32 whatever the model dtype.
+        The residual stream between layers is fp32 whatever the model dtype; the layers update it in place
+        (``h`` below is always a fresh tensor: the gather makes a copy).
         """
-        h = self.embed[input_ids]  # [N, d]
+        h = F.embedding(input_ids, self.embed)  # [N, d], a fresh copy
         if self.config.embedding_multiplier != 1.0:
             # Gemma multiplies by sqrt(d) rounded to the activation dtype, as the reference does.
             h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
@@ -49,16 +89,33 @@ class DecoderModel(nn.Module):
         """hidden: [M, d] → logits [M, V] fp32.
 
         A bf16 matmul rounds its output to bf16 (steps of 0.125 at |logit| ≈ 20), enough to swap the top two
-        tokens at ~2% of positions. The leading candidates of each row are therefore recomputed exactly in
-        fp32 from the same weights: top-1, top-k and sampling see fp32-accurate leaders at a tiny cost.
+        tokens at ~2% of positions; an int8 head (requantized per channel) moves logits by up to ~0.5. The
+        leading candidates of each row (every token the head's error could rank first) are therefore recomputed
+        in fp32 from ``exact_rows``: top-1, top-k and sampling see accurate leaders at a tiny cost. From
+        ``PACKED_HEAD_MAX_ROWS`` rows on, a tied int8 head is replaced by a bf16 matmul over the embedding table.
         """
-        logits = self.lm_head(hidden).float()
-        weight = getattr(self.lm_head, "weight", None)
-        if weight is not None and weight.dtype != torch.float32 and hidden.dtype != torch.float32:
-            top = logits.max(dim=-1, keepdim=True).values
-            margin = top.abs() * 2.0**-6 + 0.05  # several bf16 rounding steps at that magnitude
-            rows, cols = (logits >= top - margin).nonzero(as_tuple=True)
-            exact = (hidden[rows].float() * weight[cols].float()).sum(-1)
+        rows_weight = self.exact_rows
+        row_error = self.head_row_error
+        if row_error is not None and hidden.shape[0] >= PACKED_HEAD_MAX_ROWS:
+            # The packed kernels cost grows with every row (no reuse of the weights across rows): from a few rows
+            # on, one bf16 matmul over the embedding table (the exact weights, held anyway) is faster.
+            logits = F.linear(hidden, rows_weight).float()
+            row_error = None
+        else:
+            logits = self.lm_head(hidden).float()
+        if rows_weight is not None and hidden.dtype != torch.float32:
+            top = logits.amax(dim=-1, keepdim=True)  # [M, 1]
+            rounding = top.abs() * 2.0**-6 + 0.05  # several bf16 output steps at that magnitude
+            if row_error is None:  # same weights: only the output rounding separates the two
+                leaders = logits >= top - rounding
+            else:
+                # Row n's fast logit is within err[n] = row_error[n]·Σ|x| (+ rounding) of its exact one, a bound,
+                # not an estimate: every row whose upper end reaches the best lower end may be the leader.
+                err = torch.outer(hidden.float().abs().sum(-1), row_error).add_(rounding)  # [M, V]
+                best_lower = (logits - err).amax(dim=-1, keepdim=True)
+                leaders = err.add_(logits) >= best_lower  # upper ends, in place: one [M, V] temporary less
+            rows, cols = leaders.nonzero(as_tuple=True)
+            exact = (hidden[rows].float() * rows_weight[cols].float()).sum(-1)
             bias = getattr(self.lm_head, "bias", None)
             logits[rows, cols] = exact + (bias[cols].float() if bias is not None else 0.0)
         cap = self.config.final_logit_softcapping

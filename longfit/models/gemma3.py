@@ -41,8 +41,9 @@ class Gemma3DecoderLayer(nn.Module):
                             source.linear([p + "mlp.down_proj.weight"]), config.hidden_act)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.post_attention_norm(self.attn(self.input_norm(h), positions, meta))
-        return h + self.post_feedforward_norm(self.mlp(self.pre_feedforward_norm(h)))
+        """h: [N, d] fp32 residual stream, updated in place (the model owns it) and returned."""
+        h.add_(self.post_attention_norm(self.attn(self.input_norm(h), positions, meta)))
+        return h.add_(self.post_feedforward_norm(self.mlp(self.pre_feedforward_norm(h))))
 
 
 class Gemma3ForCausalLM(DecoderModel):

@@ -33,8 +33,10 @@ class LlamaDecoderLayer(nn.Module):
                             source.linear([p + "mlp.down_proj.weight"]), config.hidden_act)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.attn(self.input_norm(h), positions, meta).float()  # h: [N, d] fp32
-        return h + self.mlp(self.post_attention_norm(h)).float()
+        """h: [N, d] fp32 residual stream, updated in place (the model owns it) and returned."""
+        # add_ of a bf16 branch into the fp32 stream promotes exactly: the sum is fp32 with no cast op.
+        h.add_(self.attn(self.input_norm(h), positions, meta))
+        return h.add_(self.mlp(self.post_attention_norm(h)))
 
 
 class LlamaForCausalLM(DecoderModel):

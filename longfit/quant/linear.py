@@ -45,6 +45,12 @@ _FLOAT_QTYPES = ("F32", "F16", "BF16")
 _KERNEL_DTYPE = torch.bfloat16  # the only activation dtype the packed kernels are fast with
 INT4_N_MULTIPLE = 16
 INT8_K_MULTIPLE = 16
+# From this many input rows on (prefill chunks, big batches) a packed layer dequantizes its weight to bf16 and runs
+# one bf16 matmul: the packed kernels reuse nothing across rows, their time grows linearly with M (measured, 1
+# thread, SmolLM2's 120 layer matmuls: int4 kernel 134 ms at M=16, 514 at 64, 3955 at 512; dequantize + bf16
+# matmul ~700 ms at M=16, 1056 at 512; one 3072x576 layer at M=512: kernel 70 ms, dequantize + matmul 4 ms).
+DEQUANTIZE_MIN_ROWS = 64
+_INT4_BLOCK_N = 64  # the CPU int4 kernel's packed layout: blocks of 64 output rows (see _unpack_int4_cpu)
 
 
 class WeightSource(Protocol):
@@ -135,13 +141,53 @@ class Int8Linear(Linear):
         self.register_buffer("scales", scales.detach().to(_KERNEL_DTYPE).contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == _KERNEL_DTYPE and x.dim() == 2 and x.is_contiguous() and x.shape[0] < DEQUANTIZE_MIN_ROWS:
+            # The decode step's case ([N, K] bf16): the kernel alone, no reshape/cast dispatches.
+            out = torch._weight_int8pack_mm(x, self.codes, self.scales)  # [M, N] bf16
+            return out if self.bias is None else out.add_(self.bias)
         flat = x.reshape(-1, self.in_features)  # [M, K]
         if flat.dtype != _KERNEL_DTYPE:
             flat = flat.to(_KERNEL_DTYPE)
-        out = torch._weight_int8pack_mm(flat.contiguous(), self.codes, self.scales)  # [M, N] bf16
+        if flat.shape[0] >= DEQUANTIZE_MIN_ROWS:
+            # codes · scale is exact in fp32 (8-bit × 8-bit significands); one bf16 rounding, then a bf16 matmul.
+            weight = self.codes.float().mul_(self.scales.float()[:, None]).to(_KERNEL_DTYPE)  # [N, K]
+            out = F.linear(flat, weight)
+        else:
+            out = torch._weight_int8pack_mm(flat.contiguous(), self.codes, self.scales)  # [M, N] bf16
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _unpack_int4_cpu(packed: Tensor, out_features: int, in_features: int) -> Tensor:
+    """Codes [K, N] uint8 in 0..15 from ``_convert_weight_to_int4pack_for_cpu``'s output [N, K/2] (N % 64 == 0).
+
+    Layout (torch 2.13, checked at run time by ``_int4_cpu_layout_known``): for each block of 64 output rows and
+    each input k, 32 bytes; byte i holds row i of the block in its low nibble and row 32 + i in its high one.
+    """
+    blocks = packed.view(out_features // _INT4_BLOCK_N, in_features, 32).transpose(0, 1)  # [K, N/64, 32]
+    codes = torch.empty(in_features, out_features // _INT4_BLOCK_N, 2, 32, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(blocks, 15, out=codes[:, :, 0])
+    torch.bitwise_right_shift(blocks, 4, out=codes[:, :, 1])
+    return codes.view(in_features, out_features)
+
+
+_INT4_LAYOUT_KNOWN: bool | None = None
+
+
+def _int4_cpu_layout_known() -> bool:
+    """Whether this torch packs int4 weights as ``_unpack_int4_cpu`` reads them (once per process)."""
+    global _INT4_LAYOUT_KNOWN
+    if _INT4_LAYOUT_KNOWN is None:
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randint(0, 16, (2 * _INT4_BLOCK_N, 64), dtype=torch.int32, generator=generator)
+        packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+        _INT4_LAYOUT_KNOWN = tuple(packed.shape) == (2 * _INT4_BLOCK_N, 32) and torch.equal(
+            _unpack_int4_cpu(packed, 2 * _INT4_BLOCK_N, 64), probe.t().to(torch.uint8))
+        if not _INT4_LAYOUT_KNOWN:
+            logger.warning("unknown int4 packed layout in torch %s: many-row int4 matmuls use the (slower) kernel",
+                           torch.__version__)
+    return _INT4_LAYOUT_KNOWN
 
 
 class Int4Linear(Linear):
@@ -179,13 +225,34 @@ class Int4Linear(Linear):
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(_KERNEL_DTYPE).contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == _KERNEL_DTYPE and x.dim() == 2 and x.is_contiguous() and x.shape[0] < DEQUANTIZE_MIN_ROWS:
+            # The decode step's case ([N, K] bf16): the kernel alone, no reshape/cast dispatches.
+            out = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+            return out if self.bias is None else out.add_(self.bias)
         flat = x.reshape(-1, self.in_features)  # [M, K]
         if flat.dtype != _KERNEL_DTYPE:
             flat = flat.to(_KERNEL_DTYPE)
-        out = torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group_size, self.scales_and_zeros)
+        if flat.shape[0] >= DEQUANTIZE_MIN_ROWS and self.out_features % _INT4_BLOCK_N == 0 and _int4_cpu_layout_known():
+            out = torch.mm(flat, self.dequantized_t())
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group_size,
+                                                    self.scales_and_zeros)
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantized_t(self) -> Tensor:
+        """The weight the kernel multiplies by, transposed and rounded once to bf16: [K, N] (a fresh tensor).
+
+        ``(code - 8) · scale + zero`` in fp32 from the kernel's own bf16 parameters (``zero - 8·scale`` is exact in
+        fp32), so it differs from the kernel's product only by bf16 rounding, like a dense bf16 layer.
+        """
+        groups, size = self.in_features // self.group_size, self.group_size
+        codes = _unpack_int4_cpu(self.packed, self.out_features, self.in_features)  # [K, N] uint8
+        scales = self.scales_and_zeros[..., 0].float()  # [K/G, N]
+        shifts = self.scales_and_zeros[..., 1].float() - 8 * scales
+        weight = codes.view(groups, size, self.out_features).float().mul_(scales[:, None]).add_(shifts[:, None])
+        return weight.view(self.in_features, self.out_features).to(_KERNEL_DTYPE)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
@@ -297,7 +364,8 @@ def build_linear(
         form: one of :data:`FORMS`. Dense forms store the dequantized weight in ``dtype``. "int8": RTN per output
             channel. "int4": RTN per group of ``group_size`` (Q4_0/Q4_1 parts are repacked exactly with the
             file's group of 32 instead). "auto": keep the file's precision: Q4_0/Q4_1 → exact int4 repack, Q8_0 →
-            int8 (requantized per channel from the dequantized weight), anything else → dense.
+            int8 (requantized per channel from the dequantized weight), anything else → dense; with float32
+            activations "auto" is the file's exact dequantization (dense).
         dtype: activation dtype, torch.bfloat16 or torch.float32. With float32, a quantized form is dequantized once
             into an fp32 :class:`DenseLinear` (same quantized values, fp32 math; the packed kernels are 10-170×
             slower with fp32 activations than fp32 ``F.linear``, see the module docstring).
@@ -314,6 +382,10 @@ def build_linear(
     out_features = sum(part.shape[0] for part in parts)
     in_features = parts[0].shape[1]
     requested = "dense" if form in DENSE_FORMS else form
+    if requested == "auto" and dtype == torch.float32:
+        # fp32 activations dequantize any packed form anyway; "keep the file's precision" is then the file's own
+        # dequantization, exactly (an int8 requantization of Q8_0 would only lose accuracy, never time).
+        requested = "dense"
     kind, group, reason = _plan({part.qtype for part in parts}, requested, out_features, in_features, group_size)
 
     layer: Linear

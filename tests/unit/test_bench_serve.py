@@ -160,3 +160,41 @@ def test_bad_workload_flags_raise_value_errors():
         bench.build_workload(0, LengthDist(1, 1), LengthDist(1, 1))
     with pytest.raises(ValueError, match="concurrency"):
         asyncio.run(bench.run_load(None, "m", [RequestSpec("x", 1)], concurrency=0, request_rate=math.inf))
+
+
+def _summary(label: str, out_tps: float, tpot_p50: float) -> bench.Summary:
+    latency = {m: {"mean": 1.0, "p50": tpot_p50 if m == "tpot" else 10.0, "p90": 20.0, "p99": 30.0}
+               for m in ("ttft", "tpot", "itl", "e2e")}
+    return bench.Summary(label, 4, 0, 2.0, 2.0, out_tps, out_tps + 10, 40, 8, latency)
+
+
+def test_median_summary_of_rounds():
+    med = bench.median_summary("x med", [_summary("a", 10, 5), _summary("a", 30, 7), _summary("a", 20, 100)])
+    assert med.output_throughput == 20 and med.latency_ms["tpot"]["p50"] == 7 and med.num_ok == 12
+
+
+def test_rounds_alternate_servers_and_print_ratios(monkeypatch, capsys):
+    order = []
+
+    async def fake_target(label, base_url, model, api_key, warm, specs, args):
+        order.append(label)
+        return _summary(label, 40.0 if label == "longfit" else 20.0, 10.0 if label == "longfit" else 20.0)
+
+    monkeypatch.setattr(bench, "_bench_target", fake_target)
+    args = _args("--peer", "llama-server", "--peer-url", "http://127.0.0.1:9/v1", "--rounds", "3",
+                 "--target-label", "longfit", "--num-requests", "2")
+    assert bench.run_bench_serve(args) == 0
+    assert order == ["longfit", "llama-server", "llama-server", "longfit", "longfit", "llama-server"]
+    out = capsys.readouterr().out
+    assert "longfit #2" in out and "llama-server med" in out
+    assert "ratio longfit/llama-server: output tok/s x2.00, TPOT p50 x0.50" in out
+
+
+def test_llama_server_binary_missing_is_clear(tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGFIT_PEERS_DIR", str(tmp_path))
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert bench.default_llama_server() == str(tmp_path / "bin" / "llama-server")
+    with pytest.raises(bench.PeerUnavailable, match="build_peers.sh"):
+        bench.start_llama_server(bench.default_llama_server(), "m.gguf", 1, 16, 512, 2, [])
+    with pytest.raises(ValueError, match="--rounds"):
+        bench.run_bench_serve(_args("--rounds", "0"))

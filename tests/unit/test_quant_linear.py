@@ -11,7 +11,7 @@ from gguf.quants import quantize as gguf_quantize
 
 from longfit.models.weights import RawWeight
 from longfit.quant.gguf_repack import unpack_q4_rows
-from longfit.quant.linear import DenseLinear, Int4Linear, Int8Linear, Linear, build_linear
+from longfit.quant.linear import DEQUANTIZE_MIN_ROWS, DenseLinear, Int4Linear, Int8Linear, Linear, build_linear
 from longfit.quant.rtn import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
 K = 128
@@ -47,7 +47,7 @@ def expected_weight(raw: list[RawWeight], form: str, dtype: torch.dtype, group: 
     weight = torch.cat([part.dequantize() for part in raw], dim=0)  # gguf's dequantize for GGUF parts
     qtypes = {part.qtype for part in raw}
     param_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-    if form == "int8" or (form == "auto" and qtypes == {"Q8_0"}):
+    if form == "int8" or (form == "auto" and qtypes == {"Q8_0"} and dtype == torch.bfloat16):
         return dequantize_int8(*quantize_int8(weight, param_dtype))
     if form == "int4" and not qtypes <= {"Q4_0", "Q4_1"}:
         return dequantize_int4(*quantize_int4(weight, group, param_dtype), group)
@@ -99,6 +99,8 @@ def test_fused_parts_and_bias(qtype: str, form: str) -> None:
     assert fused.out_features == 64
     for x in inputs():
         assert_matches(fused, x, expected_weight(raw, form, torch.bfloat16), torch.bfloat16, bias)
+        if x.shape[:-1].numel() >= DEQUANTIZE_MIN_ROWS:
+            continue  # the 64-row fused layer dequantizes there, the 32/16-row parts keep the kernel (both checked)
         # Fused output == concatenation of the parts' outputs (per-row quantization is unchanged by fusion).
         pieces = [
             build_linear([part], b, form, torch.bfloat16)(x.bfloat16())
@@ -230,3 +232,22 @@ def test_bad_arguments_name_the_field() -> None:
         Int8Linear(torch.zeros(16, 40, dtype=torch.int8), torch.ones(16))  # the kernel would return garbage
     with pytest.raises(ValueError, match="out_features"):
         Int4Linear(torch.zeros(24, 64, dtype=torch.uint8), torch.ones(24, 2), torch.zeros(24, 2), 32)
+
+
+@pytest.mark.parametrize("form", ["int4", "int8"])
+def test_many_rows_dequantize_like_the_kernel(form: str) -> None:
+    """From DEQUANTIZE_MIN_ROWS rows on, packed layers run dequantize + bf16 matmul: the kernel's result to bf16."""
+    raw = [make_raw(random_weight(128), "F32")]
+    layer = build_linear(raw, None, form, torch.bfloat16)
+    assert layer.form == form
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(DEQUANTIZE_MIN_ROWS + 3, K, generator=gen).bfloat16()
+    kernel = torch.cat([layer(part) for part in x.split(DEQUANTIZE_MIN_ROWS - 1)])  # below the threshold
+    dense = layer(x)
+    magnitude = x.float().abs() @ expected_weight(raw, form, torch.bfloat16).abs().T
+    err = (dense.float() - kernel.float()).abs() / (magnitude + 1e-6)
+    assert err.max().item() < 2 * 2**-9, err.max().item()  # the weight's and the output's bf16 roundings
+    if form == "int4":
+        codes, scales, zeros = quantize_int4(raw[0].dequantize(), 32, torch.bfloat16)
+        torch.testing.assert_close(layer.dequantized_t().float(),
+                                   dequantize_int4(codes, scales, zeros, 32).T.bfloat16().float(), rtol=0, atol=0)
