@@ -149,6 +149,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_micro_bench(args, _build_llm(args), args.bench)
 
 
+def cmd_bench_compression(args: argparse.Namespace) -> int:
+    from longfit.bench.compression import run_compression_bench
+
+    return run_compression_bench(args, _build_llm(args))
+
+
 def _plan_model_config(name: str):
     """Short names and tiny presets resolve to a ModelConfig without loading weights."""
     from longfit.models.model_config import load_model_config
@@ -202,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_micro_bench_arguments(micro, name)
         add_engine_arguments(micro)
         micro.set_defaults(func=cmd_bench)
+
+    from longfit.bench.compression import add_compression_bench_arguments
+
+    compression = bench_kind.add_parser("compression", help="KV bytes/token, decode tok/s and prefill overhead of "
+                                        "each --kv-compression spec vs the full cache, at --contexts")
+    add_compression_bench_arguments(compression)
+    add_engine_arguments(compression)
+    compression.set_defaults(func=cmd_bench_compression)
 
     from longfit.bench.serve import add_bench_serve_arguments, run_bench_serve
 

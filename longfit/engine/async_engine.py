@@ -282,8 +282,10 @@ class AsyncLLMEngine:
             _resolve(command.loop, command.future, None)
         elif command.kind == "abort":
             self._abort(command.request_id)
+            self._publish_stats()  # /metrics shows the freed blocks at once, not after the next loop turn
         elif command.kind == "call":
             assert command.fn is not None and command.loop is not None
+            self._publish_stats()  # whatever the caller observes, a scrape after it observes too
             try:
                 result = command.fn(self.engine)
             except Exception as error:  # noqa: BLE001

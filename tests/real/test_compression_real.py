@@ -26,6 +26,11 @@ def smollm2():
     return llm, samples
 
 
+# Largest KV held at the end, as a fraction of the bf16 full cache: KIVI 2-bit ≈ 1/8 + scales + a bf16 residual
+# window; int8 per token ≈ 1/2 + one scale per token and head.
+MAX_FRACTION = {"kivi:bits=2": 1 / 3, "int8": 0.6}
+
+
 @pytest.mark.parametrize("spec", [None, "kivi:bits=2", "int8"])
 def test_passkey_survives_compression(smollm2, spec):
     llm, samples = smollm2
@@ -36,5 +41,6 @@ def test_passkey_survives_compression(smollm2, spec):
         [o.outputs[0].text for o in outputs]
     if spec is not None:  # the memory really went back: KV held at the end is a fraction of the full cache's
         full_bytes = llm.engine.model_config.num_layers * 2 * 3 * 64 * 2 * len(outputs[0].prompt_token_ids)
-        assert all(o.metrics.kv_bytes < full_bytes / 3 for o in outputs)
+        fractions = [o.metrics.kv_bytes / full_bytes for o in outputs]
+        assert max(fractions) < MAX_FRACTION[spec], fractions
     assert llm.engine.kv_manager.pool.num_used_blocks == 0
