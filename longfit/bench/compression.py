@@ -28,7 +28,7 @@ FULL = "none"
 # frees nothing), and one composition. DuoAttention needs a head profile (`longfit profile-heads`): pass it with
 # --spec duo:heads=PATH.
 DEFAULT_SPECS = ("streaming:keep=0.25", "h2o:keep=0.25", "snapkv:keep=0.25", "pyramidkv:keep=0.25", "tova:keep=0.25",
-                 "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=4", "int8", "think:channels=0.5", "quest:budget=512",
+                 "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=4", "int8", "think:channels=0.5", "quest:budget=512,page=32",
                  "snapkv:keep=0.25+kivi:bits=2")
 
 
@@ -128,7 +128,7 @@ def add_compression_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_compression_bench(args: argparse.Namespace, llm: LLM) -> int:
     """Validate the flags, run :func:`bench_compression`, print the markdown table (and write --json)."""
-    from longfit.compression.spec import parse_spec
+    from longfit.runtime.compactor import validate_engine_spec
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
@@ -144,8 +144,8 @@ def run_compression_bench(args: argparse.Namespace, llm: LLM) -> int:
                          f"tokens), got {bad}")
     specs = list(args.spec) if args.spec else list(DEFAULT_SPECS)
     for spec in specs:
-        if spec != FULL:
-            parse_spec(spec)  # a bad spec fails before anything runs, naming the problem
+        if spec != FULL:  # a spec the engine cannot apply fails before anything runs, naming the problem
+            validate_engine_spec(spec, llm.engine.config.cache.block_size)
     result = bench_compression(llm, specs, contexts, args.decode_tokens, args.repeats, args.seed)
     print(f"model {result.model}, {args.decode_tokens} decode tokens, median of {args.repeats} runs")
     print(result.markdown())
