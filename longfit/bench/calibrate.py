@@ -1,26 +1,52 @@
-"""Measure this machine for the planner: memory bandwidth, bf16/fp32 matmul FLOP/s, disk bandwidth.
+"""Measure this machine for the planner: memory bandwidth, bf16/fp32 matmul FLOP/s, disk bandwidth, and the
+per-step costs of longfit's own decode step beyond that bound.
 
 ``python -m longfit.bench.calibrate`` (what ``longfit plan --calibrate`` runs) writes the ``this`` hardware profile
 to ``$LONGFIT_CACHE_DIR/hardware.json`` (default ``~/.cache/longfit``). Every figure is the median of several timed
 runs after a warm-up; run it on a quiet machine (one busy foreign process slows 2-thread torch 10–50×).
+
+Engine overheads (``measure_engine_steps``): the real engine (``LLM``, bf16 weights, the default CPU path) decodes
+random-weight models with SmolLM2-135M's layer shapes at a few (layers, batch, depth) points; the median step time
+minus the cost model's bound for that step is fitted by ``plan.overheads.fit_overheads``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import platform
+import random
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from longfit.config import ModelConfig
+from longfit.plan import cost_model as cm
 from longfit.plan.cost_model import HardwareProfile
 from longfit.plan.hardware import calibration_path, save_profile
+from longfit.plan.overheads import StepSample, fit_overheads
+
+# SmolLM2-135M's shape (the model the planner is checked against), with the layer count varied per point: two layer
+# counts separate per-step from per-layer costs. Its vocabulary is kept: the LM head and sampler are per-step costs.
+ENGINE_MODEL = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                           num_layers=1, num_heads=9, num_kv_heads=3, head_dim=64, max_model_len=8192 + 256,
+                           rope_theta=1e5, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),
+                           name="calibration-smollm2-shape")
+# (layers, batch, depth). Deep points use the 1-layer model: its prefill is cheap and the KV read cost is per layer.
+# They hold 1.5-24 MiB of KV per layer (2k-32k tokens of SmolLM2 KV: one 8k sequence, eight 4k ones). Decode
+# attention's cost per byte grows with it (cache effects, 2x or more from 1.5 to 6 MiB on the project machine), so
+# the one fitted factor averages over the range that long-context planning asks about.
+ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (1, 1, 2048), (1, 1, 8192), (1, 4, 4096), (1, 8, 4096),
+                 (12, 1, 32), (12, 4, 32), (12, 8, 32))
+ENGINE_FLUSH_BYTES = 128 << 20  # read between timed steps (see measure_engine_steps): 4x a 32 MiB L3
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
@@ -82,6 +108,130 @@ def measure_disk(directory: Path, num_bytes: int = 256 << 20) -> dict[str, Any]:
     return {"file_bytes": num_bytes, "write_bytes_per_s": num_bytes / write_s, "read_bytes_per_s": num_bytes / read_s}
 
 
+def _with_layers(base: ModelConfig, num_layers: int) -> ModelConfig:
+    """``base`` with ``num_layers`` full-attention layers (the overhead model has no sliding-window term)."""
+    if "sliding" in base.layer_types:
+        raise ValueError(f"calibration base model must have only full-attention layers, got {base.layer_types}")
+    return dataclasses.replace(base, num_layers=num_layers, layer_types=())
+
+
+@contextlib.contextmanager
+def _synthetic_model(config: ModelConfig) -> Iterator[str]:
+    """Make ``LLM("tiny-llama")`` build ``config`` with random weights; yields the name to pass to ``LLM``."""
+    from longfit.models.loader import synthetic_config
+
+    with synthetic_config("tiny-llama", config) as name:
+        yield name
+
+
+def _time_decode(engine: Any, batch: int, depth: int, steps: int, vocab: int,
+                 flush: torch.Tensor | None = None) -> list[float]:
+    """Seconds of each pure decode step of ``batch`` random prompts of ``depth`` tokens (as ``bench decode``
+    runs them: prefill all, then time the steps in which every sequence decodes one token). ``flush`` is read
+    before each step, untimed, so the step starts with cold caches."""
+    from longfit.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    for index in range(batch):  # prompt i is the same in every round and batch: the prefix cache spares its prefill
+        rng = random.Random(7919 * index + depth)
+        engine.add_request(None, [rng.randrange(3, vocab) for _ in range(depth)], params)
+    while any(r.is_prefilling or r.status.name == "WAITING" for r in engine.scheduler.requests.values()):
+        engine.step()
+    times = []
+    while engine.has_unfinished_requests():
+        if flush is not None:
+            flush.sum()
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times[:steps]  # the last step also finishes the requests and frees their pages
+
+
+def measure_engine_steps(points: Sequence[tuple[int, int, int]] = ENGINE_POINTS, base: ModelConfig = ENGINE_MODEL,
+                         steps: int = 8, rounds: int = 3, num_threads: int | None = None,
+                         flush_bytes: int = ENGINE_FLUSH_BYTES) -> list[dict[str, Any]]:
+    """Decode step time of longfit's engine (bf16 weights) at each ``(layers, batch, depth)`` point.
+
+    One random-weight model of ``base``'s shape per layer count, each warmed up first (kernel selection,
+    allocator). Every point runs ``rounds`` times, the rounds interleaved over all points; a round's figure is the
+    median of its ``steps`` steps and the point's is the fastest round's (a foreign process slowing one round
+    does not count). ``flush_bytes`` (0: none) are read before every step, untimed. Returns one record per point:
+    ``num_layers``, ``batch``, ``depth`` (prompt tokens), ``kv_tokens`` (mean tokens in the cache over the timed
+    steps), ``measured_s`` (seconds) and every round's ``step_times_s``.
+    """
+    from longfit.llm import LLM
+
+    if steps < 2 or rounds < 1:
+        raise ValueError(f"steps must be >= 2 and rounds >= 1, got steps={steps}, rounds={rounds}")
+    engines = {}
+    for layers in dict.fromkeys(p[0] for p in points):
+        config = _with_layers(base, layers)
+        shapes = [(b, d) for n, b, d in points if n == layers]
+        max_batch = max(b for b, _ in shapes)
+        # Room for every point's prompts at once (the prefix cache keeps them for the next round) plus growth.
+        pages = sum(b * layers * -(-(d + steps + 3) // 32) for b, d in shapes) + layers * max_batch * 4
+        with _synthetic_model(config) as name:
+            llm = LLM(name, dtype="bfloat16", weights="bf16", block_size=32,
+                      memory_bytes=(pages + 2) * cm.page_bytes(config), max_num_seqs=max_batch,
+                      max_num_batched_tokens=2048, num_threads=num_threads)
+        if llm.engine.model_config != config:
+            raise RuntimeError("calibration could not build its synthetic model (the loader changed?)")
+        _time_decode(llm.engine, max_batch, 8, 4, config.vocab_size)  # warm-up
+        engines[layers] = llm.engine
+    # A real model's step streams far more than the L3 (SmolLM2: 269 MB of weights + its KV), so every layer
+    # reads its weights and KV from DRAM. These small models would find part of theirs still cached from the last
+    # step (measured: decode attention at 8k tokens 1.8x faster per layer in a 1-layer model than in an 8-layer
+    # one; with the flush both cost the same), so a buffer larger than the L3 is read between steps.
+    flush = torch.ones(flush_bytes // 4, dtype=torch.float32) if flush_bytes > 0 else None
+    runs: list[list[list[float]]] = [[] for _ in points]
+    for round_index in range(rounds):
+        order = list(enumerate(points))
+        for index, (layers, batch, depth) in order if round_index % 2 == 0 else order[::-1]:  # spread any drift
+            runs[index].append(_time_decode(engines[layers], batch, depth, steps, base.vocab_size, flush))
+    return [{"num_layers": layers, "batch": batch, "depth": depth, "kv_tokens": depth + (steps + 1) / 2,
+             "measured_s": min(statistics.median(r) for r in rounds_times), "step_times_s": rounds_times}
+            for (layers, batch, depth), rounds_times in zip(points, runs)]
+
+
+def engine_samples(records: Sequence[dict[str, Any]], base: ModelConfig,
+                   profile: HardwareProfile) -> list[StepSample]:
+    """Each record as a ``StepSample``: its bound is the planner's own decode bound (bf16 weights, full cache) on
+    ``profile`` for a model of the record's layer count at the record's mean cache depth. Adds
+    ``lower_bound_s`` and ``kv_bytes_read`` to every record (they are saved with the raw points)."""
+    fmt = cm.parse_weight_format("bf16")
+    samples = []
+    for record in records:
+        config = _with_layers(base, record["num_layers"])
+        context = round(record["kv_tokens"])
+        kv = cm.full_kv_bytes(config, context)
+        flops = cm.decode_flops(config, context, sum(cm.layer_tokens(config, context)))
+        bound = cm.step_time(cm.weight_bytes(config, fmt).read_per_step + record["batch"] * kv,
+                             record["batch"] * flops, profile.memory_bandwidth, cm.compute_rate(profile, fmt))
+        record["lower_bound_s"], record["kv_bytes_read"] = bound.seconds, record["batch"] * kv
+        samples.append(StepSample(record["num_layers"], record["batch"], record["batch"] * kv, bound.seconds,
+                                  record["measured_s"]))
+    return samples
+
+
+def calibrate_engine(profile: HardwareProfile, points: Sequence[tuple[int, int, int]] = ENGINE_POINTS,
+                     base: ModelConfig = ENGINE_MODEL, steps: int = 8, rounds: int = 3,
+                     num_threads: int | None = None,
+                     flush_bytes: int = ENGINE_FLUSH_BYTES) -> tuple[HardwareProfile, dict[str, Any]]:
+    """``profile`` with its engine-overhead fields fitted to longfit's decode steps (``measure_engine_steps``,
+    whose arguments these are), and the raw points with their bounds and fit errors."""
+    records = measure_engine_steps(points, base, steps, rounds, num_threads, flush_bytes)
+    fit = fit_overheads(engine_samples(records, base, profile), profile.memory_bandwidth)
+    for record, error in zip(records, fit.relative_errors):
+        record["fit_relative_error"] = error
+    shape = {k: getattr(base, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
+                                           "num_kv_heads", "head_dim", "tie_word_embeddings")}
+    raw = {"model": shape, "weights": "bf16", "dtype": "bfloat16", "steps_per_point": steps, "rounds": rounds,
+           "flush_bytes": flush_bytes,
+           "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "points": records,
+           "fit": fit.coefficients, "rms_relative_error": fit.rms_relative_error}
+    return dataclasses.replace(profile, **fit.coefficients), raw
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -99,17 +249,37 @@ def _host_memory_bytes() -> int | None:
         return None
 
 
+def _foreign_load(num_threads: int | None) -> str | None:
+    """A warning when other processes keep the cores busy (the 1-minute load average leaves fewer cores than the
+    threads torch will spin on): timings then come out slow and noisy, 10-50x so for 2 threads on 2 cores."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    cores = os.cpu_count() or 1
+    threads = num_threads or int(os.environ.get("LONGFIT_NUM_THREADS") or 0) or torch.get_num_threads()
+    load = os.getloadavg()[0]
+    if load + threads <= cores + 0.5:
+        return None
+    return (f"load average {load:.2f} on {cores} cores with {threads} torch threads: other processes are running, "
+            "so the figures will be slow and noisy; calibrate on a quiet machine (or with fewer threads, "
+            "LONGFIT_NUM_THREADS, and run the engine with the same)")
+
+
 def calibrate(num_threads: int | None = None, bandwidth_bytes: int = 1 << 30, matmul_size: int = 2048,
-              repeats: int = 5, disk: bool = True) -> tuple[HardwareProfile, dict[str, Any]]:
+              repeats: int = 5, disk: bool = True, engine: bool = True) -> tuple[HardwareProfile, dict[str, Any]]:
     """Measure this machine; returns the profile and the raw measurements.
 
     Args:
-        num_threads: torch threads for the run; None keeps torch's default (the physical cores).
+        num_threads: torch threads for the run (and the engine); None: ``$LONGFIT_NUM_THREADS`` if set (what the
+            engine would use), else torch's default (the physical cores).
         bandwidth_bytes: buffer size of the bandwidth test (keep it well above the last-level cache).
         matmul_size: side of the square matmuls.
         repeats: timed runs per figure (the median is kept).
         disk: also time a temporary file in the cache directory.
+        engine: also fit the engine's decode overheads (``calibrate_engine``); without it the profile stays a
+            pure lower bound.
     """
+    env = os.environ.get("LONGFIT_NUM_THREADS")
+    num_threads = num_threads or (int(env) if env else None)
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     with torch.inference_mode():
@@ -128,28 +298,50 @@ def calibrate(num_threads: int | None = None, bandwidth_bytes: int = 1 << 30, ma
         disk_write_bandwidth=disk_result["write_bytes_per_s"] if disk_result else None,
         source=f"measured by longfit plan --calibrate on {_cpu_name()} with {threads} threads "
                f"(median of {repeats} runs)", measured=True)
+    if engine:
+        started = time.perf_counter()
+        profile, measurements["engine_overheads"] = calibrate_engine(profile, num_threads=threads)
+        measurements["engine_overheads"]["seconds"] = time.perf_counter() - started
+        profile = dataclasses.replace(profile, source=profile.source + "; decode overheads fitted to longfit's "
+                                      "engine (bf16 weights, SmolLM2-135M layer shapes)")
     return profile, measurements
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure this machine for `longfit plan --hardware this`.")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, the physical cores)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads, engine included (default: $LONGFIT_NUM_THREADS, else torch's default)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the median is kept")
     parser.add_argument("--bandwidth-mib", type=int, default=1024, help="bandwidth buffer size in MiB")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls")
     parser.add_argument("--no-disk", action="store_true", help="skip the disk test")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="skip the engine decode-overhead fit (the profile stays a pure lower bound)")
     parser.add_argument("--output", help=f"profile path (default {calibration_path()})")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.bandwidth_mib < 1 or args.matmul_size < 16 or (args.threads or 1) < 1:
         parser.error("--repeats, --bandwidth-mib, --threads must be positive and --matmul-size >= 16")
+    busy = _foreign_load(args.threads)
+    if busy:
+        print(f"longfit calibrate: warning: {busy}", file=sys.stderr)
     profile, measurements = calibrate(args.threads, args.bandwidth_mib << 20, args.matmul_size, args.repeats,
-                                      disk=not args.no_disk)
+                                      disk=not args.no_disk, engine=not args.no_engine)
     path = save_profile(profile, args.output, measurements)
     disk = (f", disk read {profile.disk_read_bandwidth / 1e9:.2f} / write {profile.disk_write_bandwidth / 1e9:.2f} GB/s"
             if profile.disk_read_bandwidth and profile.disk_write_bandwidth else "")
     print(f"memory read {profile.memory_bandwidth / 1e9:.1f} GB/s (copy "
           f"{measurements['bandwidth']['copy_bytes_per_s'] / 1e9:.1f}), bf16 {profile.bf16_flops / 1e9:.0f} GFLOP/s, "
           f"fp32 {profile.fp32_flops / 1e9:.0f} GFLOP/s{disk} with {measurements['num_threads']} threads -> {path}")
+    if "engine_overheads" in measurements:
+        fit = measurements["engine_overheads"]
+        print(f"decode overheads: {profile.step_overhead_s * 1e3:.3f} ms/step + "
+              f"{profile.step_overhead_per_seq_s * 1e3:.3f} ms/seq + {profile.step_overhead_per_layer_s * 1e3:.3f} "
+              f"ms/layer + {profile.step_overhead_per_seq_layer_s * 1e3:.4f} ms/seq/layer, KV read factor "
+              f"{profile.kv_read_factor:.2f} (rms fit error {100 * fit['rms_relative_error']:.1f}% over "
+              f"{len(fit['points'])} points, {fit['seconds']:.1f} s)")
+        if fit["rms_relative_error"] > 0.1:  # 1-4% on the project machine with 1 thread, even while shared
+            print("longfit calibrate: warning: the decode points fit poorly (noisy machine?); rerun when it is quiet",
+                  file=sys.stderr)
     return 0
 
 

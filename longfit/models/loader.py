@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,27 @@ class LoadedModel:
     path: str
 
 
+# Random-weight configs that replace a ``tiny-*`` preset while ``synthetic_config`` is open (calibration builds
+# models of a real model's shape without its weights).
+_SYNTHETIC_CONFIGS: dict[str, ModelConfig] = {}
+
+
+@contextlib.contextmanager
+def synthetic_config(name: str, config: ModelConfig) -> Iterator[str]:
+    """While open, ``load_model(name)`` (a ``tiny-*`` preset name) builds ``config`` with random weights."""
+    if name not in TINY_PRESETS:
+        raise ValueError(f"synthetic_config: name must be one of {sorted(TINY_PRESETS)}, got {name!r}")
+    previous = _SYNTHETIC_CONFIGS.get(name)
+    _SYNTHETIC_CONFIGS[name] = config
+    try:
+        yield name
+    finally:
+        if previous is None:
+            del _SYNTHETIC_CONFIGS[name]
+        else:
+            _SYNTHETIC_CONFIGS[name] = previous
+
+
 def load_model(name: str, runtime: RuntimeConfig) -> LoadedModel:
     """Build the model named ``name`` (short name, GGUF path, HF directory, or a ``tiny-*`` preset).
 
@@ -32,7 +55,7 @@ def load_model(name: str, runtime: RuntimeConfig) -> LoadedModel:
     dtype = TORCH_DTYPES[runtime.dtype]
     form = "dense" if runtime.weights == "bf16" else runtime.weights
     if name in TINY_PRESETS:
-        config = tiny_model_config(name)
+        config = _SYNTHETIC_CONFIGS.get(name) or tiny_model_config(name)
         source = WeightSource(random_weights(config, seed=runtime.weight_seed), form, dtype)
         tokenizer = ByteTokenizer(add_bos=config.add_bos_token)
         path = name

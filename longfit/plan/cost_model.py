@@ -2,7 +2,8 @@
 
 Standard arithmetic after "Challenges in Deploying Long-Context Transformers: A Theoretical Peak Performance
 Analysis": decode is bound by bytes read ÷ bandwidth (weights + the KV it re-reads), prefill by FLOPs ÷ compute
-(linear layers + attention's quadratic term). Pure functions of a ``ModelConfig``; no torch, no I/O.
+(linear layers + attention's quadratic term). A calibrated profile adds the engine's measured per-step costs to the
+decode bound (``decode_time``). Pure functions of a ``ModelConfig``; no torch, no I/O.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ class HardwareProfile:
     disk_write_bandwidth: Annotated[float | None, "bytes/s"] = None
     source: Annotated[str, "where the figures come from"] = ""
     measured: Annotated[bool, "True for a calibration of this machine"] = False
+    # Costs of longfit's engine on this machine beyond the bandwidth/compute bound (``longfit plan --calibrate``
+    # measures them; the defaults keep a profile a pure lower bound). See ``decode_overhead_s`` for the formula.
+    step_overhead_s: Annotated[float, "seconds per decode step, fixed (scheduling, embedding, LM head and sampler "
+                                      "dispatch)"] = 0.0
+    step_overhead_per_seq_s: Annotated[float, "seconds per sequence per decode step (sampling a row, output "
+                                              "bookkeeping)"] = 0.0
+    step_overhead_per_layer_s: Annotated[float, "seconds per decoder layer per decode step (eager dispatch: norms, "
+                                                "RoPE, attention glue)"] = 0.0
+    step_overhead_per_seq_layer_s: Annotated[float, "seconds per sequence per layer per decode step"] = 0.0
+    kv_read_factor: Annotated[float, "bytes moved per KV byte read at decode (>= 1: the engine gathers and "
+                                     "converts the pages it reads)"] = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("cpu", "gpu", "unified"):
@@ -47,6 +59,34 @@ class HardwareProfile:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"HardwareProfile.{name} must be positive or None, got {value!r}")
+        for name, low in zip(OVERHEAD_FIELDS, (0.0, 0.0, 0.0, 0.0, 1.0)):
+            value = getattr(self, name)
+            # NOTE: `not value >= low` also rejects NaN; bool is an int subclass but never a duration.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not value >= low:
+                raise ValueError(f"HardwareProfile.{name} must be a finite number >= {low:g}, got {value!r}")
+
+    @property
+    def has_engine_overheads(self) -> bool:
+        """True when decode times computed from this profile are estimates, not pure lower bounds."""
+        return any(overhead_coefficients(self))
+
+
+# The engine-overhead fields of HardwareProfile, in the order of ``overhead_terms``.
+OVERHEAD_FIELDS = ("step_overhead_s", "step_overhead_per_seq_s", "step_overhead_per_layer_s",
+                   "step_overhead_per_seq_layer_s", "kv_read_factor")
+
+
+def overhead_terms(num_layers: int, batch: int, kv_bytes_read: float, bandwidth: float) -> tuple[float, ...]:
+    """What each coefficient of ``OVERHEAD_FIELDS`` multiplies in one decode step: 1, batch, layers,
+    layers · batch, and the KV bytes the step reads ÷ bandwidth (seconds; its coefficient is kv_read_factor − 1)."""
+    return (1.0, float(batch), float(num_layers), float(num_layers * batch), kv_bytes_read / bandwidth)
+
+
+def overhead_coefficients(hardware: HardwareProfile) -> tuple[float, ...]:
+    """The coefficients matching ``overhead_terms`` (seconds, except the last: kv_read_factor − 1, unitless)."""
+    return (hardware.step_overhead_s, hardware.step_overhead_per_seq_s, hardware.step_overhead_per_layer_s,
+            hardware.step_overhead_per_seq_layer_s, hardware.kv_read_factor - 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -276,3 +316,30 @@ def step_time(bytes_read: int, flops: int, bandwidth: float, compute: float) -> 
 def compute_rate(hardware: HardwareProfile, fmt: WeightFormat) -> float:
     """FLOP/s a step runs at: weight-only int8/int4 still multiply in bf16; fp32 weights in fp32."""
     return hardware.fp32_flops if fmt.bits == 32 else hardware.bf16_flops
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeTime:
+    """One decode step: ``seconds`` = the lower bound + the profile's engine overheads (= the bound for presets)."""
+
+    seconds: float
+    lower_bound: StepTime
+    overhead_s: float
+
+
+def decode_overhead_s(hardware: HardwareProfile, num_layers: int, batch: int, kv_bytes_read: float) -> float:
+    """Seconds one decode step spends beyond the bound: ``step + batch · per_seq + layers · (per_layer + batch ·
+    per_seq_layer) + (kv_read_factor − 1) · kv_bytes_read / bandwidth``. ``kv_bytes_read`` covers every sequence.
+    Exactly 0.0 for a profile without overheads."""
+    terms = overhead_terms(num_layers, batch, kv_bytes_read, hardware.memory_bandwidth)
+    return sum(c * t for c, t in zip(overhead_coefficients(hardware), terms))
+
+
+def decode_time(hardware: HardwareProfile, num_layers: int, batch: int, weight_bytes_read: int,
+                kv_bytes_read_per_seq: int, flops_per_seq: int, compute: float) -> DecodeTime:
+    """One decode step of ``batch`` sequences: weights read once, each sequence's KV and FLOPs (``compute`` FLOP/s),
+    then the engine overheads on top (``decode_overhead_s``)."""
+    bound = step_time(weight_bytes_read + batch * kv_bytes_read_per_seq, batch * flops_per_seq,
+                      hardware.memory_bandwidth, compute)
+    overhead = decode_overhead_s(hardware, num_layers, batch, batch * kv_bytes_read_per_seq)
+    return DecodeTime(bound.seconds + overhead, bound, overhead)

@@ -2,7 +2,8 @@
 
 ``--hardware`` takes ``this`` (the profile ``longfit plan --calibrate`` saved to ``$LONGFIT_CACHE_DIR/hardware.json``,
 default ``~/.cache/longfit/hardware.json``), a preset name (``list_presets()``), or a path to a ``.json``/``.yaml``
-file. Preset figures are peak numbers, so planned times are lower bounds; a calibration gives reachable ones.
+file. Preset figures are peak numbers with no engine overheads, so planned times are lower bounds; a calibration
+measures reachable figures and longfit's per-step decode overheads, which make decode times estimates.
 No torch here.
 """
 
@@ -112,6 +113,9 @@ _RATE_UNITS = {"": 1.0, "b/s": 1.0, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9, "tb/s
                "gflop/s": 1e9, "gflops": 1e9, "tflop/s": 1e12, "tflops": 1e12}
 _RATE_FIELDS = ("memory_bandwidth", "bf16_flops", "fp32_flops", "host_link_bandwidth", "disk_read_bandwidth",
                 "disk_write_bandwidth")
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_TIME_FIELDS = ("step_overhead_s", "step_overhead_per_seq_s", "step_overhead_per_layer_s",
+                "step_overhead_per_seq_layer_s")
 
 
 def _parse_rate(value: Any, field_name: str) -> float | None:
@@ -128,6 +132,18 @@ def _parse_rate(value: Any, field_name: str) -> float | None:
     return float(match.group(1)) * _RATE_UNITS[unit]
 
 
+def _parse_seconds(value: Any, field_name: str) -> Any:
+    """A number of seconds or a string with a unit: ``"0.3 ms"``, ``"250 us"``. Other types pass through to
+    ``HardwareProfile``'s validation, which names the field."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zµ]*)\s*", value.lower())
+    if not match or match.group(2) not in _TIME_UNITS:
+        raise ValueError(f"hardware profile field {field_name} must be a number of seconds or a duration such as "
+                         f"'0.3 ms' or '250 us', got {value!r}")
+    return float(match.group(1)) * _TIME_UNITS[match.group(2)]
+
+
 def profile_from_dict(data: dict[str, Any], default_name: str = "custom") -> HardwareProfile:
     """Build a profile from a file's mapping. Unknown keys other than ``measurements`` are rejected."""
     known = {f.name for f in dataclasses.fields(HardwareProfile)}
@@ -138,6 +154,9 @@ def profile_from_dict(data: dict[str, Any], default_name: str = "custom") -> Har
     for name in _RATE_FIELDS:
         if name in values:
             values[name] = _parse_rate(values[name], name)
+    for name in _TIME_FIELDS:
+        if name in values:
+            values[name] = _parse_seconds(values[name], name)
     if values.get("memory_bytes") is not None:
         values["memory_bytes"] = parse_bytes(values["memory_bytes"], "hardware profile field memory_bytes")
     values.setdefault("name", default_name)
@@ -149,7 +168,7 @@ def profile_from_dict(data: dict[str, Any], default_name: str = "custom") -> Har
 
 
 def profile_to_dict(profile: HardwareProfile) -> dict[str, Any]:
-    """Plain mapping in base units (bytes, bytes/s, FLOP/s), the format ``profile_from_dict`` reads."""
+    """Plain mapping in base units (bytes, bytes/s, FLOP/s, seconds), the format ``profile_from_dict`` reads."""
     return dataclasses.asdict(profile)
 
 

@@ -3,7 +3,9 @@
 Turns the four long-context costs of "Challenges in Deploying Long-Context Transformers: A Theoretical Peak
 Performance Analysis" (prefill compute, concurrent users, KV re-reads at decode, swapping) into numbers for one
 model, memory budget, hardware profile and list of KV compression specs. Memory figures are exact (the engine's
-paged layout); times are lower bounds from peak or calibrated figures. No torch here.
+paged layout). Prefill and swap times are lower bounds; decode times are lower bounds for presets and, with a
+calibrated profile (``--hardware this``), estimates of longfit's engine: the bound plus the measured per-step
+overheads (``cost_model.decode_time``). No torch here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 from longfit.config import ModelConfig, SchedulerConfig, parse_bytes, parse_tokens
 from longfit.plan import cost_model as cm
 from longfit.plan.cost_model import HardwareProfile, WeightBytes
+# NOTE: load_fidelity is re-exported: the fidelity file code moved to plan/fidelity.py, callers import it from here.
+from longfit.plan.fidelity import FidelityRecord, load_fidelity, retention_by_spec  # noqa: F401
 from longfit.plan.hardware import list_presets, resolve_hardware
 
 FULL_CACHE_SPECS = ("none", "full", "")
@@ -139,7 +143,12 @@ def canonical_spec(spec: str) -> str:
 # ---------------------------------------------------------------------------------------------- plan
 @dataclass(frozen=True, slots=True)
 class SpecPlan:
-    """Every figure for one KV spec. Bytes are bytes, times seconds, rates tokens/s; None: not applicable."""
+    """Every figure for one KV spec. Bytes are bytes, times seconds, rates tokens/s; None: not applicable.
+
+    Decode times (``decode_*_s``, throughputs, the decode part of the latency) are the lower bound plus the
+    hardware profile's engine overheads: equal to the bound for presets (``Plan.decode_time_basis``). The
+    ``*_lower_bound_s`` fields always hold the pure bound.
+    """
 
     spec: str
     kv_bytes_per_token: float  # exact request bytes ÷ tokens held (sliding windows make it depend on length)
@@ -171,6 +180,9 @@ class SpecPlan:
     retention_tasks: int = 0
     retention_length: int | None = None
     meets_min_retention: bool | None = None
+    decode_batch1_lower_bound_s: float | None = None  # the bandwidth/compute bound alone
+    decode_max_batch_lower_bound_s: float | None = None
+    decode_users_lower_bound_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +208,8 @@ class Plan:
     min_retention: float | None = None
     cheapest_spec: str | None = None
     notes: list[str] = field(default_factory=list)
+    # "lower_bound" (no engine overheads in the profile: presets) or "calibrated_estimate" (bound + overheads)
+    decode_time_basis: str = "lower_bound"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -328,6 +342,10 @@ def plan(model: ModelConfig, *, context: int, users: int | None, output_tokens: 
     retention = retention_by_spec(records, context, canonical_spec) if records else {}
     plans = [_plan_spec(model, spec, context, users, output_tokens, capacity, limit, block_size, kv_dtype_bytes,
                         wb, fmt, compute, hardware, reserve, retention, min_retention) for spec in specs]
+    basis = "calibrated_estimate" if hardware.has_engine_overheads else "lower_bound"
+    if hardware.measured and not hardware.has_engine_overheads:
+        notes.append(f"hardware {hardware.name!r} has no engine overheads (an older calibration?): decode times are "
+                     "lower bounds; rerun `longfit plan --calibrate` for estimates of the engine")
     estimated = [item.spec for item in plans if item.paged_estimated]
     if estimated:
         notes.append(f"{', '.join(estimated)}: the runtime's packing of quantized/low-rank pages is not modelled; "
@@ -342,8 +360,8 @@ def plan(model: ModelConfig, *, context: int, users: int | None, output_tokens: 
     return Plan(model=model.name, num_params=wb.num_params, weights=fmt.name, weight_bytes=wb, context=context,
                 output_tokens=output_tokens, users=users, kv_tokens_per_request=kv_tokens_held(context, output_tokens),
                 memory_bytes=memory_bytes, reserve_bytes=reserve, kv_budget_bytes=kv_budget, block_size=block_size,
-                kv_dtype_bytes=kv_dtype_bytes, page_bytes=page, hardware=hardware, specs=plans, min_retention=min_retention, cheapest_spec=cheapest,
-                notes=notes)
+                kv_dtype_bytes=kv_dtype_bytes, page_bytes=page, hardware=hardware, specs=plans,
+                min_retention=min_retention, cheapest_spec=cheapest, notes=notes, decode_time_basis=basis)
 
 
 def _plan_spec(model: ModelConfig, spec: str, context: int, users: int | None, output_tokens: int, capacity: int,
@@ -362,9 +380,9 @@ def _plan_spec(model: ModelConfig, spec: str, context: int, users: int | None, o
     prefill = cm.step_time(wb.read_per_step + cm.full_kv_bytes(model, context, dtype_bytes),
                            cm.prefill_flops(model, context), hardware.memory_bandwidth, compute)
 
-    def decode(batch: int, kv: KVFootprint = at_context) -> cm.StepTime:  # weights once, each request's KV
-        return cm.step_time(wb.read_per_step + batch * kv.read_bytes,
-                            batch * cm.decode_flops(model, context, kv.read_keys), hardware.memory_bandwidth, compute)
+    def decode(batch: int, kv: KVFootprint = at_context) -> cm.DecodeTime:  # weights once, each request's KV
+        return cm.decode_time(hardware, model.num_layers, batch, wb.read_per_step, kv.read_bytes,
+                              cm.decode_flops(model, context, kv.read_keys), compute)
 
     one = decode(1)
     at_max = decode(max_users) if max_users >= 1 else None
@@ -386,7 +404,7 @@ def _plan_spec(model: ModelConfig, spec: str, context: int, users: int | None, o
         fits=None if users is None else users <= max_users, max_context=max_context,
         max_context_users=context_users, max_context_limited_by=limited_by,
         prefill_s=prefill.seconds, prefill_bound=prefill.bound, decode_batch1_s=one.seconds,
-        decode_batch1_bound=one.bound, max_batch=max_users,
+        decode_batch1_bound=one.lower_bound.bound, max_batch=max_users,
         decode_max_batch_s=at_max.seconds if at_max else None, throughput_batch1=1.0 / one.seconds,
         throughput_max_batch=max_users / at_max.seconds if at_max else None,
         decode_users_s=at_users.seconds if at_users else None,
@@ -396,6 +414,9 @@ def _plan_spec(model: ModelConfig, spec: str, context: int, users: int | None, o
         memory_used_bytes=None if users is None else wb.total + reserve + users * steady.paged_bytes,
         retention=kept[0] if kept else None, retention_tasks=kept[1] if kept else 0,
         retention_length=kept[2] if kept else None, meets_min_retention=meets,
+        decode_batch1_lower_bound_s=one.lower_bound.seconds,
+        decode_max_batch_lower_bound_s=at_max.lower_bound.seconds if at_max else None,
+        decode_users_lower_bound_s=at_users.lower_bound.seconds if at_users else None,
     )
 
 
@@ -419,67 +440,6 @@ def users_curve(model: ModelConfig, spec: str, contexts: Sequence[int], *, kv_bu
     cap = _SpecCapacity(model, spec, max(0, kv_budget_bytes // page - 1) * page, block_size, kv_dtype_bytes,
                         output_tokens)
     return [cap.max_users(c) for c in contexts]
-
-
-# ---------------------------------------------------------------------------------------------- fidelity
-@dataclass(frozen=True, slots=True)
-class FidelityRecord:
-    """One row of a fidelity results file (docs/PLANNING.md): a spec's score on one task at one context length.
-
-    ``retention`` = score ÷ the full-cache score of the same task and length (methods.md §12.3); when absent it
-    is computed from ``score`` and the file's ``spec: "none"`` row for that task and length.
-    """
-
-    spec: str
-    task: str
-    length: int
-    score: float | None = None
-    retention: float | None = None
-
-
-def load_fidelity(path: str | Path) -> list[FidelityRecord]:
-    """Read a JSON list of ``{spec, task, length, score, retention}`` (or ``{"results": [...]}``)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"fidelity file {str(path)!r} could not be read as JSON: {exc}") from None
-    if isinstance(data, dict) and "results" in data:
-        data = data["results"]
-    if not isinstance(data, list):
-        raise ValueError(f"fidelity file {str(path)!r} must hold a list of {{spec, task, length, score, retention}}")
-    records = []
-    for index, item in enumerate(data):
-        where = f"fidelity file {str(path)!r} entry {index}"
-        if not isinstance(item, dict) or not {"spec", "task", "length"} <= set(item):
-            raise ValueError(f"{where} must be an object with spec, task, length and score or retention")
-        score, kept = item.get("score"), item.get("retention")
-        if score is None and kept is None:
-            raise ValueError(f"{where} needs a score or a retention")
-        if not isinstance(item["length"], int) or item["length"] <= 0:
-            raise ValueError(f"{where}: length must be a positive integer, got {item['length']!r}")
-        records.append(FidelityRecord(str(item["spec"]), str(item["task"]), item["length"],
-                                      None if score is None else float(score), None if kept is None else float(kept)))
-    return records
-
-
-def retention_by_spec(records: Sequence[FidelityRecord], context: int,
-                      canonical: Callable[[str], str] = canonical_spec) -> dict[str, tuple[float, int, int | None]]:
-    """Spec → (mean retention over tasks, number of tasks, length used), at the measured length nearest the
-    planned context (log distance; ties to the longer)."""
-    baseline = {(r.task, r.length): r.score for r in records if canonical(r.spec) == "none" and r.score}
-    by_spec: dict[str, dict[int, list[float]]] = {}
-    for r in records:
-        kept = r.retention
-        if kept is None and r.score is not None and baseline.get((r.task, r.length)):
-            kept = r.score / baseline[(r.task, r.length)]  # type: ignore[operator]
-        if kept is not None:
-            by_spec.setdefault(canonical(r.spec), {}).setdefault(r.length, []).append(kept)
-    result = {}
-    for spec, lengths in by_spec.items():
-        length = min(lengths, key=lambda n: (abs(math.log(n / context)), -n))
-        values = lengths[length]
-        result[spec] = (sum(values) / len(values), len(values), length)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from longfit.config import ModelConfig
-from longfit.plan.hardware import get_preset, list_presets
+from longfit.plan.cost_model import HardwareProfile
+from longfit.plan.hardware import get_preset, list_presets, resolve_hardware
 from longfit.plan.planner import Plan, SpecPlan, users_curve
 
 
@@ -57,8 +58,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
+def format_overheads(hw: HardwareProfile) -> str:
+    """The engine-overhead fields in one line (``-`` for a profile without them: a pure lower bound)."""
+    if not hw.has_engine_overheads:
+        return "-"
+    return (f"{format_seconds(hw.step_overhead_s)}/step + {format_seconds(hw.step_overhead_per_seq_s)}/seq + "
+            f"{format_seconds(hw.step_overhead_per_layer_s)}/layer + "
+            f"{format_seconds(hw.step_overhead_per_seq_layer_s)}/seq/layer, KV read x{hw.kv_read_factor:.2f}")
+
+
 def _rows(plan: Plan) -> list[tuple[str, Callable[[SpecPlan], str]]]:
     users = plan.users or 1
+    estimate = plan.decode_time_basis == "calibrated_estimate"
+    kind = " (estimate)" if estimate else " (lower bound)"
+    rate_kind = " (estimate)" if estimate else " (upper bound)"  # tokens/s of a lower-bound time
     rows: list[tuple[str, Callable[[SpecPlan], str]]] = [
         ("KV bytes / token", lambda s: f"{s.kv_bytes_per_token:,.1f}"),
         ("KV / request (exact)", lambda s: format_bytes(s.kv_bytes_per_request)),
@@ -73,16 +86,22 @@ def _rows(plan: Plan) -> list[tuple[str, Callable[[SpecPlan], str]]]:
         (f"max context @ {users} user{'s' if users > 1 else ''}",
          lambda s: f"{s.max_context:,}" + (" (model)" if s.max_context_limited_by == "model" else "")),
         ("prefill (lower bound)", lambda s: f"{format_seconds(s.prefill_s)} {s.prefill_bound[:3]}"),
-        ("decode / token, batch 1", lambda s: f"{format_seconds(s.decode_batch1_s)} {s.decode_batch1_bound[:3]}"),
-        ("decode / token, max batch", lambda s: f"{format_seconds(s.decode_max_batch_s)} @ {s.max_batch}"),
-        ("throughput, batch 1", lambda s: format_rate(s.throughput_batch1)),
-        ("throughput, max batch", lambda s: format_rate(s.throughput_max_batch)),
+    ]
+    if estimate:  # the pure bound next to the estimate, so the overhead's share is visible
+        rows.append(("decode / token, batch 1 (lower bound)",
+                     lambda s: f"{format_seconds(s.decode_batch1_lower_bound_s)} {s.decode_batch1_bound[:3]}"))
+    rows += [
+        ("decode / token, batch 1" + kind, lambda s: format_seconds(s.decode_batch1_s) + (
+            "" if estimate else f" {s.decode_batch1_bound[:3]}")),
+        ("decode / token, max batch" + kind, lambda s: f"{format_seconds(s.decode_max_batch_s)} @ {s.max_batch}"),
+        ("throughput, batch 1" + rate_kind, lambda s: format_rate(s.throughput_batch1)),
+        ("throughput, max batch" + rate_kind, lambda s: format_rate(s.throughput_max_batch)),
     ]
     if plan.users is not None:
-        rows.append((f"throughput, {plan.users} user{'s' if plan.users > 1 else ''}",
+        rows.append((f"throughput, {plan.users} user{'s' if plan.users > 1 else ''}" + rate_kind,
                      lambda s: format_rate(s.throughput_users)))
     rows += [
-        ("request latency, batch 1", lambda s: format_seconds(s.request_latency_s)),
+        ("request latency, batch 1" + kind, lambda s: format_seconds(s.request_latency_s)),
         ("swap to host + back", lambda s: format_seconds(s.swap_host_s)),
         ("swap to disk + back", lambda s: format_seconds(s.swap_disk_s)),
     ]
@@ -109,7 +128,12 @@ def format_plan(plan: Plan) -> str:
     else:
         lines.append(f"KV budget {format_bytes(plan.kv_budget_bytes)} (given)")
     lines.append(f"pages of {plan.block_size} tokens x 1 layer = {format_bytes(plan.page_bytes)}; "
-                 "times are lower bounds (mem = bandwidth-bound, com = compute-bound)")
+                 "prefill and swap times are lower bounds (mem = bandwidth-bound, com = compute-bound)")
+    if plan.decode_time_basis == "calibrated_estimate":
+        lines.append(f"decode times are calibrated estimates of longfit's engine: lower bound + overheads "
+                     f"{format_overheads(hw)}")
+    else:
+        lines.append("decode times are lower bounds (no engine overheads in this hardware profile)")
     header = ["", *(s.spec for s in plan.specs)]
     body = [[label, *(fn(s) for s in plan.specs)] for label, fn in _rows(plan)]
     lines += ["", _table(header, body)]
@@ -122,14 +146,20 @@ def format_plan(plan: Plan) -> str:
 
 
 def format_presets() -> str:
-    rows = []
-    for name in list_presets():
-        p = get_preset(name)
-        rows.append([name, p.kind, format_rate(p.memory_bandwidth, "B/s"), format_rate(p.bf16_flops, "FLOP/s"),
-                     format_rate(p.fp32_flops, "FLOP/s"), format_bytes(p.memory_bytes),
-                     format_rate(p.host_link_bandwidth, "B/s")])
-    table = _table(["preset", "kind", "bandwidth", "bf16", "fp32", "memory", "host link"], rows)
-    return table + "\n\nsources: longfit/plan/hardware.py; `--hardware this` uses `longfit plan --calibrate`"
+    """The presets, then the calibrated ``this`` profile when one is saved, and its engine overheads."""
+    profiles = [get_preset(name) for name in list_presets()]
+    try:
+        profiles.append(resolve_hardware("this"))
+    except ValueError:
+        pass  # not calibrated yet (or an unreadable file): list the presets alone
+    rows = [[p.name, p.kind, format_rate(p.memory_bandwidth, "B/s"), format_rate(p.bf16_flops, "FLOP/s"),
+             format_rate(p.fp32_flops, "FLOP/s"), format_bytes(p.memory_bytes),
+             format_rate(p.host_link_bandwidth, "B/s")] for p in profiles]
+    lines = [_table(["preset", "kind", "bandwidth", "bf16", "fp32", "memory", "host link"], rows), ""]
+    lines += [f"{p.name}: decode overheads {format_overheads(p)}" for p in profiles if p.has_engine_overheads]
+    lines.append("presets have no engine overheads: their decode times are lower bounds. Sources: "
+                 "longfit/plan/hardware.py; `--hardware this` uses `longfit plan --calibrate`")
+    return "\n".join(lines)
 
 
 def context_grid(limit: int, context: int, num_points: int = 40, start: int = 256) -> list[int]:

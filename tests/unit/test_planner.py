@@ -4,8 +4,10 @@ simulation of the engine's rule, users/context inversions, hardware profiles, fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -354,3 +356,168 @@ def test_plan_package_imports_no_torch() -> None:
     code = ("import sys, longfit.plan.planner, longfit.plan.report, longfit.plan.hardware; "
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, check=False).returncode == 0
+
+
+# ------------------------------------------------------------------------------------------- engine overheads
+OVERHEADS = {"step_overhead_s": 2e-3, "step_overhead_per_seq_s": 5e-4, "step_overhead_per_layer_s": 3e-4,
+             "step_overhead_per_seq_layer_s": 1e-5, "kv_read_factor": 4.0}
+
+
+@pytest.mark.parametrize("name", sorted(OVERHEADS))
+@pytest.mark.parametrize("bad", [-1e-3, math.nan, math.inf, True, "1 ms", None])
+def test_overhead_fields_validate(name: str, bad: object) -> None:
+    with pytest.raises(ValueError, match=f"HardwareProfile.{name} must be a finite number >= "):
+        cm.HardwareProfile("x", "cpu", 20e9, 1e12, 5e11, **{name: bad})  # type: ignore[arg-type]
+    if name == "kv_read_factor":  # a factor below 1 would make KV cheaper than the bound
+        with pytest.raises(ValueError, match="kv_read_factor must be a finite number >= 1"):
+            cm.HardwareProfile("x", "cpu", 20e9, 1e12, 5e11, kv_read_factor=0.5)
+    assert not get_preset("xeon-avx512-2c").has_engine_overheads  # presets stay pure lower bounds
+
+
+def test_zero_overheads_give_exactly_the_lower_bounds() -> None:
+    explicit_zero = dataclasses.replace(HW, step_overhead_s=0.0, step_overhead_per_layer_s=0.0, kv_read_factor=1.0)
+    shape: dict[str, object] = {"context": 2048, "users": 4, "output_tokens": 64, "memory_bytes": None,
+                                "kv_memory_bytes": 1 << 30}
+    result = _plan(SMOLLM2, hardware=explicit_zero, **shape)
+    spec = result.specs[0]
+    wb, kv = result.weight_bytes.read_per_step, cm.full_kv_bytes(SMOLLM2, 2048)
+    flops = cm.decode_flops(SMOLLM2, 2048)
+
+    def old(batch: int) -> float:  # the planner's decode formula before overheads existed
+        return cm.step_time(wb + batch * kv, batch * flops, HW.memory_bandwidth, HW.bf16_flops).seconds
+
+    assert spec.decode_batch1_s == old(1) == spec.decode_batch1_lower_bound_s
+    assert spec.decode_users_s == old(4) == spec.decode_users_lower_bound_s
+    assert spec.decode_max_batch_s == old(spec.max_batch) == spec.decode_max_batch_lower_bound_s
+    assert spec.throughput_batch1 == 1.0 / old(1)
+    assert result.decode_time_basis == "lower_bound"
+    assert json.loads(result.to_json())["specs"] == json.loads(_plan(SMOLLM2, **shape).to_json())["specs"]
+    from longfit.plan.report import format_plan
+
+    assert "decode times are lower bounds" in format_plan(result)
+
+
+def test_calibrated_overheads_hand_computed() -> None:
+    hw = cm.HardwareProfile("this", "cpu", 20e9, 1e12, 5e11, measured=True, **OVERHEADS)
+    result = _plan(SMOLLM2, context=2048, users=4, output_tokens=0, memory_bytes=None, kv_memory_bytes=1 << 30,
+                   hardware=hw)
+    spec = result.specs[0]
+    weights, kv = 269_030_016, 2048 * 23040  # SmolLM2 bf16, tied: every byte read per step; 47,185,920 B of KV
+    bound1 = (weights + kv) / 20e9  # memory-bound: 2 · 134.5M FLOP per token is 0.3 ms at 1 TFLOP/s
+    overhead1 = 2e-3 + 5e-4 + 30 * (3e-4 + 1e-5) + 3.0 * kv / 20e9
+    assert spec.decode_batch1_lower_bound_s == pytest.approx(bound1, rel=1e-12)
+    # 15.8108 ms bound + 2 + 0.5 + 30 · 0.31 = 11.8 ms fixed + 3 · 2.3593 ms of extra KV traffic = 34.6887 ms
+    assert spec.decode_batch1_s == pytest.approx(bound1 + overhead1, rel=1e-12)
+    assert spec.decode_batch1_s == pytest.approx(0.0346886848, rel=1e-9)
+    bound4 = (weights + 4 * kv) / 20e9
+    overhead4 = 2e-3 + 4 * 5e-4 + 30 * (3e-4 + 4 * 1e-5) + 3.0 * 4 * kv / 20e9
+    assert spec.decode_users_s == pytest.approx(bound4 + overhead4, rel=1e-12)
+    assert spec.throughput_users == pytest.approx(4 / (bound4 + overhead4), rel=1e-12)
+    assert spec.decode_batch1_bound == "memory" and result.decode_time_basis == "calibrated_estimate"
+    data = json.loads(result.to_json())
+    assert data["decode_time_basis"] == "calibrated_estimate" and data["hardware"]["kv_read_factor"] == 4.0
+    assert data["specs"][0]["decode_batch1_lower_bound_s"] == pytest.approx(bound1)
+    from longfit.plan.report import format_plan
+
+    text = format_plan(result)
+    assert "calibrated estimates" in text and "decode / token, batch 1 (estimate)" in text
+    assert "decode / token, batch 1 (lower bound)" in text and "prefill (lower bound)" in text
+
+
+def _synthetic_samples(coefficients: dict[str, float], bandwidth: float) -> list[object]:
+    from longfit.plan.overheads import StepSample
+
+    samples = []
+    for layers in (1, 12):
+        for batch in (1, 4, 8):
+            for kv_tokens in ((32, 2048, 8192) if layers == 1 else (32,)):
+                kv = batch * layers * kv_tokens * 768
+                bound = (layers * 7e6 + 57e6 + kv) / bandwidth
+                extra = sum(c * t for c, t in zip(
+                    [coefficients[f] - (f == "kv_read_factor") for f in cm.OVERHEAD_FIELDS],
+                    cm.overhead_terms(layers, batch, kv, bandwidth)))
+                samples.append(StepSample(layers, batch, kv, bound, bound + extra))
+    return samples
+
+
+@pytest.mark.parametrize("truth", [
+    OVERHEADS,
+    {**OVERHEADS, "step_overhead_per_seq_s": 0.0, "kv_read_factor": 1.0},  # on the boundary of the constraints
+])
+def test_fit_recovers_known_coefficients(truth: dict[str, float]) -> None:
+    from longfit.plan.overheads import fit_overheads
+
+    fit = fit_overheads(_synthetic_samples(truth, 25e9), 25e9)
+    for name, value in truth.items():
+        assert fit.coefficients[name] == pytest.approx(value, rel=1e-6, abs=1e-12), name
+    assert fit.rms_relative_error < 1e-9
+
+
+def test_fit_is_nonnegative_and_needs_identifiable_points() -> None:
+    from longfit.plan.overheads import StepSample, fit_overheads
+
+    rng = random.Random(0)
+    noisy = [dataclasses.replace(s, measured_s=s.measured_s * (1 + 0.03 * rng.uniform(-1, 1)))
+             for s in _synthetic_samples(OVERHEADS, 25e9)]
+    fit = fit_overheads(noisy, 25e9)
+    assert fit.coefficients["step_overhead_per_layer_s"] == pytest.approx(3e-4, rel=0.2)
+    assert fit.coefficients["kv_read_factor"] == pytest.approx(4.0, rel=0.2)
+    assert all(v >= 0 for v in fit.coefficients.values()) and fit.rms_relative_error < 0.05
+    # measured below the bound everywhere: nothing to attribute, every coefficient stays at its floor
+    fast = [dataclasses.replace(s, measured_s=s.lower_bound_s * 0.9) for s in noisy]
+    assert fit_overheads(fast, 25e9).coefficients == {**dict.fromkeys(cm.OVERHEAD_FIELDS, 0.0), "kv_read_factor": 1.0}
+    one_layer_count = [s for s in noisy if s.num_layers == 1]
+    with pytest.raises(ValueError, match="two layer counts"):
+        fit_overheads(one_layer_count, 25e9)
+    with pytest.raises(ValueError, match="at least 5"):
+        fit_overheads(noisy[:3], 25e9)
+    with pytest.raises(ValueError, match="measured_s"):
+        StepSample(1, 1, 0.0, 1e-3, 0.0)
+
+
+def test_profile_round_trips_overheads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LONGFIT_CACHE_DIR", str(tmp_path / "cache"))
+    measured = cm.HardwareProfile("this", "cpu", 38e9, 700e9, 180e9, measured=True, **OVERHEADS)
+    save_profile(measured, measurements={"engine_overheads": {"points": [{"batch": 1, "measured_s": 0.01}]}})
+    assert resolve_hardware("this") == measured
+    saved = json.loads((tmp_path / "cache" / "hardware.json").read_text())
+    assert saved["kv_read_factor"] == 4.0 and saved["measurements"]["engine_overheads"]["points"]
+    written = tmp_path / "box.json"
+    written.write_text(json.dumps({"memory_bandwidth": "38 GB/s", "bf16_flops": 1e12, "fp32_flops": 1e11,
+                                   "step_overhead_s": "2 ms", "step_overhead_per_layer_s": "300 us",
+                                   "step_overhead_per_seq_layer_s": 1e-5, "kv_read_factor": 4}))
+    loaded = load_profile_file(written)
+    assert loaded.step_overhead_s == pytest.approx(2e-3) and loaded.step_overhead_per_layer_s == pytest.approx(3e-4)
+    assert loaded.step_overhead_per_seq_s == 0.0 and loaded.kv_read_factor == 4 and loaded.has_engine_overheads
+    old = tmp_path / "old.json"  # a calibration from before the overhead fields: a pure lower bound
+    old.write_text(json.dumps({"memory_bandwidth": 38e9, "bf16_flops": 1e12, "fp32_flops": 1e11, "measured": True}))
+    assert not load_profile_file(old).has_engine_overheads
+    assert any("no engine overheads" in n for n in _plan(hardware=load_profile_file(old)).notes)
+    for bad, field in (({"step_overhead_s": "fast"}, "step_overhead_s"), ({"kv_read_factor": 0.9}, "kv_read_factor"),
+                       ({"step_overhead_per_seq_s": -1}, "step_overhead_per_seq_s")):
+        written.write_text(json.dumps({"memory_bandwidth": 1e9, "bf16_flops": 1e9, "fp32_flops": 1e9, **bad}))
+        with pytest.raises(ValueError, match=field):
+            load_profile_file(written)
+    from longfit.plan.report import format_presets
+
+    listing = format_presets()
+    assert "this: decode overheads 2.00 ms/step + 500.0 µs/seq + 300.0 µs/layer + 10.0 µs/seq/layer, KV read x4.00" \
+        in listing
+
+
+def test_engine_step_measurement_fits_finite_overheads() -> None:
+    """The real engine decode step, timed at tiny size (<10 s): the fitted coefficients are finite and >= 0."""
+    pytest.importorskip("torch")
+    from longfit.bench.calibrate import calibrate_engine
+
+    base = ModelConfig.tiny("llama", num_layers=1, max_model_len=512, tie_word_embeddings=True)
+    points = ((1, 1, 8), (1, 2, 8), (1, 1, 200), (1, 2, 200), (3, 1, 8), (3, 2, 8))
+    profile = cm.HardwareProfile("this", "cpu", 20e9, 1e11, 5e10, measured=True)
+    fitted, raw = calibrate_engine(profile, points, base, steps=3, rounds=1, flush_bytes=1 << 20)
+    assert [(p["num_layers"], p["batch"], p["depth"]) for p in raw["points"]] == list(points)
+    assert all(p["measured_s"] > 0 and len(p["step_times_s"][0]) == 3 for p in raw["points"])
+    for name in cm.OVERHEAD_FIELDS:
+        value = getattr(fitted, name)
+        assert math.isfinite(value) and value >= (1.0 if name == "kv_read_factor" else 0.0), name
+        assert raw["fit"][name] == value
+    assert fitted.memory_bandwidth == profile.memory_bandwidth and fitted.has_engine_overheads
