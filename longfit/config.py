@@ -8,6 +8,7 @@ objects (``kv.spec.KVCacheSpec``), never back in a config. Every field carries i
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -163,6 +164,13 @@ class SchedulerConfig:
             raise _fail("SchedulerConfig", "max_model_len", "a positive integer", self.max_model_len)
         if self.max_queue is not None and self.max_queue < 0:
             raise _fail("SchedulerConfig", "max_queue", ">= 0", self.max_queue)
+
+
+
+def env_num_threads() -> int | None:
+    """Torch threads asked for by ``$LONGFIT_NUM_THREADS``, or None when it is unset or empty."""
+    value = os.environ.get("LONGFIT_NUM_THREADS")
+    return int(value) if value else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,22 +13,20 @@ minus the cost model's bound for that step is fitted by ``plan.overheads.fit_ove
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from longfit.config import ModelConfig
+from longfit.config import ModelConfig, env_num_threads
 from longfit.plan import cost_model as cm
 from longfit.plan.cost_model import HardwareProfile
 from longfit.plan.hardware import calibration_path, save_profile
@@ -115,28 +113,20 @@ def _with_layers(base: ModelConfig, num_layers: int) -> ModelConfig:
     return dataclasses.replace(base, num_layers=num_layers, layer_types=())
 
 
-@contextlib.contextmanager
-def _synthetic_model(config: ModelConfig) -> Iterator[str]:
-    """Make ``LLM("tiny-llama")`` build ``config`` with random weights; yields the name to pass to ``LLM``."""
-    from longfit.models.loader import synthetic_config
-
-    with synthetic_config("tiny-llama", config) as name:
-        yield name
-
-
 def _time_decode(engine: Any, batch: int, depth: int, steps: int, vocab: int,
                  flush: torch.Tensor | None = None) -> list[float]:
     """Seconds of each pure decode step of ``batch`` random prompts of ``depth`` tokens (as ``bench decode``
     runs them: prefill all, then time the steps in which every sequence decodes one token). ``flush`` is read
     before each step, untimed, so the step starts with cold caches."""
+    from longfit.bench.decode import step_until_decoding  # NOTE: here, bench.decode imports this module
+    from longfit.bench.peers import prompt_ids
     from longfit.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
-    for index in range(batch):  # prompt i is the same in every round and batch: the prefix cache spares its prefill
-        rng = random.Random(7919 * index + depth)
-        engine.add_request(None, [rng.randrange(3, vocab) for _ in range(depth)], params)
-    while any(r.is_prefilling or r.status.name == "WAITING" for r in engine.scheduler.requests.values()):
-        engine.step()
+    # Prompt i is the same in every round and batch: the prefix cache spares its prefill.
+    for prompt in prompt_ids(0, batch, depth, vocab):
+        engine.add_request(None, prompt, params)
+    step_until_decoding(engine)
     times = []
     while engine.has_unfinished_requests():
         if flush is not None:
@@ -160,6 +150,7 @@ def measure_engine_steps(points: Sequence[tuple[int, int, int]] = ENGINE_POINTS,
     steps), ``measured_s`` (seconds) and every round's ``step_times_s``.
     """
     from longfit.llm import LLM
+    from longfit.models.loader import synthetic_config
 
     if steps < 2 or rounds < 1:
         raise ValueError(f"steps must be >= 2 and rounds >= 1, got steps={steps}, rounds={rounds}")
@@ -170,7 +161,7 @@ def measure_engine_steps(points: Sequence[tuple[int, int, int]] = ENGINE_POINTS,
         max_batch = max(b for b, _ in shapes)
         # Room for every point's prompts at once (the prefix cache keeps them for the next round) plus growth.
         pages = sum(b * layers * -(-(d + steps + 3) // 32) for b, d in shapes) + layers * max_batch * 4
-        with _synthetic_model(config) as name:
+        with synthetic_config("tiny-llama", config) as name:  # LLM(name) builds config, random weights
             llm = LLM(name, dtype="bfloat16", weights="bf16", block_size=32,
                       memory_bytes=(pages + 2) * cm.page_bytes(config), max_num_seqs=max_batch,
                       max_num_batched_tokens=2048, num_threads=num_threads)
@@ -205,8 +196,8 @@ def engine_samples(records: Sequence[dict[str, Any]], base: ModelConfig,
         context = round(record["kv_tokens"])
         kv = cm.full_kv_bytes(config, context)
         flops = cm.decode_flops(config, context, sum(cm.layer_tokens(config, context)))
-        bound = cm.step_time(cm.weight_bytes(config, fmt).read_per_step + record["batch"] * kv,
-                             record["batch"] * flops, profile.memory_bandwidth, cm.compute_rate(profile, fmt))
+        bound = cm.decode_time(profile, config.num_layers, record["batch"], cm.weight_bytes(config, fmt).read_per_step,
+                               kv, flops, cm.compute_rate(profile, fmt)).lower_bound
         record["lower_bound_s"], record["kv_bytes_read"] = bound.seconds, record["batch"] * kv
         samples.append(StepSample(record["num_layers"], record["batch"], record["batch"] * kv, bound.seconds,
                                   record["measured_s"]))
@@ -255,7 +246,7 @@ def _foreign_load(num_threads: int | None) -> str | None:
     if not hasattr(os, "getloadavg"):
         return None
     cores = os.cpu_count() or 1
-    threads = num_threads or int(os.environ.get("LONGFIT_NUM_THREADS") or 0) or torch.get_num_threads()
+    threads = num_threads or env_num_threads() or torch.get_num_threads()
     load = os.getloadavg()[0]
     if load + threads <= cores + 0.5:
         return None
@@ -278,8 +269,7 @@ def calibrate(num_threads: int | None = None, bandwidth_bytes: int = 1 << 30, ma
         engine: also fit the engine's decode overheads (``calibrate_engine``); without it the profile stays a
             pure lower bound.
     """
-    env = os.environ.get("LONGFIT_NUM_THREADS")
-    num_threads = num_threads or (int(env) if env else None)
+    num_threads = num_threads or env_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     with torch.inference_mode():

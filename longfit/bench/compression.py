@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from longfit.bench.peers import random_ids
 from longfit.config import parse_tokens
 from longfit.engine.output_processor import child_id
 from longfit.llm import LLM
@@ -28,7 +28,8 @@ FULL = "none"
 # frees nothing), and one composition. DuoAttention needs a head profile (`longfit profile-heads`): pass it with
 # --spec duo:heads=PATH.
 DEFAULT_SPECS = ("streaming:keep=0.25", "h2o:keep=0.25", "snapkv:keep=0.25", "pyramidkv:keep=0.25", "tova:keep=0.25",
-                 "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=4", "int8", "think:channels=0.5", "quest:budget=512,page=32",
+                 "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=4", "int8", "think:channels=0.5",
+                 "quest:budget=512,page=32",
                  "snapkv:keep=0.25+kivi:bits=2")
 
 
@@ -56,7 +57,8 @@ class CompressionBenchResult:
         full = {r.context: r for r in self.rows if r.spec == FULL}
         for r in self.rows:
             ratio = full[r.context].stored_bytes_per_token / r.stored_bytes_per_token if r.context in full else 0.0
-            out.append(f"| {r.context} | `{r.spec}` | {r.stored_bytes_per_token:,.0f} | {r.page_bytes_per_token:,.0f} | "
+            out.append(f"| {r.context} | `{r.spec}` | {r.stored_bytes_per_token:,.0f} | "
+                       f"{r.page_bytes_per_token:,.0f} | "
                        f"{ratio:.2f}x | {r.decode_tokens_per_s:.1f} | {r.decode_ratio:.2f}x | "
                        f"{r.prefill_seconds:.2f} | {r.prefill_overhead:+.1%} |")
         return "\n".join(out)
@@ -86,12 +88,11 @@ def bench_compression(llm: LLM, specs: list[str], contexts: list[int], decode_to
                       seed: int = 0) -> CompressionBenchResult:
     """Run the full cache and every spec at every context length (see the module docstring)."""
     engine = llm.engine
-    rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     specs = [FULL] + [s for s in specs if s != FULL]
     result = CompressionBenchResult(engine.config.model)
     for context in contexts:
-        prompt = [rng.randrange(100, vocab - 1) for _ in range(context)]
+        prompt = random_ids(seed * 1_000_003 + context, context, vocab)
         samples: dict[str, list[tuple[float, float, int, int]]] = {s: [] for s in specs}
         # One warm-up pass over every spec, at the first context only: eager code paths (lookup tables, caches)
         # warm up once; a pass per context would double the cost of the long contexts for nothing.

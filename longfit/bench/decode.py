@@ -39,6 +39,12 @@ _DEFAULTS = {"decode_batches": "1,4,16", "lengths": "512,4k", "depths": "0,2k,8k
 
 
 # ---------------------------------------------------------------- longfit, in this process
+def step_until_decoding(engine: Any) -> None:
+    """Step ``engine`` until every request is admitted and decoding (its prompt done, its first token sampled)."""
+    while any(r.is_prefilling or r.status.name == "WAITING" for r in engine.scheduler.requests.values()):
+        engine.step()
+
+
 class LongfitBackend:
     """longfit's engine driven step by step (the same calls as a PeerProcess)."""
 
@@ -80,9 +86,7 @@ class LongfitBackend:
         # Same prompts every run of a shape: the prefix cache keeps them, so only the decode is recomputed.
         for prompt in prompt_ids(seed, batch, depth, engine.model_config.vocab_size):
             engine.add_request(None, prompt, params)
-        # Run until every prompt is in and decoding (its first token sampled), then time pure decode steps.
-        while any(r.is_prefilling or r.status.name == "WAITING" for r in engine.scheduler.requests.values()):
-            engine.step()
+        step_until_decoding(engine)  # then time pure decode steps
         produced = engine.stats["generation_tokens"]
         started = time.perf_counter()
         while engine.has_unfinished_requests():
@@ -226,7 +230,7 @@ def render(command: str, results: list[EngineResult], figures: list[Figure], ban
            kv_elements: float, layer_windows: tuple[int | None, ...], header: list[str],
            statistic: str = "median") -> list[str]:
     """The side-by-side table: each peer's column is followed by the ratio longfit / peer."""
-    ours, peers = results[0], results[1:]
+    peers = results[1:]
     columns = ["longfit"] + [c for p in peers for c in (p.name, "ratio")]
     width = max(24, *(len(f.label) + 8 for f in figures))
     lines = list(header)

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from longfit.config import EngineConfig
+from longfit.config import EngineConfig, env_num_threads
 from longfit.engine.output_processor import OutputProcessor, child_id, parent_id
 from longfit.engine.request import Request, RequestStatus
 from longfit.engine.scheduler import Scheduler
@@ -31,8 +31,7 @@ logger = logging.getLogger("longfit")
 
 def configure_threads(num_threads: int | None) -> int:
     """Set torch's intra-op threads once (physical cores by default; LONGFIT_NUM_THREADS overrides)."""
-    env = os.environ.get("LONGFIT_NUM_THREADS")
-    count = num_threads or (int(env) if env else None) or max(1, (os.cpu_count() or 2))
+    count = num_threads or env_num_threads() or max(1, (os.cpu_count() or 2))
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count
