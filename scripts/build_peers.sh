@@ -35,6 +35,8 @@ if [[ "${PEERS_SKIP_PY:-0}" != 1 ]]; then
     CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
         python3 -m pip install --no-binary llama-cpp-python --no-cache-dir --force-reinstall --no-deps \
         llama-cpp-python
+    # --no-deps keeps pip from touching numpy/torch; llama_cpp imports diskcache, its one other runtime need.
+    python3 -m pip install diskcache
     python3 -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
 fi
 

@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from longfit.bench.peers import random_ids
@@ -50,12 +51,15 @@ class CompressionBenchResult:
     model: str
     rows: list[CompressionRow] = field(default_factory=list)
 
-    def markdown(self) -> str:
+    def markdown(self, context: int | None = None) -> str:
+        """The table; only ``context``'s rows when given (printed as each context finishes)."""
         out = ["| context | spec | KV bytes/token (stored) | KV bytes/token (pages held) | compression | "
                "decode tok/s | decode vs full | prefill s | prefill overhead |",
                "|---|---|---|---|---|---|---|---|---|"]
         full = {r.context: r for r in self.rows if r.spec == FULL}
         for r in self.rows:
+            if context is not None and r.context != context:
+                continue
             ratio = full[r.context].stored_bytes_per_token / r.stored_bytes_per_token if r.context in full else 0.0
             out.append(f"| {r.context} | `{r.spec}` | {r.stored_bytes_per_token:,.0f} | "
                        f"{r.page_bytes_per_token:,.0f} | "
@@ -85,8 +89,12 @@ def _run_one(llm: LLM, prompt: list[int], spec: str, decode_tokens: int) -> tupl
 
 
 def bench_compression(llm: LLM, specs: list[str], contexts: list[int], decode_tokens: int = 32, repeats: int = 3,
-                      seed: int = 0) -> CompressionBenchResult:
-    """Run the full cache and every spec at every context length (see the module docstring)."""
+                      seed: int = 0, on_context: Callable[[CompressionBenchResult, int], None] | None = None
+                      ) -> CompressionBenchResult:
+    """Run the full cache and every spec at every context length (see the module docstring).
+
+    ``on_context(result, context)`` is called as each context length finishes (long runs report as they go).
+    """
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     specs = [FULL] + [s for s in specs if s != FULL]
@@ -111,6 +119,8 @@ def bench_compression(llm: LLM, specs: list[str], contexts: list[int], decode_to
         for row in result.rows[-len(specs):]:
             row.decode_ratio = row.decode_tokens_per_s / full.decode_tokens_per_s
             row.prefill_overhead = row.prefill_seconds / full.prefill_seconds - 1.0
+        if on_context is not None:
+            on_context(result, context)
     return result
 
 
@@ -147,11 +157,15 @@ def run_compression_bench(args: argparse.Namespace, llm: LLM) -> int:
     for spec in specs:
         if spec != FULL:  # a spec the engine cannot apply fails before anything runs, naming the problem
             validate_engine_spec(spec, llm.engine.config.cache.block_size)
-    result = bench_compression(llm, specs, contexts, args.decode_tokens, args.repeats, args.seed)
-    print(f"model {result.model}, {args.decode_tokens} decode tokens, median of {args.repeats} runs")
-    print(result.markdown())
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"model": result.model, "rows": [asdict(r) for r in result.rows]}, out, indent=1)
-    sys.stdout.flush()
+    print(f"model {llm.engine.config.model}, {args.decode_tokens} decode tokens, median of {args.repeats} runs")
+
+    def report(result: CompressionBenchResult, context: int) -> None:
+        # Each context's rows as soon as they are measured; the JSON is rewritten with every row so far.
+        print(result.markdown(context))
+        sys.stdout.flush()
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump({"model": result.model, "rows": [asdict(r) for r in result.rows]}, out, indent=1)
+
+    bench_compression(llm, specs, contexts, args.decode_tokens, args.repeats, args.seed, on_context=report)
     return 0
