@@ -109,6 +109,7 @@ class EvalOptions:
     perplexity: bool = False
     agreement: bool = False
     peer: str | None = None
+    query_aware: bool = False  # compress context + question (SnapKV's own protocol), not the context alone
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -156,8 +157,9 @@ def parse_tasks(text: str | None) -> tuple[str, ...]:
 class ModelHandle:
     """The engine plus what the harness needs from it: token counting, prompt ids and KV-byte accounting."""
 
-    def __init__(self, llm: Any, dtype_bytes: int) -> None:
+    def __init__(self, llm: Any, dtype_bytes: int, query_aware: bool = False) -> None:
         self.llm = llm
+        self.query_aware = query_aware
         self.tokenizer = llm.get_tokenizer()
         self.model_config = llm.engine.model_config
         self.max_model_len = int(llm.engine.max_model_len)
@@ -175,9 +177,15 @@ class ModelHandle:
         return self.tokenizer.decode(list(ids))
 
     def sample_ids(self, sample: task_registry.Sample) -> tuple[list[int], int]:
-        """``(prompt ids, boundary)``: BOS + context | question + answer prefix."""
+        """``(prompt ids, boundary)``: BOS + context | question + answer prefix.
+
+        Query-aware: the boundary moves to the last prompt token, so the compressed part holds the question too
+        and a SnapKV observation window sees it (the SnapKV paper's setting); the one token left is prefilled
+        uncompressed, in longfit and in the kvpress peer alike.
+        """
         context = self.bos + self.encode(sample.context)
-        return context + self.encode(sample.question + sample.answer_prefix), len(context)
+        ids = context + self.encode(sample.question + sample.answer_prefix)
+        return ids, (len(ids) - 1 if self.query_aware else len(context))
 
     def kv_bytes(self, spec: str, num_tokens: int) -> int:
         return kv_bytes(None if spec == FULL else spec, self.model_config, num_tokens, self.dtype_bytes)
@@ -284,6 +292,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agreement", action="store_true",
                         help="also measure top-1 agreement and KL against the full cache")
     parser.add_argument("--peer", default=None, choices=("kvpress",), help="also run kvpress's presses")
+    parser.add_argument("--query-aware", action="store_true",
+                        help="compress context + question (SnapKV's own setting; default: the context alone, "
+                             "kvpress's question-agnostic protocol); use its own --output")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size")
     parser.add_argument("--kv-cache-memory", default=None, help="engine KV memory, e.g. 2GiB")
 
@@ -301,7 +312,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
                        lengths=parse_lengths(args.lengths), samples=args.samples, seed=args.seed,
                        output=args.output, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                        perplexity=args.perplexity, agreement=args.agreement, peer=args.peer,
-                       engine_kwargs=engine_kwargs)
+                       query_aware=getattr(args, "query_aware", False), engine_kwargs=engine_kwargs)
 
 
 def evaluate(options: EvalOptions, llm: Any | None = None, show_progress: bool = True) -> ResultStore:
@@ -312,7 +323,7 @@ def evaluate(options: EvalOptions, llm: Any | None = None, show_progress: bool =
         from longfit.llm import LLM
 
         llm = LLM(options.model, dtype=options.dtype, **options.engine_kwargs)
-    handle = ModelHandle(llm, dtype_bytes=4 if options.dtype == "float32" else 2)
+    handle = ModelHandle(llm, dtype_bytes=4 if options.dtype == "float32" else 2, query_aware=options.query_aware)
     too_long = [n for n in options.lengths if n > handle.max_model_len]
     if too_long:
         raise ValueError(f"--lengths must be <= the model's context {handle.max_model_len}, got {too_long}")
@@ -321,6 +332,10 @@ def evaluate(options: EvalOptions, llm: Any | None = None, show_progress: bool =
                                                     "seed": options.seed, "tasks": list(options.tasks),
                                                     "lengths": list(options.lengths), "specs": list(options.specs),
                                                     "max_new_tokens": options.max_new_tokens})
+    if store.records and store.meta.get("query_aware", False) != options.query_aware:  # one protocol per file
+        raise ValueError(f"--query-aware: {out / 'results.json'} holds rows of the other protocol "
+                         f"(query_aware={store.meta.get('query_aware', False)}); use another --output")
+    store.meta["query_aware"] = options.query_aware
     specs = options.all_specs
     total = len(options.lengths) * len(specs) * (
         len(options.tasks) * options.samples + options.samples * (int(options.perplexity) + int(options.agreement)))

@@ -88,7 +88,11 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None)
     lines += ["Score: RULER string match ×100 (mean over samples). Retention = score / full-cache score of the "
               "same task and length. KV = stored bytes of the context under the spec (share of the full cache). "
               f"Rows whose full-cache score is below {WEAK_BASELINE:g} are flagged: retention is not measurable "
-              "there.", ""]
+              "there.",
+              "Protocol: " + ("query-aware (context + question compressed; SnapKV's observation window sees the "
+                              "question)." if meta.get("query_aware") else
+                              "question-agnostic (only the context is compressed; the question is prefilled "
+                              "after it, uncompressed)."), ""]
     task_rows = [r for r in rows if r["kind"] == "task"]
     if task_rows:
         lines += ["| task | length | spec | engine | n | score | retention | KV (context) | note |",

@@ -99,6 +99,19 @@ def test_keep_one_matches_full_cache(llm, tmp_path):
     assert all(preds[("snapkv:keep=1.0", i)] == preds[(FULL, i)] for i in range(2))
 
 
+def test_query_aware_compresses_the_question_too(llm, tmp_path):
+    store = evaluate(_options(tmp_path, specs=("snapkv:keep=0.5",), tasks=("passkey",), query_aware=True),
+                     llm=llm, show_progress=False)
+    rows = [r for r in store.records if r["kind"] == "task"]
+    assert rows and all(r["context_tokens"] == r["prompt_tokens"] - 1 for r in rows)
+    half = [r for r in rows if r["spec"] == "snapkv:keep=0.5"]
+    assert all(abs(r["kv_bytes"] / r["kv_bytes_full"] - 0.5) < 0.01 for r in half)
+    assert "Protocol: query-aware" in (tmp_path / "results.md").read_text()
+    # One protocol per results file: resuming it question-agnostic is refused, naming the flag.
+    with pytest.raises(ValueError, match="--query-aware"):
+        evaluate(_options(tmp_path, specs=("snapkv:keep=0.5",), tasks=("passkey",)), llm=llm, show_progress=False)
+
+
 def _lp(**probs):
     ranked = sorted(probs.items(), key=lambda kv: -kv[1])
     return {int(k[1:]): Logprob(math.log(p), rank) for rank, (k, p) in enumerate(ranked, 1)}
