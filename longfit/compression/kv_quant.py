@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from longfit.compression.base import StoragePolicy
-from longfit.compression.spec import kivi_split, make_stage, outlier_count, value_group
+from longfit.compression.spec import kivi_split, kvquant_split, make_stage, outlier_count, value_group
 
 _FP16_MAX = 65504.0
 _MIN_SCALE = 2.0**-24  # smallest float16 subnormal: a constant group still gets a positive scale
@@ -315,10 +315,13 @@ class KVQuantPolicy(QuantizationPolicy):
     Paper: "KVQuant: Towards 10 Million Context Length LLM Inference with KV Cache Quantization"
     (SqueezeAILab/KVQuant). ``quantize`` expects **pre-RoPE** keys; the engine applies RoPE after dequantizing.
     ``outliers`` (default 1%) of each key group (``group × D`` values) and of each token's value vector are kept
-    exact as (16-bit offset, value) pairs and excluded from the min-max range. Deliberate differences: uniform
-    codes instead of the non-uniform Fisher-weighted datatypes (those need gradient calibration); outliers picked
-    online per group by ``|x - mean| / std`` instead of offline per-channel thresholds; no fp16 first-token
-    (attention-sink) option; keys that do not fill a whole group (``n % group``) stay full precision.
+    exact as (16-bit offset, value) pairs and excluded from the min-max range, a fixed count per group
+    (``spec.kvquant_outliers``). The first ``n - n % group`` tokens are quantized (keys and values); the keys and
+    values of the last ``n % group`` tokens stay full precision (``spec.kvquant_split``). Deliberate differences:
+    uniform codes instead of the non-uniform Fisher-weighted datatypes (those need gradient calibration); outliers
+    picked online per group by ``|x - mean| / std`` instead of offline per-channel thresholds (keys) and the top/
+    bottom 0.5% per vector (values); values wait for their group's keys instead of being quantized as they arrive;
+    no fp16 first-token (attention-sink) option.
     """
 
     name: ClassVar[str] = "kvquant"
@@ -335,7 +338,7 @@ class KVQuantPolicy(QuantizationPolicy):
         num_tokens, head_dim = keys.shape[1], keys.shape[2]
         if self.bits == 16:
             return QuantizedKV(None, None, keys, values, num_tokens)
-        qk = num_tokens - num_tokens % self.group
+        qk = kvquant_split(num_tokens, self.group, head_dim)
         kq = quantize_keys_per_channel(keys[:, :qk], self.bits, self.group, self.outliers) if qk else None
-        vq = quantize_values_per_token(values, self.bits, head_dim, self.outliers)
-        return QuantizedKV(kq, vq, keys[:, qk:].contiguous(), values[:, :0], num_tokens)
+        vq = quantize_values_per_token(values[:, :qk], self.bits, head_dim, self.outliers) if qk else None
+        return QuantizedKV(kq, vq, keys[:, qk:].contiguous(), values[:, qk:].contiguous(), num_tokens)

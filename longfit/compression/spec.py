@@ -483,6 +483,23 @@ def outlier_count(fraction: float, group_elements: int) -> int:
     return int(fraction * group_elements + 0.5)
 
 
+def kvquant_split(num_tokens: int, group: int, head_dim: int) -> int:
+    """Tokens KVQuant quantizes as longfit stores it: whole groups, ``n - n % group``; keys and values of the last
+    ``n % group`` tokens stay in the cache dtype (one record holds the keys and values of the same ``group`` tokens).
+    NOTE: the reference quantizes each value vector as it arrives (per token, online); longfit quantizes values at
+    the keys' group boundary, as it does for KIVI."""
+    if group * head_dim > 65536:
+        raise ValueError(f"kv_compression: kvquant:group*head_dim must be <= 65536 (16-bit outlier offsets), "
+                         f"got {group}*{head_dim}")
+    return num_tokens - num_tokens % group
+
+
+def kvquant_outliers(fraction: float, group: int, head_dim: int) -> tuple[int, int]:
+    """Outliers KVQuant keeps exact: (per key group of ``group x head_dim`` values per KV head, per value vector of
+    ``head_dim`` values): a fixed count each, so every record has the same size."""
+    return outlier_count(fraction, group * head_dim), outlier_count(fraction, head_dim)
+
+
 def quantized_bytes(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_dim: int, dtype_bytes: int) -> int:
     """Bytes of one layer's quantized K and V: packed codes, float16 scales/zeros, residual, outliers."""
     p, h, n, d = stage.as_dict(), num_kv_heads, num_tokens, head_dim
@@ -499,15 +516,14 @@ def quantized_bytes(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_d
         codes = h * (qk + qv) * d * bits // 8
         scales = 2 * SCALE_BYTES * h * (qk // p["group"] * d + qv * d // gv)
         return codes + scales + h * ((n - qk) + (n - qv)) * d * dtype_bytes
-    g = p["group"]  # kvquant: keys per channel in groups of g tokens, values per token (one group of d channels)
-    if g * d > 65536:
-        raise ValueError(f"kv_compression: kvquant:group*head_dim must be <= 65536, got {g * d}")
-    qk = n - n % g
+    g = p["group"]  # kvquant: whole groups of g tokens quantized (keys per channel, values per token), rest exact
+    qk = kvquant_split(n, g, d)
+    key_outliers, value_outliers = kvquant_outliers(p["outliers"], g, d)
     outlier = OUTLIER_INDEX_BYTES + dtype_bytes
-    keys = h * qk * d * bits // 8 + 2 * SCALE_BYTES * h * (qk // g) * d
-    keys += h * (qk // g) * outlier_count(p["outliers"], g * d) * outlier + h * (n - qk) * d * dtype_bytes
-    values = h * n * d * bits // 8 + 2 * SCALE_BYTES * h * n + h * n * outlier_count(p["outliers"], d) * outlier
-    return keys + values
+    codes = 2 * h * qk * d * bits // 8
+    scales = 2 * SCALE_BYTES * h * (qk // g * d + qk)  # key scale + zero per channel per group, value per token
+    outliers = h * (qk // g * key_outliers + qk * value_outliers) * outlier
+    return codes + scales + outliers + 2 * h * (n - qk) * d * dtype_bytes
 
 
 def stored_layout(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_dim: int,
@@ -515,16 +531,20 @@ def stored_layout(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_dim
     """How the engine stores one layer of ``num_tokens`` tokens under a storage stage it applies in its pages:
     ``(stream tokens, stream bytes, side bytes)`` — the leading tokens packed as records on the first pages, their
     bytes, and bytes held beside the pages (ThinK's channel index) — the remaining tokens sit in ordinary pages.
-    None when the stage stores plain tokens (identity) or has no paged layout in the engine (kvquant, shadowkv,
-    minicache: estimated by the planner).
+    None when the stage stores plain tokens (identity) or has no paged layout in the engine (shadowkv, minicache:
+    estimated by the planner).
     """
     h, n, d = num_kv_heads, num_tokens, head_dim
     if stage.name == "think":
         dk = think_channels_kept(d, stage.get("channels"))
         return None if dk == d else (n, h * n * (dk + d) * dtype_bytes, h * dk * INDEX_BYTES)
-    if stage.name not in ("kivi", "int8") or stage.get("bits") == 16:
+    if stage.name not in ("kivi", "int8", "kvquant") or stage.get("bits") == 16:
         return None
-    quantized = kivi_split(n, stage.get("group"), stage.get("residual"))[0] if stage.name == "kivi" else n
+    quantized = n
+    if stage.name == "kivi":
+        quantized = kivi_split(n, stage.get("group"), stage.get("residual"))[0]
+    elif stage.name == "kvquant":
+        quantized = kvquant_split(n, stage.get("group"), d)
     return quantized, quantized_bytes(stage, h, quantized, d, dtype_bytes), 0
 
 

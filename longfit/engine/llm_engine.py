@@ -93,7 +93,8 @@ class LLMEngine:
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
         spec = kv_compression if kv_compression is not None else params.kv_compression or self.config.kv_compression
         if spec:
-            spec = validate_engine_spec(spec, self.kv_spec.block_size) or None
+            spec = validate_engine_spec(spec, self.kv_spec.block_size, self.model_config.head_dim,
+                                        self.kv_spec.dtype_bytes) or None
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, token_ids, params)
         children = []
         for index in range(params.n):

@@ -147,17 +147,28 @@ def pool_bytes(kv_pool: torch.Tensor) -> torch.Tensor:
     return kv_pool.view(torch.uint8).view(kv_pool.shape[0], -1)
 
 
-def read_streams(reads: list[StreamRead], kv_pool: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
-    """Dequantize decode rows' streams → keys, values float32 [batch, S, Hkv, D] and valid [batch, S] (rows
-    without a stream, and padding, are zero and invalid: padded records may hold any bytes)."""
+def decode_stream(read: StreamRead, kv_pool: torch.Tensor, rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize a read's records → keys, values float32 ``[..., n, Hkv, D]`` (decode: ``[R, n, Hkv, D]``; prefill
+    chunk: ``[n, Hkv, D]``). Pre-RoPE keys (KVQuant) are rotated to their positions: stream token ``i`` is at
+    position ``i`` (no eviction before a pre-RoPE stage)."""
+    fmt = read.fmt
+    keys, values = fmt.decode(fmt.read(pool_bytes(kv_pool), read.pages, read.max_records), read.channels)
+    if fmt.pre_rope:
+        keys = rope.rotate(keys, torch.arange(keys.shape[-3], device=keys.device))
+    return keys, values
+
+
+def read_streams(reads: list[StreamRead], kv_pool: torch.Tensor, batch: int,
+                 rope: RotaryEmbedding) -> tuple[torch.Tensor, ...]:
+    """Dequantize decode rows' streams → keys, values float32 [batch, S, Hkv, D] (keys post-RoPE) and valid
+    [batch, S] (rows without a stream, and padding, are zero and invalid: padded records may hold any bytes)."""
     num_tokens = max(r.max_records * r.fmt.record_tokens for r in reads)
     hkv, dim = kv_pool.shape[-2:]
     keys = kv_pool.new_zeros(batch, num_tokens, hkv, dim, dtype=torch.float32)
     values = torch.zeros_like(keys)
     valid = torch.zeros(batch, num_tokens, dtype=torch.bool, device=kv_pool.device)
-    data = pool_bytes(kv_pool)
     for read in reads:
-        k, v = read.fmt.decode(read.fmt.read(data, read.pages, read.max_records), read.channels)  # [R, n, Hkv, D]
+        k, v = decode_stream(read, kv_pool, rope)  # [R, n, Hkv, D]
         ok = torch.arange(k.shape[1], device=k.device) < read.records.unsqueeze(1) * read.fmt.record_tokens
         keys[read.rows, :k.shape[1]] = torch.where(ok[..., None, None], k, 0.0)
         values[read.rows, :k.shape[1]] = torch.where(ok[..., None, None], v, 0.0)
@@ -224,7 +235,7 @@ class Attention(nn.Module):
             valid &= key_pos > seq_lens - 1 - self.window
         streams = meta.decode_quant[layer] if meta.decode_quant is not None else None
         if streams:  # quantized tokens come before the tail
-            stream_keys, stream_values, stream_valid = read_streams(streams, meta.kv_pool, q.shape[0])
+            stream_keys, stream_values, stream_valid = read_streams(streams, meta.kv_pool, q.shape[0], self.rope)
             keys = torch.cat([stream_keys.transpose(1, 2), keys], dim=2)
             values = torch.cat([stream_values.transpose(1, 2), values], dim=2)
             valid = torch.cat([stream_valid, valid], dim=1)
@@ -267,9 +278,7 @@ class Attention(nn.Module):
         if cached == 0:
             keys, values = k, v
         elif stream is not None:  # quantized stream, then the tail pages (this chunk included)
-            fmt = stream.fmt
-            stream_keys, stream_values = fmt.decode(fmt.read(pool_bytes(meta.kv_pool), stream.pages, stream.max_records),
-                                                    stream.channels)
+            stream_keys, stream_values = decode_stream(stream, meta.kv_pool, self.rope)  # [Sq, Hkv, D]
             num_tail = cached + num_new - stream_keys.shape[0]
             first_tail = stream.pages.shape[0]
             tail = chunk.block_table[self.layer_idx, first_tail:first_tail + -(-num_tail // meta.block_size)]

@@ -98,6 +98,16 @@ class RotaryEmbedding(nn.Module):
         swapped = x.roll(x.shape[-1] // 2, dims=-1)  # [x2, x1]
         return torch.addcmul(x * cos, swapped, sin).to(x.dtype)
 
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """x: [..., T, H, D] → x rotated to ``positions`` [T] (``inverse``: back from them to position 0).
+
+        RoPE is an orthogonal rotation per position, so the inverse is the rotation by ``-position``: the same
+        cos, the sin negated. Used for keys stored pre-RoPE (KVQuant): un-rotated when quantized, re-rotated after
+        dequantizing.
+        """
+        cos, sin = self.cos_sin(positions)  # [T, 1, D]
+        return self.apply(x, cos, -sin if inverse else sin)
+
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) · up(x)); gate and up fused in one matmul. act: SiLU (Llama) or tanh-GELU (Gemma)."""

@@ -2,10 +2,12 @@
 
 For every full-attention layer: read the layer's keys and values from its pages, let each evicting stage of the
 spec pick the positions to keep per KV head (``KeepPlan``), then store the survivors back into the first pages of
-the same table: as they are, or (quantize stage: KIVI, int8) as a stream of quantized records followed by the
+the same table: as they are, or (storage stage: KIVI, int8, ThinK, KVQuant) as a stream of records followed by the
 full-precision tail (``runtime.quant_pages``). ``KVCacheManager.apply_compaction`` then returns the whole pages left
 over to the pool. Positions stay logical: kept keys carry their RoPE phase, new tokens are appended after the
-survivors. Sliding-window layers already hold only their window and are left as they are.
+survivors. KVQuant stores keys pre-RoPE: ``_store`` rotates each key back from its position (the physical index,
+since KVQuant is refused after eviction) before encoding it. Sliding-window layers already hold only their window
+and are left as they are.
 
 Everything is rewritten in place: a layer is read completely before it is written, and its new layout never needs
 more pages than it had.
@@ -14,6 +16,7 @@ more pages than it had.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -22,18 +25,23 @@ import torch
 from longfit.compression.registry import build_policy
 from longfit.compression.spec import parse_spec
 from longfit.models.attention import gather_keys_values
+from longfit.models.layers import RotaryEmbedding
 from longfit.outputs import CompactionResult
 from longfit.runtime.quant_pages import ENGINE_QUANT_METHODS, PageQuantFormat
 
-# What the engine applies today. The other kinds (lowrank, merge, select) and KVQuant (pre-RoPE keys) are validated
-# by the spec parser but refused at admission until their paged storage lands.
+# What the engine applies today. The other kinds (ShadowKV low rank, MiniCache merge) are validated by the spec
+# parser but refused at admission until their paged storage lands.
+_CACHE_DTYPES = {2: "bfloat16", 4: "float32"}  # cache dtype bytes → PageQuantFormat dtype
 ENGINE_METHODS = ("streaming, h2o, snapkv, pyramidkv, tova, knorm, duo_attention (eviction); "
-                  + ", ".join(ENGINE_QUANT_METHODS) + " (compressed pages); quest (page selection)")
+                  + ", ".join(ENGINE_QUANT_METHODS) + " (compressed pages; kvquant without eviction); "
+                  "quest (page selection)")
 
 
 @functools.lru_cache(maxsize=256)
-def validate_engine_spec(text: str, block_size: int | None = None) -> str:
-    """Parse a spec (ValueError naming the problem) and check the engine can apply every stage."""
+def validate_engine_spec(text: str, block_size: int | None = None, head_dim: int | None = None,
+                         dtype_bytes: int | None = None) -> str:
+    """Parse a spec (ValueError naming the problem) and check the engine can apply every stage (to pages of
+    ``block_size`` tokens, heads of ``head_dim`` channels and a cache dtype of ``dtype_bytes``, when given)."""
     spec = parse_spec(text)
     unsupported = [policy for policy in build_policy(spec)
                    if policy.kind != "evict" and policy.name not in ENGINE_QUANT_METHODS + ("quest",)]
@@ -42,9 +50,25 @@ def validate_engine_spec(text: str, block_size: int | None = None) -> str:
         raise ValueError(f"kv_compression {text!r}: {names} are not applied inside the engine yet; "
                          f"the engine applies {ENGINE_METHODS}")
     quant = spec.stage("quantize")
-    if quant is not None and quant.name == "kivi" and block_size and quant.get("residual") % block_size:
-        raise ValueError(f"kv_compression {text!r}: kivi:residual must be a multiple of the KV block size "
-                         f"{block_size} (the full-precision tail is flushed in whole pages)")
+    flush_unit = {"kivi": "residual", "kvquant": "group"}.get(quant.name) if quant is not None else None
+    if flush_unit and block_size and quant.get(flush_unit) % block_size:
+        raise ValueError(f"kv_compression {text!r}: {quant.name}:{flush_unit} must be a multiple of the KV block "
+                         f"size {block_size} (the full-precision tail is flushed in whole pages)")
+    evict = spec.stage("evict")
+    if quant is not None and quant.name == "kvquant" and quant.get("bits") != 16 and evict is not None:
+        raise ValueError(f"kv_compression {text!r}: kvquant does not combine with an eviction stage ({evict.name}) "
+                         "in the engine yet: its pre-RoPE keys would need each kept token's original position per "
+                         "KV head stored beside the pages; use kivi or int8 after eviction")
+    storage = spec.stage("quantize", "lowrank")
+    fmt = None  # one KV head's records (also checks kvquant:group*head_dim against the 16-bit outlier offsets)
+    if storage is not None and head_dim:
+        fmt = PageQuantFormat.from_stage(storage, 1, head_dim, _CACHE_DTYPES.get(dtype_bytes or 2, "bfloat16"))
+    dense = 2 * head_dim * dtype_bytes * fmt.record_tokens if fmt is not None and dtype_bytes else 0
+    if dense and fmt.record_bytes > dense:  # the in-place rewrite needs records no larger than their tokens
+        hint = {"kivi": "raise kivi:group", "kvquant": "lower kvquant:outliers or kvquant:bits"}.get(storage.name)
+        raise ValueError(f"kv_compression {text!r}: a {storage.name} record takes {fmt.record_bytes} bytes per KV "
+                         f"head for {fmt.record_tokens} tokens, more than their {dense} bytes in the cache dtype; "
+                         f"{hint}")
     select = spec.stage("select")
     if select is not None and block_size and select.get("page") != block_size:
         raise ValueError(f"kv_compression {text!r}: quest:page must equal the KV block size {block_size} "
@@ -58,8 +82,9 @@ class Compactor:
     """Owns the policy objects per spec string and rewrites pages in place."""
 
     def __init__(self, kv_pool: torch.Tensor, block_size: int, layer_windows: tuple[int | None, ...],
-                 attention_scale: float) -> None:
+                 attention_scale: float, layer_ropes: Sequence[RotaryEmbedding] = ()) -> None:
         self.kv_pool = kv_pool  # [num_blocks, 2, bs, Hkv, D]
+        self.layer_ropes = tuple(layer_ropes)  # each layer's RoPE (pre-RoPE storage: KVQuant)
         self.pool_bytes = kv_pool.view(torch.uint8).view(kv_pool.shape[0], -1)  # [num_blocks, page_bytes]
         self.block_size = block_size
         self.layer_windows = layer_windows
@@ -130,7 +155,7 @@ class Compactor:
             if fmt is not None:
                 if fmt.method == "think":
                     channels[layer] = pruner.prune(keys, layer_queries).channels  # [Hkv, d']
-                q_tokens[layer] = self._store(fmt, pages, 0, keys.transpose(0, 1), values.transpose(0, 1),
+                q_tokens[layer] = self._store(fmt, layer, pages, 0, keys.transpose(0, 1), values.transpose(0, 1),
                                               channels.get(layer))
                 q_bytes[layer] = fmt.stream_bytes(q_tokens[layer]) + fmt.side_bytes
                 q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
@@ -157,8 +182,8 @@ class Compactor:
             used = q_pages[layer] + -(-tails[layer] // bs)
             pages = torch.from_numpy(tables[layer, :used]).to(self.kv_pool.device)
             keys, values = gather_keys_values(self.kv_pool, pages[q_pages[layer]:])  # [tail pages * bs, Hkv, D]
-            q_tokens[layer] += self._store(fmt, pages, q_tokens[layer], keys[:tails[layer]], values[:tails[layer]],
-                                           channels.get(layer))
+            q_tokens[layer] += self._store(fmt, layer, pages, q_tokens[layer], keys[:tails[layer]],
+                                           values[:tails[layer]], channels.get(layer))
             q_bytes[layer] = fmt.stream_bytes(q_tokens[layer]) + fmt.side_bytes
             q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
         return CompactionResult(request_id, list(num_cached), q_tokens, q_pages, q_bytes)
@@ -167,14 +192,20 @@ class Compactor:
     def _stream_pages(self, fmt: PageQuantFormat, num_tokens: int) -> int:
         return fmt.stream_pages(num_tokens, self.pool_bytes.shape[1])
 
-    def _store(self, fmt: PageQuantFormat, pages: torch.Tensor, stream_tokens: int, keys: torch.Tensor,
+    def _store(self, fmt: PageQuantFormat, layer: int, pages: torch.Tensor, stream_tokens: int, keys: torch.Tensor,
                values: torch.Tensor, channels: torch.Tensor | None = None) -> int:
-        """Append whole flush units of ``keys, values: [T, Hkv, D]`` to the layer's stream (``stream_tokens``
-        tokens already on ``pages``) and write the rest after the stream in the cache dtype; returns the tokens
-        added to the stream. The caller has read everything it needs from ``pages`` before."""
+        """Append whole flush units of ``keys, values: [T, Hkv, D]`` (post-RoPE, cache dtype) to the layer's stream
+        (``stream_tokens`` tokens already on ``pages``) and write the rest after the stream in the cache dtype;
+        returns the tokens added to the stream. The caller has read everything it needs from ``pages`` before.
+        Pre-RoPE formats (KVQuant) get the quantized keys rotated back from their positions ``stream_tokens + i``,
+        rounded to the cache dtype (RoPE is orthogonal: rotating back is exact up to that rounding)."""
         quantized = fmt.quantizable(keys.shape[0])
         if quantized:
-            records = fmt.encode(keys[:quantized], values[:quantized], channels)
+            stored_keys = keys[:quantized]
+            if fmt.pre_rope:
+                positions = torch.arange(stream_tokens, stream_tokens + quantized, device=keys.device)
+                stored_keys = self.layer_ropes[layer].rotate(stored_keys, positions, inverse=True)
+            records = fmt.encode(stored_keys, values[:quantized], channels)
             fmt.write(self.pool_bytes, pages, stream_tokens // fmt.record_tokens, records)
         if quantized < keys.shape[0]:
             tail_start = self._stream_pages(fmt, stream_tokens + quantized)

@@ -90,7 +90,8 @@ class ModelRunner:
         self.max_pages = -(-max_model_len // spec.block_size) + 1
         self.states: dict[str, RequestState] = {}
         self.windows = spec.layer_windows
-        self.compactor = Compactor(self.kv_pool, spec.block_size, spec.layer_windows, config.attention_scale)
+        self.compactor = Compactor(self.kv_pool, spec.block_size, spec.layer_windows, config.attention_scale,
+                                   [layer.attn.rope for layer in model.layers])
         # Quest: per-page key min / max [num_blocks, 2, Hkv, D], allocated when a request first selects pages.
         self.page_bounds: torch.Tensor | None = None
 

@@ -1,5 +1,5 @@
-"""Compressed KV pages: KIVI (2/4-bit), int8 and ThinK (pruned key channels) stored as records inside the
-ordinary pages of the pool.
+"""Compressed KV pages: KIVI (2/4-bit), int8, ThinK (pruned key channels) and KVQuant (pre-RoPE keys, sparse
+outliers) stored as records inside the ordinary pages of the pool.
 
 A quantized layer of a request keeps its tokens in two parts, in one page table:
 
@@ -20,6 +20,18 @@ KIVI record (``G`` tokens, ``Hkv`` heads, ``D`` channels, ``b`` bits, value grou
     value scale, zero     float16 [G, Hkv, D / gv]    (per token over gv channels)
     key codes             uint8   [G, Hkv, D * b / 8] (packed along channels, little-endian)
     value codes           uint8   [G, Hkv, D * b / 8]
+KVQuant record (``G`` tokens, the key group; the flush unit too): the KIVI fields with ``gv = D`` (one value scale
+and zero per token and head), ``b`` in 2, 3, 4, 8, then the dense-and-sparse outliers, a fixed count per record
+(``spec.kvquant_outliers``: ``Ko = round(outliers * G * D)`` per head, ``Kv = round(outliers * D)`` per token and head):
+    key outlier offsets   uint16 [Hkv, Ko]            (index into the head's [G, D] group, token-major)
+    key outlier values    cache dtype [Hkv, Ko]       (exact pre-RoPE values)
+    value outlier offsets uint16 [G, Hkv, Kv]         (channel index)
+    value outlier values  cache dtype [G, Hkv, Kv]
+  Keys are stored **pre-RoPE**: the compactor rotates each key back from its position before encoding and attention
+  rotates the dequantized keys to their positions again (``RotaryEmbedding.rotate``). Both rotations are exact
+  (RoPE is orthogonal); the only extra error is the cache dtype's rounding of the un-rotated key. The position of
+  stream token ``s`` is ``s``: the engine refuses an eviction stage before kvquant (kept tokens would need their
+  original per-head positions stored beside the pages).
 int8 record (1 token): key scale, value scale float16 [Hkv]; key codes, value codes int8 [Hkv, D].
 ThinK record (1 token): the kept key channels [Hkv, d'] and the values [Hkv, D], both in the cache dtype; the
 channel index [Hkv, d'] of each layer is chosen once at prefill and held by the runner.
@@ -35,13 +47,23 @@ import torch
 from torch import Tensor
 
 from longfit.compression.kv_quant import (
+    QuantizedTensor,
     quantize_int8_per_token,
     quantize_keys_per_channel,
     quantize_values_per_token,
+    unpack_bits,
 )
-from longfit.compression.spec import INDEX_BYTES, StageSpec, think_channels_kept, value_group
+from longfit.compression.spec import (
+    INDEX_BYTES,
+    OUTLIER_INDEX_BYTES,
+    StageSpec,
+    kvquant_outliers,
+    kvquant_split,
+    think_channels_kept,
+    value_group,
+)
 
-ENGINE_QUANT_METHODS = ("kivi", "int8", "think")
+ENGINE_QUANT_METHODS = ("kivi", "int8", "think", "kvquant")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -54,18 +76,54 @@ def _unpack_table(bits: int, device: str) -> Tensor:
     return ((byte >> shifts) & ((1 << bits) - 1)).float().to(device)
 
 
+def _unpack_codes(packed: Tensor, bits: int, head_dim: int) -> Tensor:
+    """``uint8 [..., D * bits / 8]`` (``pack_bits`` order) → float32 codes ``[..., D]``: one table lookup for
+    widths dividing 8, bit planes for 3 bits."""
+    if 8 % bits == 0:
+        return _unpack_table(bits, str(packed.device))[packed.long()].reshape(*packed.shape[:-1], head_dim)
+    return unpack_bits(packed, bits, head_dim).float()
+
+
+def _outlier_bytes(q: QuantizedTensor, records: int, dtype: torch.dtype) -> list[Tensor]:
+    """A quantizer's outliers ``[Hkv, N, K]`` as record fields: offsets then values, ``uint8 [records, ...]``
+    each, blocks-major (``[N / records, Hkv, K]`` per record)."""
+    if q.outlier_index is None or q.outlier_value is None:
+        return []
+    index, value = q.outlier_index.transpose(0, 1), q.outlier_value.to(dtype).transpose(0, 1)  # [N, Hkv, K]
+    return [t.contiguous().view(torch.uint8).reshape(records, -1) for t in (index, value)]
+
+
+def _restore_outliers(x: Tensor, fields: Tensor, count: int, dtype: torch.dtype) -> Tensor:
+    """Write exact outliers into ``x: float32 [..., B]`` (B values per block) from ``fields: uint8 [..., n, F]``
+    holding ``[..., K]`` uint16 offsets then ``[..., K]`` values in ``dtype`` for each of x's leading blocks.
+    Offsets are clamped to the block: padding records (masked later) hold stale bytes."""
+    lead = x.shape[:-1]
+    split = count * OUTLIER_INDEX_BYTES * lead[fields.dim() - 1:].numel()  # offset bytes per record
+    index = _view(fields[..., :split], torch.int16).reshape(*lead, count).long() & 0xFFFF
+    index = index.clamp_(max=x.shape[-1] - 1)
+    value = _view(fields[..., split:], dtype).reshape(*lead, count).float()
+    return x.scatter_(-1, index, value)
+
+
+def _view(data: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bytes ``uint8 [..., F]`` reinterpreted as ``dtype`` (copied when the slice is not aligned for it)."""
+    data = data.contiguous()
+    return (data.clone() if data.storage_offset() % dtype.itemsize else data).view(dtype)
+
+
 @dataclass(frozen=True, slots=True)
 class PageQuantFormat:
     """Record layout of one storage stage for a model's KV heads.
 
     Attributes:
-        method: "kivi", "int8" or "think".
+        method: "kivi", "int8", "think" or "kvquant".
         bits: code width (ThinK: the cache dtype's width).
-        record_tokens: tokens per record (KIVI: the key group G; int8, ThinK: 1).
-        flush_tokens: tail tokens stored at once (KIVI: the residual R, a multiple of G; int8, ThinK: 1).
-        value_group: channels sharing one value scale (KIVI).
+        record_tokens: tokens per record (KIVI, KVQuant: the key group G; int8, ThinK: 1).
+        flush_tokens: tail tokens stored at once (KIVI: the residual R, a multiple of G; KVQuant: G; int8, ThinK: 1).
+        value_group: channels sharing one value scale (KIVI; KVQuant: D).
         key_channels: key channels kept per head (ThinK).
-        dtype: the cache dtype (ThinK stores keys and values in it).
+        dtype: the cache dtype (ThinK stores keys and values in it, KVQuant its outliers).
+        outliers: fraction of values KVQuant keeps exact (a fixed count per record, ``spec.kvquant_outliers``).
     """
 
     method: str
@@ -77,6 +135,7 @@ class PageQuantFormat:
     value_group: int = 0
     key_channels: int = 0
     dtype: str = "bfloat16"
+    outliers: float = 0.0
 
     @staticmethod
     def from_stage(stage: StageSpec, num_kv_heads: int, head_dim: int,
@@ -97,21 +156,42 @@ class PageQuantFormat:
                                    value_group(group, head_dim))
         if stage.name == "int8":
             return PageQuantFormat("int8", 8, 1, 1, num_kv_heads, head_dim)
+        if stage.name == "kvquant":
+            group = stage.get("group")
+            kvquant_split(0, group, head_dim)  # group * D must fit 16-bit outlier offsets
+            return PageQuantFormat("kvquant", bits, group, group, num_kv_heads, head_dim, head_dim,
+                                   dtype=dtype, outliers=stage.get("outliers"))
         raise ValueError(f"kv_compression: {stage.name} has no paged storage in the engine yet "
                          f"(engine quantizers: {', '.join(ENGINE_QUANT_METHODS)})")
 
     # ------------------------------------------------------------------ sizes
     @property
-    def _field_bytes(self) -> tuple[int, int, int, int]:
-        """(key scale+zero, value scale+zero, key codes, value codes) bytes of one record."""
+    def pre_rope(self) -> bool:
+        """Keys are stored un-rotated (KVQuant): rotate them to their positions after ``decode``."""
+        return self.method == "kvquant"
+
+    @property
+    def outlier_counts(self) -> tuple[int, int]:
+        """Outliers per record per KV head: (of the key group, of each token's value vector)."""
+        if self.method != "kvquant":
+            return 0, 0
+        return kvquant_outliers(self.outliers, self.record_tokens, self.head_dim)
+
+    @property
+    def _field_bytes(self) -> tuple[int, int, int, int, int, int]:
+        """(key scale+zero, value scale+zero, key codes, value codes, key outliers, value outliers) bytes of one
+        record."""
         h, d, g = self.num_kv_heads, self.head_dim, self.record_tokens
         if self.method == "int8":
-            return 2 * h, 2 * h, h * d, h * d
+            return 2 * h, 2 * h, h * d, h * d, 0, 0
         if self.method == "think":
             width = self.bits // 8
-            return 0, 0, h * self.key_channels * width, h * d * width
+            return 0, 0, h * self.key_channels * width, h * d * width, 0, 0
         codes = g * h * d * self.bits // 8
-        return 4 * h * d, 4 * g * h * (d // self.value_group), codes, codes
+        pair = OUTLIER_INDEX_BYTES + _DTYPES[self.dtype].itemsize
+        key_outliers, value_outliers = self.outlier_counts
+        return (4 * h * d, 4 * g * h * (d // self.value_group), codes, codes, h * key_outliers * pair,
+                g * h * value_outliers * pair)
 
     @property
     def record_bytes(self) -> int:
@@ -150,23 +230,27 @@ class PageQuantFormat:
             kq, vq = quantize_int8_per_token(k), quantize_int8_per_token(v)
             parts = [kq.scale.transpose(0, 1).reshape(n, -1), vq.scale.transpose(0, 1).reshape(n, -1)]
             codes = [kq.codes.transpose(0, 1).reshape(n, -1), vq.codes.transpose(0, 1).reshape(n, -1)]
-        else:
-            kq = quantize_keys_per_channel(k, self.bits, g)  # scale/zero [Hkv, n, D], codes [Hkv, T, D*b/8]
-            vq = quantize_values_per_token(v, self.bits, self.value_group)  # scale/zero [Hkv, T, D/gv]
+        else:  # KIVI, KVQuant (keys pre-RoPE: the caller un-rotates them)
+            kq = quantize_keys_per_channel(k, self.bits, g, self.outliers)  # scale/zero [Hkv, n, D]
+            vq = quantize_values_per_token(v, self.bits, self.value_group, self.outliers)  # [Hkv, T, D/gv]
             assert kq.zero is not None and vq.zero is not None
             parts = [torch.stack([kq.scale, kq.zero]).permute(2, 0, 1, 3).reshape(n, -1),  # [n, 2*Hkv*D]
                      torch.stack([vq.scale, vq.zero]).permute(2, 0, 1, 3).reshape(n, -1)]  # [n, 2*G*Hkv*D/gv]
             codes = [kq.codes.transpose(0, 1).reshape(n, -1), vq.codes.transpose(0, 1).reshape(n, -1)]
+            dtype = _DTYPES[self.dtype]
+            codes += _outlier_bytes(kq, n, dtype) + _outlier_bytes(vq, n, dtype)
         scales = [p.contiguous().view(torch.uint8) for p in parts]
         return torch.cat(scales + codes, dim=1)
 
     def decode(self, records: Tensor, channels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``records: uint8 [..., n, record_bytes]`` → keys, values float32 ``[..., n * G, Hkv, D]``.
-        ThinK: ``channels: [..., Hkv, d']``; pruned key channels come back as zeros (``q · k`` is unchanged)."""
+        ThinK: ``channels: [..., Hkv, d']``; pruned key channels come back as zeros (``q · k`` is unchanged).
+        KVQuant: the keys come back pre-RoPE (``pre_rope``)."""
         lead, n = records.shape[:-2], records.shape[-2]
         h, d, g = self.num_kv_heads, self.head_dim, self.record_tokens
-        ks_b, vs_b, kc_b, _ = self._field_bytes
+        ks_b, vs_b, kc_b, vc_b, ko_b, _ = self._field_bytes
         o1, o2, o3 = ks_b, ks_b + vs_b, ks_b + vs_b + kc_b
+        o4, o5 = o3 + vc_b, o3 + vc_b + ko_b
         if self.method == "think":
             assert channels is not None
             dtype = _DTYPES[self.dtype]
@@ -185,13 +269,22 @@ class PageQuantFormat:
             k_codes = records[..., o2:o3].contiguous().view(torch.int8).reshape(*lead, n, h, d)
             v_codes = records[..., o3:].contiguous().view(torch.int8).reshape(*lead, n, h, d)
             return k_codes.float() * k_scale, v_codes.float() * v_scale
-        table = _unpack_table(self.bits, str(records.device))
+        width = d * self.bits // 8
         k_sz = f16(0, o1).reshape(*lead, n, 1, 2, h, d)
         v_sz = f16(o1, o2).reshape(*lead, n, g, 2, h, d // self.value_group, 1)
-        k_codes = table[records[..., o2:o3].long()].reshape(*lead, n, g, h, d)
-        v_codes = table[records[..., o3:].long()].reshape(*lead, n, g, h, d // self.value_group, self.value_group)
-        keys = torch.addcmul(k_sz[..., 1, :, :], k_codes, k_sz[..., 0, :, :])  # zero + codes * scale
-        values = torch.addcmul(v_sz[..., 1, :, :, :], v_codes, v_sz[..., 0, :, :, :])
+        k_codes = _unpack_codes(records[..., o2:o3].reshape(*lead, n, g, h, width), self.bits, d)
+        v_codes = _unpack_codes(records[..., o3:o4].reshape(*lead, n, g, h, width), self.bits, d)
+        v_codes = v_codes.reshape(*lead, n, g, h, d // self.value_group, self.value_group)
+        keys = torch.addcmul(k_sz[..., 1, :, :], k_codes, k_sz[..., 0, :, :])  # zero + codes * scale [.., n, g, h, d]
+        values = torch.addcmul(v_sz[..., 1, :, :, :], v_codes, v_sz[..., 0, :, :, :]).reshape(*lead, n, g, h, d)
+        key_outliers, value_outliers = self.outlier_counts
+        dtype = _DTYPES[self.dtype]
+        if key_outliers:  # offsets index each head's [g, d] group: scatter on [.., n, h, g * d]
+            by_head = keys.transpose(-3, -2).reshape(*lead, n, h, g * d)
+            by_head = _restore_outliers(by_head, records[..., o4:o5], key_outliers, dtype)
+            keys = by_head.reshape(*lead, n, h, g, d).transpose(-3, -2)
+        if value_outliers:
+            values = _restore_outliers(values, records[..., o5:], value_outliers, dtype)
         return keys.reshape(*lead, n * g, h, d), values.reshape(*lead, n * g, h, d)
 
     # ------------------------------------------------------------------ paged stream

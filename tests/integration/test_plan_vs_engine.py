@@ -47,9 +47,11 @@ def test_planned_bytes_equal_engine_bytes(model, spec):
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
 @pytest.mark.parametrize("spec", ["kivi:bits=2,group=8,residual=16", "kivi:bits=4,group=8,residual=32", "int8",
                                   "think:channels=0.5", "snapkv:keep=0.25+kivi:bits=2,group=8,residual=16",
-                                  "knorm:keep=0.5+int8"])
+                                  "knorm:keep=0.5+int8", "kvquant:bits=4,group=8",
+                                  "kvquant:bits=2,group=16,outliers=0.05"])
 def test_planned_bytes_equal_engine_bytes_for_packed_pages(model, spec):
-    """Quantized / channel-pruned records packed into pages: pages held and exact bytes both equal the plan."""
+    """Quantized / channel-pruned records packed into pages (KVQuant: with its fixed count of outliers per record):
+    pages held and exact bytes both equal the plan."""
     llm = make_tiny_llm(model)
     prompt = list(range(3, 203))
     for output_tokens in (1, 30):  # the prompt as compressed; then with decode-time flushes of the tail
@@ -72,7 +74,7 @@ def test_planned_bytes_equal_engine_bytes_smollm2():
     except ValueError as error:
         pytest.skip(str(error))
     prompt = list(range(1000, 1300))
-    for spec in ("none", "snapkv:keep=0.25", "kivi:bits=2"):
+    for spec in ("none", "snapkv:keep=0.25", "kivi:bits=2", "kvquant:bits=4"):
         measured = _peak_request_bytes(llm, prompt, SamplingParams(max_tokens=8, ignore_eos=True),
                                        None if spec == "none" else spec)
         planned = kv_footprint(llm.engine.model_config, spec, len(prompt), 8, block_size=llm.engine.kv_spec.block_size)

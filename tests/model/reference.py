@@ -17,7 +17,7 @@ KVView = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor],
                   "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
 
 
-def _rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     angles = positions[:, None].double() * inv_freq[None, :]  # [T, D/2]
     cos, sin = torch.cat([angles.cos()] * 2, -1).float(), torch.cat([angles.sin()] * 2, -1).float()
     half = x.shape[-1] // 2
@@ -44,7 +44,7 @@ def reference_logits(model: DecoderModel, token_ids: list[int], kv_view: KVView 
         q, k, v = q.view(T, cfg.num_heads, -1), k.view(T, cfg.num_kv_heads, -1), v.view(T, cfg.num_kv_heads, -1)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = _rope(q, positions, attn.rope.inv_freq), _rope(k, positions, attn.rope.inv_freq)
+        q, k = apply_rope(q, positions, attn.rope.inv_freq), apply_rope(k, positions, attn.rope.inv_freq)
         group = cfg.num_heads // cfg.num_kv_heads
         view = kv_view(index, q, k, v) if kv_view is not None else None
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [T, Hq, D]

@@ -130,7 +130,7 @@ def test_compression_boundary_keeps_the_question_uncompressed():
     assert comp_lp[:boundary - 1] == pytest.approx(full_lp[:boundary - 1], abs=1e-5)
     assert comp_lp[boundary:] != pytest.approx(full_lp[boundary:], abs=1e-5)
     # Pages: the 25% survivors of the context plus the 20 question tokens, per layer.
-    stream = llm.generate_stream(prompt, SamplingParams(max_tokens=3, kv_compression_boundary=boundary),
+    stream = llm.generate_stream(prompt, SamplingParams(max_tokens=3, ignore_eos=True, kv_compression_boundary=boundary),
                                  kv_compression="snapkv:keep=0.25")
     next(stream)
     kept = kept_tokens_per_layer("snapkv:keep=0.25", 2, boundary)

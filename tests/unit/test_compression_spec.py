@@ -173,8 +173,11 @@ KV_BYTES = [  # tiny config: 2 layers, 2 KV heads, head_dim 16, 100 tokens, bf16
     ("kivi:bits=2,group=16,residual=32", 2 * (1536 + 1536 + 512)),
     ("kivi:bits=4,group=16,residual=32", 2 * (3072 + 1536 + 512)),
     ("int8", 2 * 2 * 2 * 100 * (16 + 2)),
-    # kvquant 4-bit G32: keys codes 1536 + scales 384 + 5 outliers/group 120 + 4 fp tokens 256; values 1600 + 800
-    ("kvquant", 2 * (1536 + 384 + 120 + 256 + 1600 + 800)),
+    # kvquant 4-bit G32: 96 tokens quantized, 4 fp. Keys codes 1536 + scales 384 + 5 outliers/group 120 + fp 256;
+    # values codes 1536 + per-token scales 768 (round(0.01 * 16) = 0 outliers per vector) + fp 256
+    ("kvquant", 2 * (1536 + 384 + 120 + 256 + 1536 + 768 + 256)),
+    # outliers=0.1: 51 per key group (4 bytes each), 2 per value vector
+    ("kvquant:outliers=0.1", 2 * (1536 + 384 + 2 * 3 * 51 * 4 + 256 + 1536 + 768 + 2 * 96 * 2 * 4 + 256)),
     ("kvquant:bits=16", 25600),
     ("think:channels=0.5", 2 * (2 * 100 * (8 + 16) * 2 + 2 * 8 * 8)),
     ("think:channels=1", 25600),

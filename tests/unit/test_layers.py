@@ -44,6 +44,23 @@ def test_rope_matches_rotate_half(dtype: torch.dtype) -> None:
     torch.testing.assert_close(got.float(), expected.to(dtype).float(), rtol=1e-5, atol=1e-5)
 
 
+def test_rope_rotate_and_its_inverse() -> None:
+    """``rotate`` equals ``apply`` at the positions; ``inverse`` is the rotation by ``-position`` and undoes it
+    (leading batch dims broadcast: [R, T, H, D] keys of pre-RoPE streams)."""
+    rope = RotaryEmbedding(16, 10000.0, None, max_positions=64)
+    positions = torch.arange(40, 80)
+    x = torch.randn(2, 40, 3, 16, generator=_gen())
+    rotated = rope.rotate(x, positions)
+    cos, sin = rope.cos_sin(positions)
+    torch.testing.assert_close(rotated[1], RotaryEmbedding.apply(x[1], cos, sin), rtol=0, atol=0)
+    torch.testing.assert_close(rope.rotate(rotated, positions, inverse=True), x, rtol=1e-5, atol=1e-5)
+    angles = -positions[:, None].double() * rope.inv_freq[None, :]  # [T, D/2]
+    c, s = angles.cos().float()[:, None], angles.sin().float()[:, None]
+    x1, x2 = x[..., :8], x[..., 8:]
+    expected = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    torch.testing.assert_close(rope.rotate(x, positions, inverse=True), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_gated_mlp_matches_formula_and_keeps_input(activation: str) -> None:
     gate, up, down = (torch.randn(32, 16, generator=_gen(1)), torch.randn(32, 16, generator=_gen(2)),

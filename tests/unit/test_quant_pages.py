@@ -1,0 +1,54 @@
+"""KVQuant records of the paged store: fixed size, equal to the planner's bytes, and decoded to exactly what the
+tensor-level ``KVQuantPolicy`` dequantizes (outliers included), whatever the batch dims or stale padding bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longfit.compression.kv_quant import KVQuantPolicy
+from longfit.compression.spec import make_stage, quantized_bytes
+from longfit.runtime.quant_pages import PageQuantFormat
+
+NUM_KV_HEADS, HEAD_DIM, GROUP = 3, 16, 8
+
+
+def _layer(dtype: torch.dtype, num_tokens: int = 4 * GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=g) * torch.linspace(0.1, 4, HEAD_DIM)
+    keys[5, 1, 3] = 40.0  # a key outlier
+    values = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=g)
+    values[9, 0, 7] = -25.0  # a value outlier
+    return keys.to(dtype), values.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bits, outliers", [(2, 0.0), (2, 0.1), (3, 0.05), (4, 0.01), (4, 0.1), (8, 0.2)])
+def test_records_decode_to_the_policy_dequantization(bits: int, outliers: float, dtype: torch.dtype) -> None:
+    stage = make_stage("kvquant", bits=bits, group=GROUP, outliers=outliers)
+    cache_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    fmt = PageQuantFormat.from_stage(stage, NUM_KV_HEADS, HEAD_DIM, cache_dtype)
+    keys, values = _layer(dtype)
+    records = fmt.encode(keys, values)  # [4, record_bytes] uint8
+    assert records.shape == (4, fmt.record_bytes) and records.dtype == torch.uint8
+    assert records.numel() == quantized_bytes(stage, NUM_KV_HEADS, keys.shape[0], HEAD_DIM, dtype.itemsize)
+    policy = KVQuantPolicy(bits=bits, group=GROUP, outliers=outliers)
+    ref_k, ref_v = policy.dequantize(policy.quantize(keys.transpose(0, 1), values.transpose(0, 1)), torch.float32)
+    got_k, got_v = fmt.decode(records)  # [T, Hkv, D] float32
+    assert torch.equal(got_k, ref_k.transpose(0, 1)) and torch.equal(got_v, ref_v.transpose(0, 1))
+    if outliers:  # the planted outliers come back exactly
+        assert got_k[5, 1, 3] == keys[5, 1, 3].float() and got_v[9, 0, 7] == values[9, 0, 7].float()
+    # batched read ([R, n, record_bytes]) with a stale padding record (any bytes): valid rows unchanged, no error
+    garbage = torch.full((1, fmt.record_bytes), 0xFF, dtype=torch.uint8)
+    batch = torch.stack([records, torch.cat([records[:3], garbage])])
+    batch_k, batch_v = fmt.decode(batch)  # [2, T, Hkv, D]
+    assert torch.equal(batch_k[0], got_k) and torch.equal(batch_v[1, :3 * GROUP], got_v[:3 * GROUP])
+
+
+def test_record_size_for_smollm2_shape() -> None:
+    """30 layers x 3 KV heads x 64, bf16, group 32, 1% outliers: 20 per key group and head, 1 per value vector."""
+    fmt = PageQuantFormat.from_stage(make_stage("kvquant", bits=4), 3, 64, "bfloat16")
+    assert fmt.outlier_counts == (20, 1)
+    # scales 768 + 384, codes 3072 + 3072, outliers 3*20*4 + 32*3*1*4
+    assert fmt.record_bytes == 768 + 384 + 2 * 3072 + 240 + 384 == 7920
+    assert 30 * fmt.record_bytes / 32 == 7425.0  # bytes per token, against 23,040 in bf16 (3.1x)
