@@ -29,7 +29,7 @@ FULL = "none"
 # frees nothing), and one composition. DuoAttention needs a head profile (`longfit profile-heads`): pass it with
 # --spec duo:heads=PATH.
 DEFAULT_SPECS = ("streaming:keep=0.25", "h2o:keep=0.25", "snapkv:keep=0.25", "pyramidkv:keep=0.25", "tova:keep=0.25",
-                 "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=4", "int8", "think:channels=0.5",
+                 "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=4", "kvquant:bits=4", "int8", "think:channels=0.5",
                  "quest:budget=512,page=32",
                  "snapkv:keep=0.25+kivi:bits=2")
 
