@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from longfit.eval.perplexity import tail_tokens, text_windows
+from longfit.eval.perplexity import text_windows, window_layout
 
 TASK = "agreement"
 TOP_K = 20
@@ -63,12 +63,12 @@ def run_agreement(handle: Any, store: Any, options: Any, progress: Callable[[int
     from longfit.sampling_params import SamplingParams
 
     for length in options.lengths:
-        windows = text_windows(handle, length, options.samples)
-        boundary = length - tail_tokens(length)
+        tokens, boundary = window_layout(handle, length)
+        windows = text_windows(handle, tokens, options.samples)
 
         def base_row(spec: str, index: int) -> dict[str, Any]:
             return {"engine": ENGINE, "kind": "agreement", "task": TASK, "length": length, "spec": spec,
-                    "index": index, "context_tokens": boundary, "prompt_tokens": length,
+                    "index": index, "context_tokens": boundary, "prompt_tokens": tokens,
                     "kv_bytes": handle.kv_bytes(spec, boundary), "kv_bytes_full": handle.kv_bytes(FULL, boundary)}
 
         def run(spec: str, indices: list[int]) -> list[list[Mapping[int, Any]]]:
@@ -86,7 +86,7 @@ def run_agreement(handle: Any, store: Any, options: Any, progress: Callable[[int
         for i in range(len(windows)):  # the baseline agrees with itself by definition
             if not store.has(ENGINE, "agreement", TASK, length, FULL, i):
                 store.add({**base_row(FULL, i), "status": "ok", "score": 1.0, "kl": 0.0,
-                           "num_scored": length - boundary - 1})
+                           "num_scored": tokens - boundary - 1})
         progress(len(windows))
         for spec in options.specs:
             rows = [base_row(spec, i) for i in todo[spec]]

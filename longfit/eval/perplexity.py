@@ -32,6 +32,14 @@ def tail_tokens(length: int) -> int:
     return max(2, min(TAIL_TOKENS, length // 4))
 
 
+def window_layout(handle: Any, length: int) -> tuple[int, int]:
+    """``(tokens, boundary)`` of a window for ``--lengths`` entry ``length``: at most ``max_model_len - 1`` tokens
+    (the engine needs room for the one sampled token, so an 8k window on an 8192-token model has 8191), the
+    context being the first ``boundary`` of them."""
+    tokens = min(length, handle.max_model_len - 1)
+    return tokens, tokens - tail_tokens(tokens)
+
+
 def text_windows(handle: Any, length: int, count: int) -> list[list[int]]:
     """``count`` consecutive windows of ``length`` token ids (BOS included) from ``corpus.long_text``."""
     body = length - len(handle.bos)
@@ -57,13 +65,13 @@ def run_perplexity(handle: Any, store: Any, options: Any, progress: Callable[[in
     from longfit.sampling_params import SamplingParams
 
     for length in options.lengths:
-        windows = text_windows(handle, length, options.samples)
-        boundary = length - tail_tokens(length)
+        tokens, boundary = window_layout(handle, length)
+        windows = text_windows(handle, tokens, options.samples)
         for spec in options.all_specs:
             todo = [i for i in range(len(windows)) if not store.has(ENGINE, "perplexity", TASK, length, spec, i)]
             reason = unsupported_reason(handle.llm, spec)
             rows = [{"engine": ENGINE, "kind": "perplexity", "task": TASK, "length": length, "spec": spec,
-                     "index": i, "context_tokens": boundary, "prompt_tokens": length,
+                     "index": i, "context_tokens": boundary, "prompt_tokens": tokens,
                      "kv_bytes": handle.kv_bytes(spec, boundary), "kv_bytes_full": handle.kv_bytes(FULL, boundary)}
                     for i in todo]
             if todo and reason is None:

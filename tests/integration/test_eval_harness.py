@@ -99,6 +99,17 @@ def test_keep_one_matches_full_cache(llm, tmp_path):
     assert all(preds[("snapkv:keep=1.0", i)] == preds[(FULL, i)] for i in range(2))
 
 
+def test_windows_at_the_full_context_leave_room_for_the_sampled_token(llm, tmp_path):
+    # --lengths equal to the model's context (8k on SmolLM2): windows get max_model_len - 1 tokens, not an error.
+    length = llm.engine.max_model_len
+    store = evaluate(EvalOptions(model="tiny-llama", specs=canonical_specs(["snapkv:keep=0.5"]), tasks=(),
+                                 lengths=(length,), samples=1, seed=3, output=str(tmp_path), dtype="float32",
+                                 perplexity=True, agreement=True), llm=llm, show_progress=False)
+    rows = [r for r in store.records if r["kind"] in ("perplexity", "agreement")]
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["prompt_tokens"] == length - 1 for r in rows)
+    assert all(r["length"] == length for r in rows)
+
+
 def test_query_aware_compresses_the_question_too(llm, tmp_path):
     store = evaluate(_options(tmp_path, specs=("snapkv:keep=0.5",), tasks=("passkey",), query_aware=True),
                      llm=llm, show_progress=False)
