@@ -38,12 +38,12 @@ ENGINE_MODEL = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=5
                            num_layers=1, num_heads=9, num_kv_heads=3, head_dim=64, max_model_len=8192 + 256,
                            rope_theta=1e5, tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,),
                            name="calibration-smollm2-shape")
-# (layers, batch, depth). Deep points use a 4-layer model: its prefill stays cheap, and its KV read (4 layers of
-# 1.5-24 MiB: 2k-32k tokens of SmolLM2 KV, one 8k sequence, eight 4k ones) outweighs the fixed per-step cost (LM
-# head, sampler), which in a 1-layer model hid it (measured: 1-layer points put decode attention at 8k at ~3 ms per
-# layer, a 30-layer SmolLM2 step at ~6.6 ms). Decode attention's cost per byte grows with the KV per layer (cache
-# effects), so the one fitted factor averages over the range that long-context planning asks about.
-ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (4, 1, 2048), (4, 1, 8192), (4, 4, 4096), (4, 8, 4096),
+# (layers, batch, depth). The batch-1 deep points use the full 30-layer SmolLM2 shape: decode attention's cost per
+# KV byte grows with depth (measured on SmolLM2 itself, 1 thread: ~8x the bandwidth bound at 2k, ~17x at 8k), and
+# models of 1-4 layers did not reproduce it (their fitted factor, 4.4, predicted an 8k SmolLM2 step 2.1x too fast).
+# The batched deep points (4 and 8 sequences of 4k: 12-24 MiB of KV per layer) use 4 layers, for a cheap prefill.
+# The one fitted factor averages over the range that long-context planning asks about.
+ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (30, 1, 2048), (30, 1, 8192), (4, 4, 4096), (4, 8, 4096),
                  (12, 1, 32), (12, 4, 32), (12, 8, 32))
 ENGINE_FLUSH_BYTES = 128 << 20  # read between timed steps (see measure_engine_steps): 4x a 32 MiB L3
 
