@@ -6,8 +6,8 @@ so layers may keep different numbers of tokens after compression. A step's token
 tokens first (one per decoding request), then each prefill chunk contiguously.
 
 Every layer first writes the step's new keys and values into its pages, then attends: decode tokens
-in one batched gather + SDPA (fp32: bf16 decode attention is several times slower on CPU), each prefill
-chunk with its own SDPA over the cached prefix plus itself.
+in one batched pass over their pages in fp32 (``paged_decode_attention``; on a layer where some row has a
+quantized stream, one gather + SDPA), each prefill chunk with its own SDPA over the cached prefix plus itself.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longfit.models.layers import RMSNorm, RotaryEmbedding
+from longfit.models.paged_decode import paged_decode_attention
 from longfit.quant.linear import Linear
 from longfit.runtime.quant_pages import PageQuantFormat
 
@@ -111,6 +112,7 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None  # [L, Bd] int64
     decode_quant: list[list[StreamRead] | None] | None = None
     decode_select: list[list[PageSelect] | None] | None = None  # per layer: Quest rows (their tables above are 0)
+    decode_masks: dict[tuple, tuple] = field(default_factory=dict)  # paged_decode_attention masks of this step
     chunks: list[ChunkMeta] = field(default_factory=list)
     captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (chunk, layer) → [Hq, W, D]
     rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -226,6 +228,22 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [Bd, Hq, D] → [Bd, Hq, D]; one query per request against its pages."""
         layer = self.layer_idx
+        streams = meta.decode_quant[layer] if meta.decode_quant is not None else None
+        if streams:
+            out = self._decode_streams(q, streams, meta)
+        else:
+            out = paged_decode_attention(q, meta.kv_pool, meta.decode_block_tables[layer],
+                                         meta.decode_first_key[layer], meta.decode_seq_lens[layer], self.scale,
+                                         self.window, masks=meta.decode_masks).to(q.dtype)
+        selects = meta.decode_select[layer] if meta.decode_select is not None else None
+        for select in selects or ():
+            out[select.rows] = self._decode_selected(q[select.rows], select, meta)
+        return out
+
+    def _decode_streams(self, q: torch.Tensor, streams: list[StreamRead], meta: AttentionMetadata) -> torch.Tensor:
+        """A layer where some rows have quantized streams: q [Bd, Hq, D] → [Bd, Hq, D] over each row's dequantized
+        stream (fp32, empty for rows without one), then its full-precision tail pages, in one masked SDPA."""
+        layer = self.layer_idx
         pages = meta.decode_block_tables[layer]  # [Bd, P]
         keys, values = gather_heads_first(meta.kv_pool, pages)  # [Bd, Hkv, S, D] float32
         key_pos = meta.decode_first_key[layer].unsqueeze(1) + torch.arange(keys.shape[2], device=q.device)  # [Bd, S]
@@ -233,21 +251,15 @@ class Attention(nn.Module):
         valid = key_pos < seq_lens
         if self.window is not None:
             valid &= key_pos > seq_lens - 1 - self.window
-        streams = meta.decode_quant[layer] if meta.decode_quant is not None else None
-        if streams:  # quantized tokens come before the tail
-            stream_keys, stream_values, stream_valid = read_streams(streams, meta.kv_pool, q.shape[0], self.rope)
-            keys = torch.cat([stream_keys.transpose(1, 2), keys], dim=2)
-            values = torch.cat([stream_values.transpose(1, 2), values], dim=2)
-            valid = torch.cat([stream_valid, valid], dim=1)
+        stream_keys, stream_values, stream_valid = read_streams(streams, meta.kv_pool, q.shape[0], self.rope)
+        keys = torch.cat([stream_keys.transpose(1, 2), keys], dim=2)  # quantized tokens come before the tail
+        values = torch.cat([stream_values.transpose(1, 2), values], dim=2)
+        valid = torch.cat([stream_valid, valid], dim=1)
         out = F.scaled_dot_product_attention(
             q.float().unsqueeze(2),  # [Bd, Hq, 1, D]
             keys, values,  # [Bd, Hkv, S, D]
             attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
-        out = out.squeeze(2).to(q.dtype)
-        selects = meta.decode_select[layer] if meta.decode_select is not None else None
-        for select in selects or ():
-            out[select.rows] = self._decode_selected(q[select.rows], select, meta)
-        return out
+        return out.squeeze(2).to(q.dtype)
 
     def _decode_selected(self, q: torch.Tensor, select: PageSelect, meta: AttentionMetadata) -> torch.Tensor:
         """Quest rows: q [R, Hq, D] → [R, Hq, D], each KV head attending over its own selected pages."""

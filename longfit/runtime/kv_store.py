@@ -1,11 +1,13 @@
 """The KV store: one tensor of pages sized from a byte budget, allocated once, reused forever.
 
-``torch.empty`` on a large size maps fresh zero pages lazily, so resident memory grows only with the
-pages requests actually touch and never beyond the budget; freed pages are reused in place.
+A large pool is its own anonymous mapping of zero pages, committed lazily, so resident memory grows only with
+the pages requests actually touch and never beyond the budget; freed pages are reused in place.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 
 import torch
@@ -49,12 +51,33 @@ def resolve_kv_spec(model: ModelConfig, cache: CacheConfig, dtype: str, max_mode
 
 
 def allocate_kv_pool(spec: KVCacheSpec, device: str = "cpu") -> torch.Tensor:
-    """[num_blocks, 2, block_size, Hkv, D] in the spec's dtype; contents start undefined (zero on fresh
-    pages from the OS); a page is always written before it is read unmasked."""
+    """[num_blocks, 2, block_size, Hkv, D] in the spec's dtype, all zero; a page is always written before it
+    is read unmasked."""
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
+    shape = (spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
     # NOTE: masked padding slots are still multiplied by zero probabilities, so they must never hold NaN.
-    # Allocations this large come straight from mmap (zero pages, committed lazily); small ones may reuse
-    # allocator memory with garbage, so they are zeroed (cheap at that size).
-    factory = torch.empty if spec.total_bytes >= 64 * 2**20 and device == "cpu" else torch.zeros
-    return factory(spec.num_blocks, 2, spec.block_size, spec.num_kv_heads, spec.head_dim, dtype=dtype,
-                       device=device)
+    # A large pool gets its own anonymous mapping: zero pages from the OS, committed lazily as pages are touched.
+    # (A large torch.empty is not that: in a long test process a 72 MiB one held an earlier tensor's data.)
+    # Small pools, and other devices, are zeroed (cheap at that size, or not lazily committed anyway).
+    if spec.total_bytes >= 64 * 2**20 and device == "cpu" and os.name == "posix":
+        return fresh_pages(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def fresh_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous CPU tensor on its own private anonymous mapping (POSIX): zero, committed as it is touched,
+    unmapped when the tensor is freed. On Linux the mapping asks for transparent huge pages (``madvise``; the
+    default THP mode "madvise" gives them only on request): decode reads every page of a request's layer each
+    step, 12-24 KiB at a time from all over a GiB-sized pool, and with 4 KiB pages each read also misses the TLB.
+    Measured at 1 thread: those gathers 1.3-1.45x faster, a SmolLM2 decode step at depth 4000 (2.9 GB pool)
+    ~1.3x faster in CPU time."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+    if advice is not None:
+        try:
+            mapping.madvise(advice)
+        except OSError:  # a kernel without transparent huge pages
+            pass
+    return torch.frombuffer(mapping, dtype=dtype, count=math.prod(shape)).view(shape)  # keeps the mapping alive

@@ -203,6 +203,15 @@ class ModelRunner:
         q_pages = np.stack([st.quant_pages for st in states], axis=1)
         formats = [st.quant for st in states]
         meta.decode_block_tables, meta.decode_first_key, meta.decode_seq_lens = [], [], []
+        # Layers with equal first keys (lengths) share one tensor: decode attention builds its mask once for them.
+        shared: dict[tuple[str, bytes], torch.Tensor] = {}
+
+        def tensor(values: np.ndarray) -> torch.Tensor:
+            key = (values.dtype.str, values.tobytes())
+            if key not in shared:
+                shared[key] = torch.from_numpy(values).to(self.device)
+            return shared[key]
+
         meta.decode_quant = [None] * len(self.windows)
         for layer, window in enumerate(self.windows):
             lens = seq_lens[layer]
@@ -230,8 +239,8 @@ class ModelRunner:
             pages = np.take_along_axis(tables[layer], np.minimum(span, tables.shape[2] - 1), axis=1)
             pages = np.where(span < limit[:, None], pages, 0)
             meta.decode_block_tables.append(torch.from_numpy(pages).to(self.device))
-            meta.decode_first_key.append(torch.from_numpy(first_page * bs).to(self.device))
-            meta.decode_seq_lens.append(torch.from_numpy(lens).to(self.device))
+            meta.decode_first_key.append(tensor(first_page * bs))
+            meta.decode_seq_lens.append(tensor(lens))
 
     def _page_selects(self, states: list[RequestState], tables: np.ndarray, lens: np.ndarray,
                       layer: int) -> tuple[list[PageSelect], np.ndarray]:
