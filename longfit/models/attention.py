@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longfit.models.layers import RMSNorm, RotaryEmbedding
-from longfit.models.paged_decode import paged_decode_attention
+from longfit.models.paged_decode import decode_bias, paged_decode_attention
 from longfit.quant.linear import Linear
 from longfit.runtime.quant_pages import PageQuantFormat
 
@@ -246,11 +246,8 @@ class Attention(nn.Module):
         layer = self.layer_idx
         pages = meta.decode_block_tables[layer]  # [Bd, P]
         keys, values = gather_heads_first(meta.kv_pool, pages)  # [Bd, Hkv, S, D] float32
-        key_pos = meta.decode_first_key[layer].unsqueeze(1) + torch.arange(keys.shape[2], device=q.device)  # [Bd, S]
-        seq_lens = meta.decode_seq_lens[layer].unsqueeze(1)  # [Bd, 1]
-        valid = key_pos < seq_lens
-        if self.window is not None:
-            valid &= key_pos > seq_lens - 1 - self.window
+        # The same visibility rule (length, sliding window) as the plain pages' path, as a boolean mask [Bd, S].
+        valid = decode_bias(meta.decode_first_key[layer], meta.decode_seq_lens[layer], keys.shape[2], self.window) == 0
         stream_keys, stream_values, stream_valid = read_streams(streams, meta.kv_pool, q.shape[0], self.rope)
         keys = torch.cat([stream_keys.transpose(1, 2), keys], dim=2)  # quantized tokens come before the tail
         values = torch.cat([stream_values.transpose(1, 2), values], dim=2)
