@@ -1,0 +1,50 @@
+"""Torch-profiler table of longfit decode steps at a context depth (docs/PERFORMANCE.md, "What bounds it").
+
+    python scripts/profile_decode.py --depth 8000 --weights auto --num-threads 1 [--kv-compression SPEC]
+
+One request with a random-token prompt of ``--depth`` tokens is prefilled, three decode steps warm up, then
+``--steps`` decode steps run under the profiler; prints ms per step and the ops by self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from longfit import LLM, SamplingParams
+    from longfit.bench.decode import step_until_decoding
+    from longfit.bench.peers import random_ids
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--weights", default="auto")
+    parser.add_argument("--depth", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--kv-compression", default=None)
+    parser.add_argument("--rows", type=int, default=18, help="ops shown")
+    args = parser.parse_args()
+
+    llm = LLM(args.model, weights=args.weights, num_threads=args.num_threads)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=args.steps + 8, temperature=0, ignore_eos=True)
+    engine.add_request(None, random_ids(1, args.depth, engine.model_config.vocab_size), params,
+                       kv_compression=args.kv_compression)
+    step_until_decoding(engine)
+    for _ in range(3):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        elapsed = time.perf_counter() - started
+    print(f"{elapsed / args.steps * 1e3:.1f} ms per decode step under the profiler (depth {args.depth})")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
