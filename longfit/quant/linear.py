@@ -50,7 +50,9 @@ INT8_K_MULTIPLE = 16
 # thread, SmolLM2's 120 layer matmuls: int4 kernel 134 ms at M=16, 514 at 64, 3955 at 512; dequantize + bf16
 # matmul ~700 ms at M=16, 1056 at 512; one 3072x576 layer at M=512: kernel 70 ms, dequantize + matmul 4 ms).
 DEQUANTIZE_MIN_ROWS = 64
-_INT4_BLOCK_N = 64  # the CPU int4 kernel's packed layout: blocks of 64 output rows (see _unpack_int4_cpu)
+# The CPU int4 kernel packs output rows in blocks whose width depends on the ISA torch dispatches to (torch 2.13:
+# 64 with AVX-512, 32 with AVX2); ``_int4_cpu_block`` finds which one this machine uses (see _unpack_int4_cpu).
+_INT4_BLOCK_CANDIDATES = (64, 32)
 
 
 class WeightSource(Protocol):
@@ -159,35 +161,43 @@ class Int8Linear(Linear):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def _unpack_int4_cpu(packed: Tensor, out_features: int, in_features: int) -> Tensor:
-    """Codes [K, N] uint8 in 0..15 from ``_convert_weight_to_int4pack_for_cpu``'s output [N, K/2] (N % 64 == 0).
+def _unpack_int4_cpu(packed: Tensor, out_features: int, in_features: int, block: int) -> Tensor:
+    """Codes [K, N] uint8 in 0..15 from ``_convert_weight_to_int4pack_for_cpu``'s output [N, K/2] (N % block == 0).
 
-    Layout (torch 2.13, checked at run time by ``_int4_cpu_layout_known``): for each block of 64 output rows and
-    each input k, 32 bytes; byte i holds row i of the block in its low nibble and row 32 + i in its high one.
+    Layout (torch 2.13, checked at run time by ``_int4_cpu_block``): for each block of ``block`` output rows and
+    each input k, ``block / 2`` bytes; byte i holds row i of the block in its low nibble and row block/2 + i in its
+    high one.
     """
-    blocks = packed.view(out_features // _INT4_BLOCK_N, in_features, 32).transpose(0, 1)  # [K, N/64, 32]
-    codes = torch.empty(in_features, out_features // _INT4_BLOCK_N, 2, 32, dtype=torch.uint8, device=packed.device)
+    half = block // 2
+    blocks = packed.view(out_features // block, in_features, half).transpose(0, 1)  # [K, N/block, block/2]
+    codes = torch.empty(in_features, out_features // block, 2, half, dtype=torch.uint8, device=packed.device)
     torch.bitwise_and(blocks, 15, out=codes[:, :, 0])
     torch.bitwise_right_shift(blocks, 4, out=codes[:, :, 1])
     return codes.view(in_features, out_features)
 
 
-_INT4_LAYOUT_KNOWN: bool | None = None
+_INT4_BLOCK: int | None = None
+_INT4_BLOCK_PROBED = False
 
 
-def _int4_cpu_layout_known() -> bool:
-    """Whether this torch packs int4 weights as ``_unpack_int4_cpu`` reads them (once per process)."""
-    global _INT4_LAYOUT_KNOWN
-    if _INT4_LAYOUT_KNOWN is None:
+def _int4_cpu_block() -> int | None:
+    """The output-row block width with which this torch packs int4 weights as ``_unpack_int4_cpu`` reads them, or
+    None when the layout is none of the known ones (once per process)."""
+    global _INT4_BLOCK, _INT4_BLOCK_PROBED
+    if not _INT4_BLOCK_PROBED:
+        _INT4_BLOCK_PROBED = True
+        rows = 2 * max(_INT4_BLOCK_CANDIDATES)
         generator = torch.Generator().manual_seed(0)
-        probe = torch.randint(0, 16, (2 * _INT4_BLOCK_N, 64), dtype=torch.int32, generator=generator)
+        probe = torch.randint(0, 16, (rows, 64), dtype=torch.int32, generator=generator)
         packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
-        _INT4_LAYOUT_KNOWN = tuple(packed.shape) == (2 * _INT4_BLOCK_N, 32) and torch.equal(
-            _unpack_int4_cpu(packed, 2 * _INT4_BLOCK_N, 64), probe.t().to(torch.uint8))
-        if not _INT4_LAYOUT_KNOWN:
+        if tuple(packed.shape) == (rows, 32):
+            expected = probe.t().to(torch.uint8)
+            _INT4_BLOCK = next((b for b in _INT4_BLOCK_CANDIDATES
+                                if torch.equal(_unpack_int4_cpu(packed, rows, 64, b), expected)), None)
+        if _INT4_BLOCK is None:
             logger.warning("unknown int4 packed layout in torch %s: many-row int4 matmuls use the (slower) kernel",
                            torch.__version__)
-    return _INT4_LAYOUT_KNOWN
+    return _INT4_BLOCK
 
 
 class Int4Linear(Linear):
@@ -232,7 +242,8 @@ class Int4Linear(Linear):
         flat = x.reshape(-1, self.in_features)  # [M, K]
         if flat.dtype != _KERNEL_DTYPE:
             flat = flat.to(_KERNEL_DTYPE)
-        if flat.shape[0] >= DEQUANTIZE_MIN_ROWS and self.out_features % _INT4_BLOCK_N == 0 and _int4_cpu_layout_known():
+        block = _int4_cpu_block() if flat.shape[0] >= DEQUANTIZE_MIN_ROWS else None
+        if block is not None and self.out_features % block == 0:
             out = torch.mm(flat, self.dequantized_t())
         else:
             out = torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group_size,
@@ -247,8 +258,12 @@ class Int4Linear(Linear):
         ``(code - 8) · scale + zero`` in fp32 from the kernel's own bf16 parameters (``zero - 8·scale`` is exact in
         fp32), so it differs from the kernel's product only by bf16 rounding, like a dense bf16 layer.
         """
+        block = _int4_cpu_block()
+        if block is None or self.out_features % block:
+            raise RuntimeError(f"int4 packed layout of torch {torch.__version__} on this CPU is not known for "
+                               f"{self.out_features} output rows: use the kernel (forward) instead")
         groups, size = self.in_features // self.group_size, self.group_size
-        codes = _unpack_int4_cpu(self.packed, self.out_features, self.in_features)  # [K, N] uint8
+        codes = _unpack_int4_cpu(self.packed, self.out_features, self.in_features, block)  # [K, N] uint8
         scales = self.scales_and_zeros[..., 0].float()  # [K/G, N]
         shifts = self.scales_and_zeros[..., 1].float() - 8 * scales
         weight = codes.view(groups, size, self.out_features).float().mul_(scales[:, None]).add_(shifts[:, None])
