@@ -31,6 +31,7 @@ from longfit.plan import cost_model as cm
 from longfit.plan.cost_model import HardwareProfile
 from longfit.plan.hardware import calibration_path, save_profile
 from longfit.plan.overheads import StepSample, fit_overheads
+from longfit.quant import matmul
 
 # SmolLM2-135M's shape (the model the planner is checked against), with the layer count varied per point: two layer
 # counts separate per-step from per-layer costs. Its vocabulary is kept: the LM head and sampler are per-step costs.
@@ -278,12 +279,16 @@ def calibrate(num_threads: int | None = None, bandwidth_bytes: int = 1 << 30, ma
         bf16 = measure_matmul(torch.bfloat16, matmul_size, repeats)
         fp32 = measure_matmul(torch.float32, matmul_size, repeats)
     disk_result = measure_disk(calibration_path().parent) if disk else None
+    # The engine multiplies bf16 weights in fp32 where this CPU's bf16 GEMM is slow (quant.matmul), so that is the
+    # rate its "bf16" prefill runs at.
+    bf16_rate = bf16["flops"] if matmul.bf16_matmul_fast() else max(bf16["flops"], fp32["flops"])
+    bf16["engine_products"] = "bf16" if matmul.bf16_matmul_fast() else "fp32 (bf16 GEMM slow on this CPU)"
     threads = torch.get_num_threads()
     measurements = {"cpu": _cpu_name(), "num_threads": threads, "torch": torch.__version__,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "bandwidth": bandwidth, "matmul_bf16": bf16,
                     "matmul_fp32": fp32, "disk": disk_result}
     profile = HardwareProfile(
-        name="this", kind="cpu", memory_bandwidth=bandwidth["read_bytes_per_s"], bf16_flops=bf16["flops"],
+        name="this", kind="cpu", memory_bandwidth=bandwidth["read_bytes_per_s"], bf16_flops=bf16_rate,
         fp32_flops=fp32["flops"], memory_bytes=_host_memory_bytes(), host_link_bandwidth=None,
         disk_read_bandwidth=disk_result["read_bytes_per_s"] if disk_result else None,
         disk_write_bandwidth=disk_result["write_bytes_per_s"] if disk_result else None,
@@ -321,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     disk = (f", disk read {profile.disk_read_bandwidth / 1e9:.2f} / write {profile.disk_write_bandwidth / 1e9:.2f} GB/s"
             if profile.disk_read_bandwidth and profile.disk_write_bandwidth else "")
     print(f"memory read {profile.memory_bandwidth / 1e9:.1f} GB/s (copy "
-          f"{measurements['bandwidth']['copy_bytes_per_s'] / 1e9:.1f}), bf16 {profile.bf16_flops / 1e9:.0f} GFLOP/s, "
+          f"{measurements['bandwidth']['copy_bytes_per_s'] / 1e9:.1f}), bf16 {profile.bf16_flops / 1e9:.0f} GFLOP/s"
+          f"{'' if matmul.bf16_matmul_fast() else ' (products in fp32: bf16 GEMM is slow on this CPU)'}, "
           f"fp32 {profile.fp32_flops / 1e9:.0f} GFLOP/s{disk} with {measurements['num_threads']} threads -> {path}")
     if "engine_overheads" in measurements:
         fit = measurements["engine_overheads"]

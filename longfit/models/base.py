@@ -13,6 +13,7 @@ from torch import nn
 from longfit.config import ModelConfig
 from longfit.models.attention import AttentionMetadata
 from longfit.models.layers import RMSNorm, WeightSource
+from longfit.quant import matmul
 from longfit.quant.linear import DenseLinear, Int8Linear
 
 # bf16 has 8 significant bits: a product or a sum rounded to it moves by at most 2^-9 of its magnitude.
@@ -99,7 +100,7 @@ class DecoderModel(nn.Module):
         if row_error is not None and hidden.shape[0] >= PACKED_HEAD_MAX_ROWS:
             # The packed kernels cost grows with every row (no reuse of the weights across rows): from a few rows
             # on, one bf16 matmul over the embedding table (the exact weights, held anyway) is faster.
-            logits = F.linear(hidden, rows_weight).float()
+            logits = matmul.linear(hidden, rows_weight).float()
             row_error = None
         else:
             logits = self.lm_head(hidden).float()

@@ -11,6 +11,8 @@ bf16 and 360 µs (int8) / 980 µs (int4) in fp32, against ~45 µs for an fp32 ``
 are 60-170× slower than fp32 ``F.linear``. So the packed layers compute in bf16 (other activation dtypes are cast to
 bf16 and back), and ``build_linear`` with ``dtype=float32`` dequantizes the quantized weight once into an fp32
 ``DenseLinear``: the same quantized values, fp32 arithmetic, exactly comparable with a fp32 reference (transformers).
+Many-row products (dense layers, and packed ones from ``DEQUANTIZE_MIN_ROWS`` rows) go through ``matmul.linear``,
+which multiplies a bf16 weight in fp32 on CPUs whose bf16 GEMM is slow (AVX2-only: 100-400×).
 
 Shape constraints, found by running the kernels (not all are checked by torch):
 - int4: ``N % 16 == 0`` (checked), ``K % group_size == 0`` (checked), group ∈ {32, 64, 128, 256}; x 2-D contiguous.
@@ -31,9 +33,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from longfit.quant import matmul
 from longfit.quant.gguf_repack import GGUF_BLOCK_SIZE, GGUF_INT4_TYPES, unpack_q4_rows
 from longfit.quant.rtn import INT4_GROUP_SIZES, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
@@ -113,9 +115,7 @@ class DenseLinear(Linear):
         self.register_buffer("weight", weight.detach().contiguous())
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype:
-            return F.linear(x, self.weight, self.bias)
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        return matmul.linear(x, self.weight, self.bias)  # fp32 product where this CPU's bf16 GEMM is slow
 
 
 class Int8Linear(Linear):
@@ -152,8 +152,9 @@ class Int8Linear(Linear):
             flat = flat.to(_KERNEL_DTYPE)
         if flat.shape[0] >= DEQUANTIZE_MIN_ROWS:
             # codes · scale is exact in fp32 (8-bit × 8-bit significands); one bf16 rounding, then a bf16 matmul.
-            weight = self.codes.float().mul_(self.scales.float()[:, None]).to(_KERNEL_DTYPE)  # [N, K]
-            out = F.linear(flat, weight)
+            # Where bf16 GEMMs are slow the fp32 weight multiplies as it is (no bf16 rounding to undo).
+            weight = self.codes.float().mul_(self.scales.float()[:, None])  # [N, K]
+            out = matmul.linear(flat, weight if matmul.slow_bf16(weight.device) else weight.to(_KERNEL_DTYPE))
         else:
             out = torch._weight_int8pack_mm(flat.contiguous(), self.codes, self.scales)  # [M, N] bf16
         if self.bias is not None:
@@ -244,7 +245,8 @@ class Int4Linear(Linear):
             flat = flat.to(_KERNEL_DTYPE)
         block = _int4_cpu_block() if flat.shape[0] >= DEQUANTIZE_MIN_ROWS else None
         if block is not None and self.out_features % block == 0:
-            out = torch.mm(flat, self.dequantized_t())
+            dtype = torch.float32 if matmul.slow_bf16(flat.device) else _KERNEL_DTYPE
+            out = matmul.linear(flat, self.dequantized_t(dtype).T)  # [M, K] @ [K, N]
         else:
             out = torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group_size,
                                                     self.scales_and_zeros)
@@ -252,11 +254,11 @@ class Int4Linear(Linear):
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def dequantized_t(self) -> Tensor:
-        """The weight the kernel multiplies by, transposed and rounded once to bf16: [K, N] (a fresh tensor).
+    def dequantized_t(self, dtype: torch.dtype = _KERNEL_DTYPE) -> Tensor:
+        """The weight the kernel multiplies by, transposed: [K, N] in ``dtype`` (a fresh tensor; bf16: rounded once).
 
         ``(code - 8) · scale + zero`` in fp32 from the kernel's own bf16 parameters (``zero - 8·scale`` is exact in
-        fp32), so it differs from the kernel's product only by bf16 rounding, like a dense bf16 layer.
+        fp32), so in bf16 it differs from the kernel's product only by bf16 rounding, like a dense bf16 layer.
         """
         block = _int4_cpu_block()
         if block is None or self.out_features % block:
@@ -267,7 +269,7 @@ class Int4Linear(Linear):
         scales = self.scales_and_zeros[..., 0].float()  # [K/G, N]
         shifts = self.scales_and_zeros[..., 1].float() - 8 * scales
         weight = codes.view(groups, size, self.out_features).float().mul_(scales[:, None]).add_(shifts[:, None])
-        return weight.view(self.in_features, self.out_features).to(_KERNEL_DTYPE)
+        return weight.view(self.in_features, self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"

@@ -235,7 +235,7 @@ def test_bad_arguments_name_the_field() -> None:
 
 
 @pytest.mark.parametrize("form", ["int4", "int8"])
-def test_many_rows_dequantize_like_the_kernel(form: str) -> None:
+def test_many_rows_dequantize_like_the_kernel(form: str, bf16_mode: str) -> None:
     """From DEQUANTIZE_MIN_ROWS rows on, packed layers run dequantize + bf16 matmul: the kernel's result to bf16."""
     raw = [make_raw(random_weight(128), "F32")]
     layer = build_linear(raw, None, form, torch.bfloat16)
@@ -251,3 +251,48 @@ def test_many_rows_dequantize_like_the_kernel(form: str) -> None:
         codes, scales, zeros = quantize_int4(raw[0].dequantize(), 32, torch.bfloat16)
         torch.testing.assert_close(layer.dequantized_t().float(),
                                    dequantize_int4(codes, scales, zeros, 32).T.bfloat16().float(), rtol=0, atol=0)
+
+
+@pytest.fixture(params=["fast", "slow"])
+def bf16_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Both answers of ``matmul.bf16_matmul_fast`` (the probe decides per machine; each path must be right)."""
+    from longfit.quant import matmul
+
+    monkeypatch.setenv(matmul.ENV_VAR, request.param)
+    matmul.reset_probe()
+    yield request.param
+    matmul.reset_probe()
+
+
+@pytest.mark.parametrize("rows", [1, 3, DEQUANTIZE_MIN_ROWS + 3])
+def test_dense_matmul_either_bf16_mode_matches_fp32(bf16_mode: str, rows: int) -> None:
+    """``matmul.linear`` over a bf16 weight: the fp32 product (slow-bf16 CPUs, more than one row) or the bf16 one;
+    either is within the bf16 product's rounding of an fp64 reference, in the activations' dtype."""
+    from longfit.quant import matmul
+
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(48, K, generator=gen).bfloat16()
+    bias = torch.randn(48, generator=gen).bfloat16()
+    x = torch.randn(rows, K, generator=gen).bfloat16()
+    assert matmul.uses_fp32(weight, rows) == (bf16_mode == "slow" and rows > 1)
+    out = matmul.linear(x, weight, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 48)
+    exact = x.double() @ weight.double().T + bias.double()
+    scale = x.double().abs() @ weight.double().abs().T + bias.double().abs()
+    assert ((out.double() - exact).abs() / scale).max().item() < 2 * 2**-8
+    layer = build_linear([make_raw(weight.float(), "F32")], bias, "int8", torch.bfloat16)
+    kernel = torch.cat([layer(part) for part in x.split(DEQUANTIZE_MIN_ROWS - 1)])  # rows below the threshold
+    err = (layer(x).float() - kernel.float()).abs() / (x.float().abs() @ weight.float().abs().T + 1e-6)
+    assert err.max().item() < 2 * 2**-8
+
+
+def test_bf16_matmul_mode_rejects_unknown_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from longfit.quant import matmul
+
+    monkeypatch.setenv(matmul.ENV_VAR, "sometimes")
+    matmul.reset_probe()
+    with pytest.raises(ValueError, match="LONGFIT_BF16_MATMUL"):
+        matmul.bf16_matmul_fast()
+    monkeypatch.delenv(matmul.ENV_VAR)
+    matmul.reset_probe()
+    assert matmul.bf16_matmul_fast() in (True, False)  # the probe answers
