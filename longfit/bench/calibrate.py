@@ -46,6 +46,11 @@ ENGINE_MODEL = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=5
 # The one fitted factor averages over the range that long-context planning asks about.
 ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (30, 1, 2048), (30, 1, 8192), (4, 4, 4096), (4, 8, 4096),
                  (12, 1, 32), (12, 4, 32), (12, 8, 32))
+# (layers, batch, depth, spec): decode steps over quantized streams, which the engine expands whole at every step; the
+# time beyond the fitted model above, per expanded element, is kv_dequant_s_per_element for that storage format
+# (measured on the 2-core EPYC, 1 thread, SmolLM2 at 2k: KIVI-2 12 ns, KIVI-4 8.6, KVQuant-4 6.4, int8 3.8 ns).
+DEQUANT_POINTS = ((30, 1, 2048, "kivi:bits=2"), (30, 1, 2048, "kivi:bits=4"), (30, 1, 2048, "int8"),
+                  (30, 1, 2048, "kvquant:bits=4"))
 ENGINE_FLUSH_BYTES = 128 << 20  # read between timed steps (see measure_engine_steps): 4x a 32 MiB L3
 
 
@@ -116,10 +121,11 @@ def _with_layers(base: ModelConfig, num_layers: int) -> ModelConfig:
 
 
 def _time_decode(engine: Any, batch: int, depth: int, steps: int, vocab: int,
-                 flush: torch.Tensor | None = None) -> list[float]:
+                 flush: torch.Tensor | None = None, kv_compression: str | None = None) -> list[float]:
     """Seconds of each pure decode step of ``batch`` random prompts of ``depth`` tokens (as ``bench decode``
-    runs them: prefill all, then time the steps in which every sequence decodes one token). ``flush`` is read
-    before each step, untimed, so the step starts with cold caches."""
+    runs them: prefill all, then time the steps in which every sequence decodes one token), compressed with
+    ``kv_compression`` if given. ``flush`` is read before each step, untimed, so the step starts with cold
+    caches."""
     from longfit.bench.decode import step_until_decoding  # NOTE: here, bench.decode imports this module
     from longfit.bench.peers import prompt_ids
     from longfit.sampling_params import SamplingParams
@@ -127,7 +133,7 @@ def _time_decode(engine: Any, batch: int, depth: int, steps: int, vocab: int,
     params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
     # Prompt i is the same in every round and batch: the prefix cache spares its prefill.
     for prompt in prompt_ids(0, batch, depth, vocab):
-        engine.add_request(None, prompt, params)
+        engine.add_request(None, prompt, params, kv_compression=kv_compression)
     step_until_decoding(engine)
     times = []
     while engine.has_unfinished_requests():
@@ -139,7 +145,8 @@ def _time_decode(engine: Any, batch: int, depth: int, steps: int, vocab: int,
     return times[:steps]  # the last step also finishes the requests and frees their pages
 
 
-def measure_engine_steps(points: Sequence[tuple[int, int, int]] = ENGINE_POINTS, base: ModelConfig = ENGINE_MODEL,
+def measure_engine_steps(points: Sequence[tuple[int, int, int] | tuple[int, int, int, str]] = ENGINE_POINTS,
+                         base: ModelConfig = ENGINE_MODEL,
                          steps: int = 8, rounds: int = 3, num_threads: int | None = None,
                          flush_bytes: int = ENGINE_FLUSH_BYTES) -> list[dict[str, Any]]:
     """Decode step time of longfit's engine (bf16 weights) at each ``(layers, batch, depth)`` point.
@@ -149,7 +156,8 @@ def measure_engine_steps(points: Sequence[tuple[int, int, int]] = ENGINE_POINTS,
     median of its ``steps`` steps and the point's is the fastest round's (a foreign process slowing one round
     does not count). ``flush_bytes`` (0: none) are read before every step, untimed. Returns one record per point:
     ``num_layers``, ``batch``, ``depth`` (prompt tokens), ``kv_tokens`` (mean tokens in the cache over the timed
-    steps), ``measured_s`` (seconds) and every round's ``step_times_s``.
+    steps), ``measured_s`` (seconds) and every round's ``step_times_s``; a point's optional fourth element is a
+    ``kv_compression`` spec (kept as ``spec``).
     """
     from longfit.llm import LLM
     from longfit.models.loader import synthetic_config
@@ -159,7 +167,7 @@ def measure_engine_steps(points: Sequence[tuple[int, int, int]] = ENGINE_POINTS,
     engines = {}
     for layers in dict.fromkeys(p[0] for p in points):
         config = _with_layers(base, layers)
-        shapes = [(b, d) for n, b, d in points if n == layers]
+        shapes = [(p[1], p[2]) for p in points if p[0] == layers]
         max_batch = max(b for b, _ in shapes)
         # Room for every point's prompts at once (the prefix cache keeps them for the next round) plus growth.
         pages = sum(b * layers * -(-(d + steps + 3) // 32) for b, d in shapes) + layers * max_batch * 4
@@ -179,11 +187,13 @@ def measure_engine_steps(points: Sequence[tuple[int, int, int]] = ENGINE_POINTS,
     runs: list[list[list[float]]] = [[] for _ in points]
     for round_index in range(rounds):
         order = list(enumerate(points))
-        for index, (layers, batch, depth) in order if round_index % 2 == 0 else order[::-1]:  # spread any drift
-            runs[index].append(_time_decode(engines[layers], batch, depth, steps, base.vocab_size, flush))
+        for index, (layers, batch, depth, *spec) in order if round_index % 2 == 0 else order[::-1]:  # spread drift
+            runs[index].append(_time_decode(engines[layers], batch, depth, steps, base.vocab_size, flush,
+                                            spec[0] if spec else None))
     return [{"num_layers": layers, "batch": batch, "depth": depth, "kv_tokens": depth + (steps + 1) / 2,
-             "measured_s": min(statistics.median(r) for r in rounds_times), "step_times_s": rounds_times}
-            for (layers, batch, depth), rounds_times in zip(points, runs)]
+             "measured_s": min(statistics.median(r) for r in rounds_times), "step_times_s": rounds_times,
+             **({"spec": spec[0]} if spec else {})}
+            for (layers, batch, depth, *spec), rounds_times in zip(points, runs)]
 
 
 def engine_samples(records: Sequence[dict[str, Any]], base: ModelConfig,
@@ -206,23 +216,61 @@ def engine_samples(records: Sequence[dict[str, Any]], base: ModelConfig,
     return samples
 
 
+def fit_dequant(records: Sequence[dict[str, Any]], base: ModelConfig, profile: HardwareProfile,
+                steps: int) -> dict[str, float]:
+    """``kv_dequant_s_per_element`` from quantized-stream records (``measure_engine_steps`` with a spec): per
+    storage format, the least-squares slope through the origin of each step's time beyond ``profile``'s estimate
+    (its other overheads already fitted) against the K/V elements the planner says it expands (0.0 where the points
+    show no such cost). Adds ``estimate_without_dequant_s``, ``dequant_elements`` and ``dequant_format`` to every
+    record."""
+    from longfit.plan.planner import kv_footprint
+
+    fmt = cm.parse_weight_format("bf16")
+    sums: dict[str, list[float]] = {}
+    for record in records:
+        config = _with_layers(base, record["num_layers"])
+        footprint = kv_footprint(config, record["spec"], record["depth"], steps // 2 + 1)
+        context = round(record["kv_tokens"])
+        estimate = cm.decode_time(profile, config.num_layers, record["batch"], cm.weight_bytes(config, fmt).read_per_step,
+                                  footprint.read_bytes, cm.decode_flops(config, context, footprint.read_keys),
+                                  cm.compute_rate(profile, fmt)).seconds
+        elements = record["batch"] * footprint.dequant_elements
+        record["estimate_without_dequant_s"], record["dequant_elements"] = estimate, elements
+        record["dequant_format"] = footprint.dequant_format
+        if footprint.dequant_format is None:
+            raise ValueError(f"calibration point {record['spec']!r} has no quantized stream to time")
+        total = sums.setdefault(footprint.dequant_format, [0.0, 0.0])
+        total[0] += (record["measured_s"] - estimate) * elements
+        total[1] += float(elements) ** 2
+    return {name: max(0.0, product / square) for name, (product, square) in sums.items()}
+
+
 def calibrate_engine(profile: HardwareProfile, points: Sequence[tuple[int, int, int]] = ENGINE_POINTS,
                      base: ModelConfig = ENGINE_MODEL, steps: int = 8, rounds: int = 3,
-                     num_threads: int | None = None,
-                     flush_bytes: int = ENGINE_FLUSH_BYTES) -> tuple[HardwareProfile, dict[str, Any]]:
+                     num_threads: int | None = None, flush_bytes: int = ENGINE_FLUSH_BYTES,
+                     dequant_points: Sequence[tuple[int, int, int, str]] = DEQUANT_POINTS,
+                     ) -> tuple[HardwareProfile, dict[str, Any]]:
     """``profile`` with its engine-overhead fields fitted to longfit's decode steps (``measure_engine_steps``,
-    whose arguments these are), and the raw points with their bounds and fit errors."""
-    records = measure_engine_steps(points, base, steps, rounds, num_threads, flush_bytes)
+    whose arguments these are; ``dequant_points``, may be empty, fit ``kv_dequant_s_per_element``), and the raw
+    points with their bounds and fit errors."""
+    records = measure_engine_steps([*points, *dequant_points], base, steps, rounds, num_threads, flush_bytes)
+    records, quantized = records[:len(points)], records[len(points):]
     fit = fit_overheads(engine_samples(records, base, profile), profile.memory_bandwidth)
     for record, error in zip(records, fit.relative_errors):
         record["fit_relative_error"] = error
+    fitted = dataclasses.replace(profile, **fit.coefficients)
+    dequant = fit_dequant(quantized, base, fitted, steps)
+    for record in quantized:
+        estimate = record["estimate_without_dequant_s"] + dequant[record["dequant_format"]] * record["dequant_elements"]
+        record["fit_relative_error"] = estimate / record["measured_s"] - 1.0
     shape = {k: getattr(base, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
                                            "num_kv_heads", "head_dim", "tie_word_embeddings")}
     raw = {"model": shape, "weights": "bf16", "dtype": "bfloat16", "steps_per_point": steps, "rounds": rounds,
            "flush_bytes": flush_bytes,
            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "points": records,
-           "fit": fit.coefficients, "rms_relative_error": fit.rms_relative_error}
-    return dataclasses.replace(profile, **fit.coefficients), raw
+           "fit": {**fit.coefficients, "kv_dequant_s_per_element": dequant},
+           "rms_relative_error": fit.rms_relative_error, "dequant_points": quantized}
+    return dataclasses.replace(fitted, kv_dequant_s_per_element=dequant), raw
 
 
 def _cpu_name() -> str:
@@ -335,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{profile.step_overhead_per_seq_s * 1e3:.3f} ms/seq + {profile.step_overhead_per_layer_s * 1e3:.3f} "
               f"ms/layer + {profile.step_overhead_per_seq_layer_s * 1e3:.4f} ms/seq/layer, KV read factor "
               f"{profile.kv_read_factor:.2f} (rms fit error {100 * fit['rms_relative_error']:.1f}% over "
-              f"{len(fit['points'])} points, {fit['seconds']:.1f} s)")
+              f"{len(fit['points'])} points, {fit['seconds']:.1f} s); quantized-stream expansion per element: "
+              + ", ".join(f"{name} {cost * 1e9:.2f} ns" for name, cost in profile.kv_dequant_s_per_element))
         if fit["rms_relative_error"] > 0.1:  # 1-4% on the project machine with 1 thread, even while shared
             print("longfit calibrate: warning: the decode points fit poorly (noisy machine?); rerun when it is quiet",
                   file=sys.stderr)

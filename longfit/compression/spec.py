@@ -548,6 +548,12 @@ def stored_layout(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_dim
     return quantized, quantized_bytes(stage, h, quantized, d, dtype_bytes), 0
 
 
+def dequant_format(stage: StageSpec) -> str:
+    """The name of a storage stage's paged format whose expansion cost the planner calibrates: ``kivi:bits=2``,
+    ``int8``, ``kvquant:bits=4``, ``think`` (cost per element depends on the method and code width only)."""
+    return stage.name if stage.name in ("int8", "think") else f"{stage.name}:bits={stage.get('bits')}"
+
+
 def think_channels_kept(head_dim: int, channels: float) -> int:
     """Key channels ThinK keeps: ``head_dim - floor(head_dim * (1 - channels))`` (kvpress pruned count)."""
     return head_dim - int(head_dim * (1.0 - channels) + 1e-9)

@@ -164,6 +164,18 @@ def read_streams(reads: list[StreamRead], kv_pool: torch.Tensor, batch: int,
                  rope: RotaryEmbedding) -> tuple[torch.Tensor, ...]:
     """Dequantize decode rows' streams → keys, values float32 [batch, S, Hkv, D] (keys post-RoPE) and valid
     [batch, S] (rows without a stream, and padding, are zero and invalid: padded records may hold any bytes)."""
+    if len(reads) == 1 and reads[0].rows.numel() == batch and torch.equal(
+            reads[0].rows, torch.arange(batch, device=reads[0].rows.device)):
+        # Every row in one read, in order (batch 1, or one spec for all): its fresh tensors are the result, padding
+        # zeroed in place (no zero-filled buffers, no scatter: ~20% of a KIVI decode step at 4k tokens).
+        read = reads[0]
+        keys, values = decode_stream(read, kv_pool, rope)  # [B, n, Hkv, D]
+        valid = torch.arange(keys.shape[1], device=keys.device) < read.records.unsqueeze(1) * read.fmt.record_tokens
+        if not bool(valid.all()):
+            invalid = ~valid[..., None, None]
+            keys.masked_fill_(invalid, 0.0)
+            values.masked_fill_(invalid, 0.0)
+        return keys, values, valid
     num_tokens = max(r.max_records * r.fmt.record_tokens for r in reads)
     hkv, dim = kv_pool.shape[-2:]
     keys = kv_pool.new_zeros(batch, num_tokens, hkv, dim, dtype=torch.float32)

@@ -47,6 +47,10 @@ class HardwareProfile:
     step_overhead_per_seq_layer_s: Annotated[float, "seconds per sequence per layer per decode step"] = 0.0
     kv_read_factor: Annotated[float, "bytes moved per KV byte read at decode (>= 1: the engine gathers and "
                                      "converts the pages it reads)"] = 1.0
+    kv_dequant_s_per_element: Annotated[tuple[tuple[str, float], ...], "seconds per quantized K or V element the "
+                                        "engine expands in one decode step (it expands a quantized stream whole at "
+                                        "every step), by storage format (``dequant_format``); a JSON object or "
+                                        "pairs"] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("cpu", "gpu", "unified"):
@@ -65,11 +69,28 @@ class HardwareProfile:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not value >= low:
                 raise ValueError(f"HardwareProfile.{name} must be a finite number >= {low:g}, got {value!r}")
+        costs = self.kv_dequant_s_per_element
+        pairs = list(costs.items()) if isinstance(costs, dict) else list(costs)
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str) \
+                    or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) \
+                    or not math.isfinite(pair[1]) or not pair[1] >= 0:
+                raise ValueError("HardwareProfile.kv_dequant_s_per_element must map storage formats to finite "
+                                 f"seconds >= 0, got {costs!r}")
+        object.__setattr__(self, "kv_dequant_s_per_element", tuple((k, float(v)) for k, v in pairs))
+
+    def dequant_cost(self, fmt: str | None) -> float:
+        """Seconds per expanded element of storage format ``fmt`` (``dequant_format``): its calibrated figure, else
+        the largest calibrated one (a format the calibration did not time is assumed no cheaper), else 0."""
+        if fmt is None or not self.kv_dequant_s_per_element:
+            return 0.0
+        costs = dict(self.kv_dequant_s_per_element)
+        return costs.get(fmt, max(costs.values()))
 
     @property
     def has_engine_overheads(self) -> bool:
         """True when decode times computed from this profile are estimates, not pure lower bounds."""
-        return any(overhead_coefficients(self))
+        return any(overhead_coefficients(self)) or any(v > 0 for _, v in self.kv_dequant_s_per_element)
 
 
 # The engine-overhead fields of HardwareProfile, in the order of ``overhead_terms``.
@@ -327,19 +348,25 @@ class DecodeTime:
     overhead_s: float
 
 
-def decode_overhead_s(hardware: HardwareProfile, num_layers: int, batch: int, kv_bytes_read: float) -> float:
+def decode_overhead_s(hardware: HardwareProfile, num_layers: int, batch: int, kv_bytes_read: float,
+                      dequant_elements: float = 0, dequant_format: str | None = None) -> float:
     """Seconds one decode step spends beyond the bound: ``step + batch · per_seq + layers · (per_layer + batch ·
-    per_seq_layer) + (kv_read_factor − 1) · kv_bytes_read / bandwidth``. ``kv_bytes_read`` covers every sequence.
-    Exactly 0.0 for a profile without overheads."""
+    per_seq_layer) + (kv_read_factor − 1) · kv_bytes_read / bandwidth + dequant_cost(format) ·
+    dequant_elements``. ``kv_bytes_read`` and ``dequant_elements`` (quantized K and V elements expanded, see
+    ``planner.KVFootprint``) cover every sequence. Exactly 0.0 for a profile without overheads."""
     terms = overhead_terms(num_layers, batch, kv_bytes_read, hardware.memory_bandwidth)
-    return sum(c * t for c, t in zip(overhead_coefficients(hardware), terms))
+    return (sum(c * t for c, t in zip(overhead_coefficients(hardware), terms))
+            + hardware.dequant_cost(dequant_format) * dequant_elements)
 
 
 def decode_time(hardware: HardwareProfile, num_layers: int, batch: int, weight_bytes_read: int,
-                kv_bytes_read_per_seq: int, flops_per_seq: int, compute: float) -> DecodeTime:
+                kv_bytes_read_per_seq: int, flops_per_seq: int, compute: float,
+                dequant_elements_per_seq: int = 0, dequant_format: str | None = None) -> DecodeTime:
     """One decode step of ``batch`` sequences: weights read once, each sequence's KV and FLOPs (``compute`` FLOP/s),
-    then the engine overheads on top (``decode_overhead_s``)."""
+    then the engine overheads on top (``decode_overhead_s``; ``dequant_elements_per_seq``: the quantized K and V
+    elements of ``dequant_format`` the engine expands per sequence)."""
     bound = step_time(weight_bytes_read + batch * kv_bytes_read_per_seq, batch * flops_per_seq,
                       hardware.memory_bandwidth, compute)
-    overhead = decode_overhead_s(hardware, num_layers, batch, batch * kv_bytes_read_per_seq)
+    overhead = decode_overhead_s(hardware, num_layers, batch, batch * kv_bytes_read_per_seq,
+                                 batch * dequant_elements_per_seq, dequant_format)
     return DecodeTime(bound.seconds + overhead, bound, overhead)
