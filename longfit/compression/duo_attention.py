@@ -10,15 +10,8 @@ import torch
 from torch import Tensor
 
 from longfit.compression.base import CompressionPolicy, KeepPlan, check_layer_inputs
-from longfit.compression.spec import (
-    HeadScores,
-    check_head_scores,
-    duo_kept,
-    duo_streaming_mask,
-    make_stage,
-    read_head_scores,
-    write_head_scores,
-)
+from longfit.compression.head_scores import HeadScores, check_head_scores, read_head_scores, write_head_scores
+from longfit.compression.spec import duo_kept, duo_streaming_mask, make_stage
 
 __all__ = ["DuoAttentionPolicy", "HeadScores", "read_head_scores", "write_head_scores"]
 
@@ -29,7 +22,7 @@ class DuoAttentionPolicy(CompressionPolicy):
 
     Paper: "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads"
     (mit-han-lab/duo-attention ``sparsify_attention_heads``: the ``sparsity`` fraction of heads with the lowest
-    retrieval score stream). ``head_scores[l][h]`` come from a per-model JSON file (``spec.write_head_scores``
+    retrieval score stream). ``head_scores[l][h]`` come from a per-model JSON file (``head_scores.write_head_scores``
     documents the format; ``longfit profile-heads`` writes it).
 
     Deliberate differences: the engine stores one token count per layer, so a layer shrinks only when all its KV

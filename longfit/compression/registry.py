@@ -14,14 +14,8 @@ from longfit.compression.pyramidkv import PyramidKVPolicy
 from longfit.compression.quest import QuestPolicy
 from longfit.compression.shadowkv import ShadowKVPolicy
 from longfit.compression.snapkv import SnapKVPolicy
-from longfit.compression.spec import (
-    METHODS,
-    CompressionSpec,
-    StageSpec,
-    parse_spec,
-    read_head_scores,
-    require_heads_path,
-)
+from longfit.compression.head_scores import read_head_scores, require_heads_path
+from longfit.compression.spec import METHODS, CompressionSpec, StageSpec, parse_spec
 from longfit.compression.streaming_llm import StreamingLLMPolicy
 from longfit.compression.think import ThinKPolicy
 from longfit.compression.tova import TOVAPolicy

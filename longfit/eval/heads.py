@@ -5,7 +5,7 @@ its prefill the last ``window`` queries of every full-attention layer attend, in
 keys, and the share of their attention that lands on the passkey line's tokens is recorded per query head. A KV
 head's score is the mean share of its query heads over the window and the samples, divided by the largest score of
 the model, so it lies in [0, 1] and higher means the head retrieves from far back. The file written is the one
-``duo_attention:heads=PATH`` loads (``compression.spec.write_head_scores``).
+``duo_attention:heads=PATH`` loads (``compression.head_scores.write_head_scores``).
 
 Paper: "DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads". Deliberate
 difference: DuoAttention learns a gate per head by distillation on passkey data (hours on a GPU); longfit scores
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from longfit.compression.base import KeepPlan
-from longfit.compression.spec import write_head_scores
+from longfit.compression.head_scores import write_head_scores
 from longfit.eval import tasks as task_registry
 from longfit.sampling_params import SamplingParams
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from longfit import SamplingParams
-from longfit.compression.spec import read_head_scores
+from longfit.compression.head_scores import read_head_scores
 from longfit.eval import tasks as task_registry
 from longfit.eval.heads import profile_heads
 from longfit.cli import main

@@ -17,8 +17,8 @@ from longfit.compression.spec import (
     kv_bytes,
     parse_spec,
     think_channels_kept,
-    write_head_scores,
 )
+from longfit.compression.head_scores import write_head_scores
 from longfit.config import ModelConfig
 
 NUM_LAYERS, NUM_KV_HEADS, GROUPS, NUM_TOKENS, HEAD_DIM = 4, 2, 2, 100, 16

@@ -17,9 +17,8 @@ from longfit.compression.spec import (
     make_stage,
     parse_spec,
     pyramid_kept,
-    read_head_scores,
-    write_head_scores,
 )
+from longfit.compression.head_scores import read_head_scores, write_head_scores
 from longfit.config import ModelConfig
 
 TINY = ModelConfig.tiny(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)  # 2 layers, Hkv 2, D 16

@@ -11,7 +11,8 @@ import sys
 TORCH_FREE = [
     "longfit.config", "longfit.sampling_params", "longfit.outputs", "longfit.kv.block_pool", "longfit.kv.manager",
     "longfit.kv.spec", "longfit.engine.request", "longfit.engine.scheduler", "longfit.plan.planner",
-    "longfit.plan.cost_model", "longfit.plan.hardware", "longfit.compression.spec", "longfit.models.model_config",
+    "longfit.plan.cost_model", "longfit.plan.hardware", "longfit.compression.spec",
+    "longfit.compression.head_scores", "longfit.models.model_config",
     "longfit.eval.tasks", "longfit.eval.scorers", "longfit.eval.corpus",
 ]
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "longfit"
