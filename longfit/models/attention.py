@@ -20,6 +20,7 @@ from torch import nn
 
 from longfit.models.layers import RMSNorm, RotaryEmbedding
 from longfit.models.paged_decode import decode_bias, paged_decode_attention
+from longfit.models.quant_decode import kivi_decode_attention
 from longfit.quant.linear import Linear
 from longfit.runtime.quant_pages import PageQuantFormat
 
@@ -160,17 +161,31 @@ def decode_stream(read: StreamRead, kv_pool: torch.Tensor, rope: RotaryEmbedding
     return keys, values
 
 
+def whole_batch_read(reads: list[StreamRead], batch: int) -> StreamRead | None:
+    """The one read when ``reads`` is a single read of all ``batch`` decode rows in order, else None."""
+    if len(reads) != 1 or reads[0].rows is None or reads[0].rows.numel() != batch:
+        return None
+    rows = reads[0].rows
+    return reads[0] if torch.equal(rows, torch.arange(batch, device=rows.device)) else None
+
+
+def stream_valid(read: StreamRead) -> torch.Tensor:
+    """bool [R, max_records * G]: the stream tokens each decode row of ``read`` holds (the rest is padding)."""
+    tokens = read.max_records * read.fmt.record_tokens
+    assert read.records is not None
+    return torch.arange(tokens, device=read.pages.device) < read.records.unsqueeze(1) * read.fmt.record_tokens
+
+
 def read_streams(reads: list[StreamRead], kv_pool: torch.Tensor, batch: int,
                  rope: RotaryEmbedding) -> tuple[torch.Tensor, ...]:
     """Dequantize decode rows' streams → keys, values float32 [batch, S, Hkv, D] (keys post-RoPE) and valid
     [batch, S] (rows without a stream, and padding, are zero and invalid: padded records may hold any bytes)."""
-    if len(reads) == 1 and reads[0].rows.numel() == batch and torch.equal(
-            reads[0].rows, torch.arange(batch, device=reads[0].rows.device)):
+    read = whole_batch_read(reads, batch)
+    if read is not None:
         # Every row in one read, in order (batch 1, or one spec for all): its fresh tensors are the result, padding
-        # zeroed in place (no zero-filled buffers, no scatter: ~20% of a KIVI decode step at 4k tokens).
-        read = reads[0]
+        # zeroed in place (no zero-filled buffers, no scatter: ~11% of a KIVI decode step at 4k tokens).
         keys, values = decode_stream(read, kv_pool, rope)  # [B, n, Hkv, D]
-        valid = torch.arange(keys.shape[1], device=keys.device) < read.records.unsqueeze(1) * read.fmt.record_tokens
+        valid = stream_valid(read)
         if not bool(valid.all()):
             invalid = ~valid[..., None, None]
             keys.masked_fill_(invalid, 0.0)
@@ -188,6 +203,11 @@ def read_streams(reads: list[StreamRead], kv_pool: torch.Tensor, batch: int,
         values[read.rows, :k.shape[1]] = torch.where(ok[..., None, None], v, 0.0)
         valid[read.rows, :k.shape[1]] = ok
     return keys, values, valid
+
+
+# KIVI decode rows that share one stream read attend from the codes (models.quant_decode); False: dequantize the
+# stream and run one SDPA, the general path (tests compare the two).
+FUSED_KIVI_DECODE = True
 
 
 class Attention(nn.Module):
@@ -253,17 +273,23 @@ class Attention(nn.Module):
         return out
 
     def _decode_streams(self, q: torch.Tensor, streams: list[StreamRead], meta: AttentionMetadata) -> torch.Tensor:
-        """A layer where some rows have quantized streams: q [Bd, Hq, D] → [Bd, Hq, D] over each row's dequantized
-        stream (fp32, empty for rows without one), then its full-precision tail pages, in one masked SDPA."""
+        """A layer where some rows have quantized streams: q [Bd, Hq, D] → [Bd, Hq, D] over each row's stream, then
+        its full-precision tail pages. KIVI rows sharing one read attend from the codes (``kivi_decode_attention``);
+        otherwise each row's stream is dequantized (fp32, empty for rows without one) for one masked SDPA."""
         layer = self.layer_idx
         pages = meta.decode_block_tables[layer]  # [Bd, P]
         keys, values = gather_heads_first(meta.kv_pool, pages)  # [Bd, Hkv, S, D] float32
         # The same visibility rule (length, sliding window) as the plain pages' path, as a boolean mask [Bd, S].
         valid = decode_bias(meta.decode_first_key[layer], meta.decode_seq_lens[layer], keys.shape[2], self.window) == 0
-        stream_keys, stream_values, stream_valid = read_streams(streams, meta.kv_pool, q.shape[0], self.rope)
+        read = whole_batch_read(streams, q.shape[0])
+        if FUSED_KIVI_DECODE and read is not None and read.fmt.method == "kivi":
+            records = read.fmt.read(pool_bytes(meta.kv_pool), read.pages, read.max_records)
+            return kivi_decode_attention(q, records, read.fmt, stream_valid(read), keys, values, valid,
+                                         self.scale).to(q.dtype)
+        stream_keys, stream_values, stream_ok = read_streams(streams, meta.kv_pool, q.shape[0], self.rope)
         keys = torch.cat([stream_keys.transpose(1, 2), keys], dim=2)  # quantized tokens come before the tail
         values = torch.cat([stream_values.transpose(1, 2), values], dim=2)
-        valid = torch.cat([stream_valid, valid], dim=1)
+        valid = torch.cat([stream_ok, valid], dim=1)
         out = F.scaled_dot_product_attention(
             q.float().unsqueeze(2),  # [Bd, Hq, 1, D]
             keys, values,  # [Bd, Hkv, S, D]

@@ -286,6 +286,27 @@ class PageQuantFormat:
             values = _restore_outliers(values, records[..., o5:], value_outliers, dtype)
         return keys.reshape(*lead, n * g, h, d), values.reshape(*lead, n * g, h, d)
 
+    def kivi_operands(self, records: Tensor) -> tuple[Tensor, ...]:
+        """KIVI ``records: uint8 [B, n, record_bytes]`` → the affine parts ``models.quant_decode`` multiplies, fp32:
+        key scale, zero ``[B, n, Hkv, D]`` (per record and channel), key codes ``[B, n, Hkv, G, D]``, value scale,
+        zero ``[B, Hkv, n * G, D / vg]`` (per token and channel group), value codes ``[B, Hkv, n * G, D]``; the
+        packed bytes are put heads-first before unpacking (a quarter or half of the codes' fp32 bytes to move)."""
+        if self.method != "kivi":
+            raise ValueError(f"kivi_operands needs a kivi format, got {self.method}")
+        batch, n = records.shape[:2]
+        h, d, g, vg = self.num_kv_heads, self.head_dim, self.record_tokens, self.value_group
+        ks_b, vs_b, kc_b, vc_b, _, _ = self._field_bytes
+        o1, o2, o3 = ks_b, ks_b + vs_b, ks_b + vs_b + kc_b
+        width = d * self.bits // 8
+        k_sz = records[..., :o1].contiguous().view(torch.float16).float().view(batch, n, 2, h, d)
+        v_sz = records[..., o1:o2].contiguous().view(torch.float16).float().view(batch, n, g, 2, h, d // vg)
+        v_sz = v_sz.permute(3, 0, 4, 1, 2, 5).reshape(2, batch, h, n * g, d // vg)
+        k_packed = records[..., o2:o3].reshape(batch, n, g, h, width).transpose(2, 3).contiguous()
+        v_packed = records[..., o3:o3 + vc_b].reshape(batch, n, g, h, width).permute(0, 3, 1, 2, 4).contiguous()
+        k_codes = _unpack_codes(k_packed, self.bits, d)  # [B, n, Hkv, G, D]
+        v_codes = _unpack_codes(v_packed, self.bits, d).view(batch, h, n * g, d)
+        return k_sz[:, :, 0], k_sz[:, :, 1], k_codes, v_sz[0], v_sz[1], v_codes
+
     # ------------------------------------------------------------------ paged stream
     def read(self, pool_bytes: Tensor, pages: Tensor, num_records: int) -> Tensor:
         """Records ``[..., num_records, record_bytes]`` from stream pages ``pages: [..., P]`` of ``pool_bytes``
