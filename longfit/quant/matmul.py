@@ -4,8 +4,10 @@ torch 2.13's CPU bf16 GEMM is fast only where oneDNN has a bf16 kernel for the I
 AVX2-only CPU it falls back to a slow path: measured on a 2-core AMD EPYC without AVX-512, a 2048³ bf16 matmul ran
 at 0.32 GFLOP/s against 130 in fp32 (400×), ``[512, 576] @ [576, 1536]`` took 768 ms in bf16 against 8.4 ms in fp32,
 while a one-row bf16 ``F.linear`` (a GEMV, 120 µs) stayed as fast as fp32 (134 µs). So on such a CPU a bf16 weight
-that multiplies more than one row is converted to fp32 for the product (the conversion costs ~0.7 µs per thousand
-weights, small next to a many-row product), and the result is cast back to the activations' dtype.
+that multiplies ``FP32_MIN_ROWS`` rows or more is converted to fp32 for the product and the result cast back to the
+activations' dtype. Fewer rows stay in bf16: the conversion costs 0.7-3.6 ns per weight (1536×576: 0.7 ms; the
+49152×576 LM head: 100 ms, out of cache), more than a few rows' slow bf16 product (LM head: 13 ms at 2 rows,
+31 ms at 4, 55 ms at 8; 1536×576: 0.87 ms at 8 rows).
 
 ``bf16_matmul_fast()`` decides once per process by timing a small product in both dtypes; the environment variable
 ``LONGFIT_BF16_MATMUL=fast|slow`` overrides the probe. CUDA tensors never take the fp32 path.
@@ -27,6 +29,7 @@ ENV_VAR = "LONGFIT_BF16_MATMUL"
 # bf16 counts as slow when the probe's product takes this many times its fp32 time: fast kernels run bf16 at
 # 0.5-4x fp32 time (AVX-512 emulation to AMX); the AVX2 fallback measured 400x.
 SLOW_RATIO = 8.0
+FP32_MIN_ROWS = 16  # from this many rows on the fp32 conversion pays for itself (see above)
 _FAST: bool | None = None
 
 
@@ -67,9 +70,9 @@ def slow_bf16(device: torch.device) -> bool:
 
 
 def uses_fp32(weight: Tensor, rows: int) -> bool:
-    """Whether a product of ``rows`` rows with this weight runs in fp32 (a bf16 CPU weight, several rows, slow
-    bf16 here)."""
-    return weight.dtype == torch.bfloat16 and rows > 1 and slow_bf16(weight.device)
+    """Whether a product of ``rows`` rows with this weight runs in fp32 (a bf16 CPU weight, at least
+    ``FP32_MIN_ROWS`` rows, slow bf16 here)."""
+    return weight.dtype == torch.bfloat16 and rows >= FP32_MIN_ROWS and slow_bf16(weight.device)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

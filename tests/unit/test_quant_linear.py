@@ -264,9 +264,9 @@ def bf16_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     matmul.reset_probe()
 
 
-@pytest.mark.parametrize("rows", [1, 3, DEQUANTIZE_MIN_ROWS + 3])
+@pytest.mark.parametrize("rows", [1, 3, 16, DEQUANTIZE_MIN_ROWS + 3])
 def test_dense_matmul_either_bf16_mode_matches_fp32(bf16_mode: str, rows: int) -> None:
-    """``matmul.linear`` over a bf16 weight: the fp32 product (slow-bf16 CPUs, more than one row) or the bf16 one;
+    """``matmul.linear`` over a bf16 weight: the fp32 product (slow-bf16 CPUs, FP32_MIN_ROWS rows on) or the bf16 one;
     either is within the bf16 product's rounding of an fp64 reference, in the activations' dtype."""
     from longfit.quant import matmul
 
@@ -274,7 +274,7 @@ def test_dense_matmul_either_bf16_mode_matches_fp32(bf16_mode: str, rows: int) -
     weight = torch.randn(48, K, generator=gen).bfloat16()
     bias = torch.randn(48, generator=gen).bfloat16()
     x = torch.randn(rows, K, generator=gen).bfloat16()
-    assert matmul.uses_fp32(weight, rows) == (bf16_mode == "slow" and rows > 1)
+    assert matmul.uses_fp32(weight, rows) == (bf16_mode == "slow" and rows >= matmul.FP32_MIN_ROWS)
     out = matmul.linear(x, weight, bias)
     assert out.dtype == torch.bfloat16 and out.shape == (rows, 48)
     exact = x.double() @ weight.double().T + bias.double()
