@@ -46,11 +46,12 @@ ENGINE_MODEL = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=5
 # The one fitted factor averages over the range that long-context planning asks about.
 ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (30, 1, 2048), (30, 1, 8192), (4, 4, 4096), (4, 8, 4096),
                  (12, 1, 32), (12, 4, 32), (12, 8, 32))
-# (layers, batch, depth, spec): decode steps over quantized streams, which the engine expands whole at every step; the
-# time beyond the fitted model above, per expanded element, is kv_dequant_s_per_element for that storage format
-# (measured on the 2-core EPYC, 1 thread, SmolLM2 at 2k: KIVI-2 12 ns, KIVI-4 8.6, KVQuant-4 6.4, int8 3.8 ns).
-DEQUANT_POINTS = ((30, 1, 2048, "kivi:bits=2"), (30, 1, 2048, "kivi:bits=4"), (30, 1, 2048, "int8"),
-                  (30, 1, 2048, "kvquant:bits=4"))
+# (layers, batch, depth, spec): decode steps over quantized streams, which the engine expands whole at every step. Per
+# storage format, the time beyond the fitted model above is split into a cost per stream layer and one per expanded
+# element (two depths per format separate them; on the 2-core EPYC, 1 thread, SmolLM2 shape at 2k, the element
+# costs were 4-7 ns and a 512-token stream layer cost far more per element than a 2k one).
+DEQUANT_POINTS = tuple((30, 1, depth, spec) for spec in ("kivi:bits=2", "kivi:bits=4", "int8", "kvquant:bits=4")
+                       for depth in (512, 2048))
 ENGINE_FLUSH_BYTES = 128 << 20  # read between timed steps (see measure_engine_steps): 4x a 32 MiB L3
 
 
@@ -216,33 +217,54 @@ def engine_samples(records: Sequence[dict[str, Any]], base: ModelConfig,
     return samples
 
 
+def _nonnegative_fit2(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """``(a, b) >= 0`` minimising ``Σ (a·x + b·y − r)²`` over rows ``(x, y, r)`` (a 2-column NNLS)."""
+    sxx = sum(x * x for x, _, _ in rows)
+    syy = sum(y * y for _, y, _ in rows)
+    sxy = sum(x * y for x, y, _ in rows)
+    sxr = sum(x * r for x, _, r in rows)
+    syr = sum(y * r for _, y, r in rows)
+    det = sxx * syy - sxy * sxy
+    if det > 1e-12 * max(sxx * syy, 1e-300):
+        a, b = (sxr * syy - syr * sxy) / det, (syr * sxx - sxr * sxy) / det
+        if a >= 0 and b >= 0:
+            return a, b
+    only_a = (max(0.0, sxr / sxx), 0.0) if sxx else (0.0, 0.0)
+    only_b = (0.0, max(0.0, syr / syy)) if syy else (0.0, 0.0)
+
+    def loss(ab: tuple[float, float]) -> float:
+        return sum((ab[0] * x + ab[1] * y - r) ** 2 for x, y, r in rows)
+
+    return min(only_a, only_b, key=loss)
+
+
 def fit_dequant(records: Sequence[dict[str, Any]], base: ModelConfig, profile: HardwareProfile,
-                steps: int) -> dict[str, float]:
-    """``kv_dequant_s_per_element`` from quantized-stream records (``measure_engine_steps`` with a spec): per
-    storage format, the least-squares slope through the origin of each step's time beyond ``profile``'s estimate
-    (its other overheads already fitted) against the K/V elements the planner says it expands (0.0 where the points
-    show no such cost). Adds ``estimate_without_dequant_s``, ``dequant_elements`` and ``dequant_format`` to every
-    record."""
+                steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Per storage format, ``(kv_stream_layer_s, kv_dequant_s_per_element)`` from quantized-stream records
+    (``measure_engine_steps`` with a spec): the non-negative least-squares fit of each step's time beyond
+    ``profile``'s estimate (its other overheads already fitted) to the stream layers and the K/V elements the
+    planner says it expands. Adds ``estimate_without_dequant_s``, ``stream_layers``, ``dequant_elements`` and
+    ``dequant_format`` to every record."""
     from longfit.plan.planner import kv_footprint
 
     fmt = cm.parse_weight_format("bf16")
-    sums: dict[str, list[float]] = {}
+    rows: dict[str, list[tuple[float, float, float]]] = {}
     for record in records:
         config = _with_layers(base, record["num_layers"])
         footprint = kv_footprint(config, record["spec"], record["depth"], steps // 2 + 1)
+        if footprint.streams.fmt is None:
+            raise ValueError(f"calibration point {record['spec']!r} has no quantized stream to time")
         context = round(record["kv_tokens"])
         estimate = cm.decode_time(profile, config.num_layers, record["batch"], cm.weight_bytes(config, fmt).read_per_step,
                                   footprint.read_bytes, cm.decode_flops(config, context, footprint.read_keys),
                                   cm.compute_rate(profile, fmt)).seconds
-        elements = record["batch"] * footprint.dequant_elements
-        record["estimate_without_dequant_s"], record["dequant_elements"] = estimate, elements
-        record["dequant_format"] = footprint.dequant_format
-        if footprint.dequant_format is None:
-            raise ValueError(f"calibration point {record['spec']!r} has no quantized stream to time")
-        total = sums.setdefault(footprint.dequant_format, [0.0, 0.0])
-        total[0] += (record["measured_s"] - estimate) * elements
-        total[1] += float(elements) ** 2
-    return {name: max(0.0, product / square) for name, (product, square) in sums.items()}
+        layers, elements = record["batch"] * footprint.streams.layers, record["batch"] * footprint.streams.elements
+        record.update(estimate_without_dequant_s=estimate, stream_layers=layers, dequant_elements=elements,
+                      dequant_format=footprint.streams.fmt)
+        rows.setdefault(footprint.streams.fmt, []).append((float(layers), float(elements),
+                                                           record["measured_s"] - estimate))
+    fits = {name: _nonnegative_fit2(points) for name, points in rows.items()}
+    return {name: a for name, (a, _) in fits.items()}, {name: b for name, (_, b) in fits.items()}
 
 
 def calibrate_engine(profile: HardwareProfile, points: Sequence[tuple[int, int, int]] = ENGINE_POINTS,
@@ -259,18 +281,20 @@ def calibrate_engine(profile: HardwareProfile, points: Sequence[tuple[int, int, 
     for record, error in zip(records, fit.relative_errors):
         record["fit_relative_error"] = error
     fitted = dataclasses.replace(profile, **fit.coefficients)
-    dequant = fit_dequant(quantized, base, fitted, steps)
+    per_layer, per_element = fit_dequant(quantized, base, fitted, steps)
     for record in quantized:
-        estimate = record["estimate_without_dequant_s"] + dequant[record["dequant_format"]] * record["dequant_elements"]
+        name = record["dequant_format"]
+        estimate = (record["estimate_without_dequant_s"] + per_layer[name] * record["stream_layers"]
+                    + per_element[name] * record["dequant_elements"])
         record["fit_relative_error"] = estimate / record["measured_s"] - 1.0
     shape = {k: getattr(base, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
                                            "num_kv_heads", "head_dim", "tie_word_embeddings")}
     raw = {"model": shape, "weights": "bf16", "dtype": "bfloat16", "steps_per_point": steps, "rounds": rounds,
            "flush_bytes": flush_bytes,
            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "points": records,
-           "fit": {**fit.coefficients, "kv_dequant_s_per_element": dequant},
+           "fit": {**fit.coefficients, "kv_stream_layer_s": per_layer, "kv_dequant_s_per_element": per_element},
            "rms_relative_error": fit.rms_relative_error, "dequant_points": quantized}
-    return dataclasses.replace(fitted, kv_dequant_s_per_element=dequant), raw
+    return dataclasses.replace(fitted, kv_stream_layer_s=per_layer, kv_dequant_s_per_element=per_element), raw
 
 
 def _cpu_name() -> str:
@@ -383,8 +407,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{profile.step_overhead_per_seq_s * 1e3:.3f} ms/seq + {profile.step_overhead_per_layer_s * 1e3:.3f} "
               f"ms/layer + {profile.step_overhead_per_seq_layer_s * 1e3:.4f} ms/seq/layer, KV read factor "
               f"{profile.kv_read_factor:.2f} (rms fit error {100 * fit['rms_relative_error']:.1f}% over "
-              f"{len(fit['points'])} points, {fit['seconds']:.1f} s); quantized-stream expansion per element: "
-              + ", ".join(f"{name} {cost * 1e9:.2f} ns" for name, cost in profile.kv_dequant_s_per_element))
+              f"{len(fit['points'])} points, {fit['seconds']:.1f} s); quantized streams: "
+              + ", ".join(f"{name} {profile.stream_costs(name)[0] * 1e3:.3f} ms/layer + {cost * 1e9:.2f} ns/element"
+                          for name, cost in profile.kv_dequant_s_per_element)
+              + " (fit errors " + ", ".join(f"{100 * r['fit_relative_error']:+.0f}%" for r in fit["dequant_points"])
+              + ")")
         if fit["rms_relative_error"] > 0.1:  # 1-4% on the project machine with 1 thread, even while shared
             print("longfit calibrate: warning: the decode points fit poorly (noisy machine?); rerun when it is quiet",
                   file=sys.stderr)

@@ -51,6 +51,9 @@ class HardwareProfile:
                                         "engine expands in one decode step (it expands a quantized stream whole at "
                                         "every step), by storage format (``dequant_format``); a JSON object or "
                                         "pairs"] = ()
+    kv_stream_layer_s: Annotated[tuple[tuple[str, float], ...], "seconds per layer holding a quantized stream, per "
+                                 "sequence per decode step (the fixed cost of that layer's stream path), by storage "
+                                 "format"] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("cpu", "gpu", "unified"):
@@ -69,30 +72,37 @@ class HardwareProfile:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not value >= low:
                 raise ValueError(f"HardwareProfile.{name} must be a finite number >= {low:g}, got {value!r}")
-        costs = self.kv_dequant_s_per_element
-        pairs = list(costs.items()) if isinstance(costs, dict) else list(costs)
-        for pair in pairs:
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str) \
-                    or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) \
-                    or not math.isfinite(pair[1]) or not pair[1] >= 0:
-                raise ValueError("HardwareProfile.kv_dequant_s_per_element must map storage formats to finite "
-                                 f"seconds >= 0, got {costs!r}")
-        object.__setattr__(self, "kv_dequant_s_per_element", tuple((k, float(v)) for k, v in pairs))
+        for name in STREAM_COST_FIELDS:
+            costs = getattr(self, name)
+            pairs = list(costs.items()) if isinstance(costs, dict) else list(costs)
+            for pair in pairs:
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str) \
+                        or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) \
+                        or not math.isfinite(pair[1]) or not pair[1] >= 0:
+                    raise ValueError(f"HardwareProfile.{name} must map storage formats to finite seconds >= 0, "
+                                     f"got {costs!r}")
+            object.__setattr__(self, name, tuple((k, float(v)) for k, v in pairs))
 
-    def dequant_cost(self, fmt: str | None) -> float:
-        """Seconds per expanded element of storage format ``fmt`` (``dequant_format``): its calibrated figure, else
-        the largest calibrated one (a format the calibration did not time is assumed no cheaper), else 0."""
-        if fmt is None or not self.kv_dequant_s_per_element:
-            return 0.0
-        costs = dict(self.kv_dequant_s_per_element)
-        return costs.get(fmt, max(costs.values()))
+    def stream_costs(self, fmt: str | None) -> tuple[float, float]:
+        """(seconds per stream layer per sequence, seconds per expanded element) of storage format ``fmt``
+        (``compression.spec.dequant_format``): its calibrated figures, else those of the format with the dearest
+        element (a format the calibration did not time is assumed no cheaper), else zeros."""
+        elements = dict(self.kv_dequant_s_per_element)
+        if fmt is None or not elements:
+            return 0.0, 0.0
+        if fmt not in elements:
+            fmt = max(elements, key=elements.__getitem__)
+        return dict(self.kv_stream_layer_s).get(fmt, 0.0), elements[fmt]
 
     @property
     def has_engine_overheads(self) -> bool:
         """True when decode times computed from this profile are estimates, not pure lower bounds."""
-        return any(overhead_coefficients(self)) or any(v > 0 for _, v in self.kv_dequant_s_per_element)
+        return any(overhead_coefficients(self)) or any(v > 0 for name in STREAM_COST_FIELDS
+                                                       for _, v in getattr(self, name))
 
 
+# The per-storage-format costs of quantized streams (``HardwareProfile.stream_costs``).
+STREAM_COST_FIELDS = ("kv_stream_layer_s", "kv_dequant_s_per_element")
 # The engine-overhead fields of HardwareProfile, in the order of ``overhead_terms``.
 OVERHEAD_FIELDS = ("step_overhead_s", "step_overhead_per_seq_s", "step_overhead_per_layer_s",
                    "step_overhead_per_seq_layer_s", "kv_read_factor")
@@ -348,25 +358,36 @@ class DecodeTime:
     overhead_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class StreamRead:
+    """What a decode step expands of quantized streams, for all its sequences: ``layers`` (layer · sequence pairs
+    holding a stream) and ``elements`` (K and V elements expanded), of storage format ``fmt``."""
+
+    fmt: str | None = None
+    layers: int = 0
+    elements: int = 0
+
+
 def decode_overhead_s(hardware: HardwareProfile, num_layers: int, batch: int, kv_bytes_read: float,
-                      dequant_elements: float = 0, dequant_format: str | None = None) -> float:
+                      streams: StreamRead = StreamRead()) -> float:
     """Seconds one decode step spends beyond the bound: ``step + batch · per_seq + layers · (per_layer + batch ·
-    per_seq_layer) + (kv_read_factor − 1) · kv_bytes_read / bandwidth + dequant_cost(format) ·
-    dequant_elements``. ``kv_bytes_read`` and ``dequant_elements`` (quantized K and V elements expanded, see
-    ``planner.KVFootprint``) cover every sequence. Exactly 0.0 for a profile without overheads."""
+    per_seq_layer) + (kv_read_factor − 1) · kv_bytes_read / bandwidth + stream_layer · streams.layers +
+    per_element · streams.elements`` (``HardwareProfile.stream_costs``). ``kv_bytes_read`` and ``streams`` cover
+    every sequence. Exactly 0.0 for a profile without overheads."""
     terms = overhead_terms(num_layers, batch, kv_bytes_read, hardware.memory_bandwidth)
+    per_layer, per_element = hardware.stream_costs(streams.fmt)
     return (sum(c * t for c, t in zip(overhead_coefficients(hardware), terms))
-            + hardware.dequant_cost(dequant_format) * dequant_elements)
+            + per_layer * streams.layers + per_element * streams.elements)
 
 
 def decode_time(hardware: HardwareProfile, num_layers: int, batch: int, weight_bytes_read: int,
                 kv_bytes_read_per_seq: int, flops_per_seq: int, compute: float,
-                dequant_elements_per_seq: int = 0, dequant_format: str | None = None) -> DecodeTime:
+                streams_per_seq: StreamRead = StreamRead()) -> DecodeTime:
     """One decode step of ``batch`` sequences: weights read once, each sequence's KV and FLOPs (``compute`` FLOP/s),
-    then the engine overheads on top (``decode_overhead_s``; ``dequant_elements_per_seq``: the quantized K and V
-    elements of ``dequant_format`` the engine expands per sequence)."""
+    then the engine overheads on top (``decode_overhead_s``; ``streams_per_seq``: the quantized streams one
+    sequence's step expands)."""
     bound = step_time(weight_bytes_read + batch * kv_bytes_read_per_seq, batch * flops_per_seq,
                       hardware.memory_bandwidth, compute)
-    overhead = decode_overhead_s(hardware, num_layers, batch, batch * kv_bytes_read_per_seq,
-                                 batch * dequant_elements_per_seq, dequant_format)
+    streams = StreamRead(streams_per_seq.fmt, batch * streams_per_seq.layers, batch * streams_per_seq.elements)
+    overhead = decode_overhead_s(hardware, num_layers, batch, batch * kv_bytes_read_per_seq, streams)
     return DecodeTime(bound.seconds + overhead, bound, overhead)

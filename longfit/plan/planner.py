@@ -42,9 +42,10 @@ class KVFootprint:
     read_bytes: what one decode step reads from it (all of it unless the spec reads a subset).
     read_keys: tokens one decode step attends to, summed over layers (for attention FLOPs).
     paged_estimated: True when the spec module gives no page layout and ``paged_bytes`` is ``exact_bytes``.
-    dequant_elements: K and V elements of quantized streams (``2 · Hkv · D`` per stream token per layer): the
-        engine expands each stream whole at every decode step, a cost beyond the bytes it reads.
-    dequant_format: the streams' storage format (``compression.spec.dequant_format``), None without streams.
+    streams: the quantized streams one decode step expands (``cost_model.StreamRead``): their storage format
+        (``compression.spec.dequant_format``), the layers holding one, and their K and V elements (``2 · Hkv · D``
+        per stream token per layer). The engine expands each stream whole at every step, a cost beyond the bytes
+        it reads.
     """
 
     exact_bytes: int
@@ -52,8 +53,7 @@ class KVFootprint:
     read_bytes: int
     read_keys: int
     paged_estimated: bool = False
-    dequant_elements: int = 0
-    dequant_format: str | None = None
+    streams: cm.StreamRead = cm.StreamRead()
 
 
 def _spec_module() -> Any:
@@ -108,7 +108,7 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
         layouts = [module.stored_layout(storage, model.num_kv_heads, n, model.head_dim, dtype_bytes)
                    if w is None else None for n, w in zip(tokens, windows)]
     estimated = storage is not None and not any(layouts)
-    dequant = 0
+    dequant = stream_layers = 0
     if estimated:
         paged = model.num_layers * -(-exact // (model.num_layers * page)) * page
     elif layouts is not None and any(layouts):  # records on the first pages, the other tokens after them (engine)
@@ -121,6 +121,7 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
                 continue
             stream_tokens, stream_bytes, side = layout or (0, 0, 0)
             dequant += stream_tokens * 2 * model.num_kv_heads * model.head_dim
+            stream_layers += stream_tokens > 0
             exact += stream_bytes + side + (n - stream_tokens) * per_token
             pages += -(-stream_bytes // page) + -(-(n - stream_tokens) // block_size)
         paged = pages * page + sum(layout[2] for layout in layouts if layout)
@@ -134,8 +135,9 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
         skipped = sum(max(0, n - select.get("budget")) for layer, (n, w) in enumerate(zip(tokens, windows))
                       if w is None and layer >= select.get("dense_layers"))
         read = exact - skipped * exact // max(sum(tokens), 1)
-    return KVFootprint(exact, paged, read, sum(tokens) - skipped, paged_estimated=estimated, dequant_elements=dequant,
-                       dequant_format=module.dequant_format(storage) if dequant else None)
+    return KVFootprint(exact, paged, read, sum(tokens) - skipped, paged_estimated=estimated,
+                       streams=cm.StreamRead(module.dequant_format(storage), stream_layers, dequant) if dequant
+                       else cm.StreamRead())
 
 
 def canonical_spec(spec: str) -> str:
@@ -390,8 +392,7 @@ def _plan_spec(model: ModelConfig, spec: str, context: int, users: int | None, o
 
     def decode(batch: int, kv: KVFootprint = at_context) -> cm.DecodeTime:  # weights once, each request's KV
         return cm.decode_time(hardware, model.num_layers, batch, wb.read_per_step, kv.read_bytes,
-                              cm.decode_flops(model, context, kv.read_keys), compute, kv.dequant_elements,
-                              kv.dequant_format)
+                              cm.decode_flops(model, context, kv.read_keys), compute, kv.streams)
 
     one = decode(1)
     at_max = decode(max_users) if max_users >= 1 else None

@@ -65,7 +65,8 @@ def format_overheads(hw: HardwareProfile) -> str:
     return (f"{format_seconds(hw.step_overhead_s)}/step + {format_seconds(hw.step_overhead_per_seq_s)}/seq + "
             f"{format_seconds(hw.step_overhead_per_layer_s)}/layer + "
             f"{format_seconds(hw.step_overhead_per_seq_layer_s)}/seq/layer, KV read x{hw.kv_read_factor:.2f}"
-            + ("".join(f", {name} expansion {cost * 1e9:.3g} ns/element" for name, cost in hw.kv_dequant_s_per_element)))
+            + "".join(f", {name} stream {format_seconds(hw.stream_costs(name)[0])}/layer + {cost * 1e9:.3g} ns/element"
+                      for name, cost in hw.kv_dequant_s_per_element))
 
 
 def _rows(plan: Plan) -> list[tuple[str, Callable[[SpecPlan], str]]]:

@@ -513,15 +513,16 @@ def test_engine_step_measurement_fits_finite_overheads() -> None:
     base = ModelConfig.tiny("llama", num_layers=1, max_model_len=512, tie_word_embeddings=True)
     points = ((1, 1, 8), (1, 2, 8), (1, 1, 200), (1, 2, 200), (3, 1, 8), (3, 2, 8))
     profile = cm.HardwareProfile("this", "cpu", 20e9, 1e11, 5e10, measured=True)
-    dequant_points = ((1, 1, 200, "kivi:bits=2"), (3, 1, 200, "kivi:bits=2"))
+    dequant_points = ((1, 1, 200, "kivi:bits=2"), (3, 1, 300, "kivi:bits=2"))
     fitted, raw = calibrate_engine(profile, points, base, steps=3, rounds=1, flush_bytes=1 << 20,
                                    dequant_points=dequant_points)
     assert [(p["num_layers"], p["batch"], p["depth"]) for p in raw["points"]] == list(points)
     assert [(p["num_layers"], p["batch"], p["depth"], p["spec"]) for p in raw["dequant_points"]] == list(dequant_points)
     assert all(p["dequant_elements"] > 0 and math.isfinite(p["fit_relative_error"]) for p in raw["dequant_points"])
-    costs = dict(fitted.kv_dequant_s_per_element)
-    assert list(costs) == ["kivi:bits=2"] and math.isfinite(costs["kivi:bits=2"]) and costs["kivi:bits=2"] >= 0
-    assert raw["fit"]["kv_dequant_s_per_element"] == costs
+    for name in cm.STREAM_COST_FIELDS:
+        costs = dict(getattr(fitted, name))
+        assert list(costs) == ["kivi:bits=2"] and math.isfinite(costs["kivi:bits=2"]) and costs["kivi:bits=2"] >= 0
+        assert raw["fit"][name] == costs
     assert all(p["measured_s"] > 0 and len(p["step_times_s"][0]) == 3 for p in raw["points"])
     for name in cm.OVERHEAD_FIELDS:
         value = getattr(fitted, name)
@@ -531,26 +532,28 @@ def test_engine_step_measurement_fits_finite_overheads() -> None:
 
 
 def test_quantized_streams_add_their_expansion_cost_to_decode() -> None:
-    """KIVI-2 on SmolLM2 at 2k: the footprint counts the K/V elements of each layer's quantized stream (the tokens
-    before the residual window, in whole groups); a profile's kv_dequant_s_per_element adds exactly that many
-    element-costs per sequence to each decode step, and nothing to the full cache or to eviction specs."""
+    """KIVI-2 on SmolLM2 at 2k: the footprint counts the layers holding a quantized stream and the K/V elements of
+    each stream (the tokens before the residual window, in whole groups); a profile's stream costs add exactly
+    that many layer- and element-costs per sequence to each decode step, nothing to the full cache or eviction."""
     from longfit.compression.spec import kivi_split
 
     model = SMOLLM2
     fp = kv_footprint(model, "kivi:bits=2", 2048)
     stream = kivi_split(2048, 32, 128)[0]
     assert 0 < stream <= 2048 and stream % 32 == 0
-    assert fp.dequant_elements == model.num_layers * stream * 2 * model.num_kv_heads * model.head_dim
-    assert kv_footprint(model, "none", 2048).dequant_elements == 0
-    assert kv_footprint(model, "snapkv:keep=0.25", 2048).dequant_elements == 0
+    assert fp.streams == cm.StreamRead("kivi:bits=2", model.num_layers,
+                                       model.num_layers * stream * 2 * model.num_kv_heads * model.head_dim)
+    assert kv_footprint(model, "none", 2048).streams == cm.StreamRead()
+    assert kv_footprint(model, "snapkv:keep=0.25", 2048).streams == cm.StreamRead()
     base = cm.HardwareProfile("x", "cpu", 20e9, 1e11, 5e10, step_overhead_s=1e-3)
-    slow = dataclasses.replace(base, kv_dequant_s_per_element={"kivi:bits=2": 2e-9, "int8": 1e-9})
-    assert fp.dequant_format == "kivi:bits=2" and slow.dequant_cost("int8") == 1e-9
-    assert slow.dequant_cost("kvquant:bits=4") == 2e-9 and slow.dequant_cost(None) == 0.0  # untimed: the dearest
+    slow = dataclasses.replace(base, kv_dequant_s_per_element={"kivi:bits=2": 2e-9, "int8": 1e-9},
+                               kv_stream_layer_s={"kivi:bits=2": 1e-4, "int8": 3e-4})
+    assert slow.stream_costs("int8") == (3e-4, 1e-9) and slow.stream_costs(None) == (0.0, 0.0)
+    assert slow.stream_costs("kvquant:bits=4") == (1e-4, 2e-9)  # untimed: the format with the dearest element
     kwargs = dict(context=2048, users=4, output_tokens=1, memory_bytes=8 << 30, weights="bf16",
                   specs=["none", "kivi:bits=2"])
     fast_plan, slow_plan = plan(model, hardware=base, **kwargs), plan(model, hardware=slow, **kwargs)
-    extra = 2e-9 * fp.dequant_elements
+    extra = 2e-9 * fp.streams.elements + 1e-4 * model.num_layers
     assert slow_plan.specs[0].decode_batch1_s == fast_plan.specs[0].decode_batch1_s
     assert slow_plan.specs[1].decode_batch1_s == pytest.approx(fast_plan.specs[1].decode_batch1_s + extra, rel=1e-9)
     assert slow_plan.specs[1].decode_users_s == pytest.approx(fast_plan.specs[1].decode_users_s + 4 * extra, rel=1e-9)
@@ -560,7 +563,20 @@ def test_quantized_streams_add_their_expansion_cost_to_decode() -> None:
 
 def test_profile_with_expansion_costs_round_trips_through_json(tmp_path: Path) -> None:
     profile = cm.HardwareProfile("this", "cpu", 20e9, 1e11, 5e10, measured=True, step_overhead_s=1e-3,
-                                 kv_dequant_s_per_element={"kivi:bits=2": 1.2e-8, "int8": 3.8e-9})
+                                 kv_dequant_s_per_element={"kivi:bits=2": 1.2e-8, "int8": 3.8e-9},
+                                 kv_stream_layer_s={"kivi:bits=2": 2e-4})
     written = save_profile(profile, tmp_path / "hw.json")
     loaded = load_profile_file(written)
     assert loaded == profile and dict(loaded.kv_dequant_s_per_element)["int8"] == 3.8e-9
+
+
+def test_stream_cost_fit_recovers_both_costs_and_stays_nonnegative() -> None:
+    pytest.importorskip("torch")
+    from longfit.bench.calibrate import _nonnegative_fit2
+
+    rows = [(30.0, 5e6, 30 * 2e-4 + 5e6 * 4e-9), (30.0, 2e7, 30 * 2e-4 + 2e7 * 4e-9)]
+    a, b = _nonnegative_fit2(rows)
+    assert a == pytest.approx(2e-4, rel=1e-6) and b == pytest.approx(4e-9, rel=1e-6)
+    # a longer stream that costs less than a shorter one: no negative element cost, the per-layer one takes it all
+    a, b = _nonnegative_fit2([(30.0, 5e6, 0.02), (30.0, 2e7, 0.01)])
+    assert b == 0.0 and a == pytest.approx(0.015 / 30)
