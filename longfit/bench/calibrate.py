@@ -42,9 +42,11 @@ ENGINE_MODEL = ModelConfig(architecture="llama", vocab_size=49152, hidden_size=5
 # (layers, batch, depth). The batch-1 deep points use the full 30-layer SmolLM2 shape: decode attention's cost per
 # KV byte grows with depth (measured on SmolLM2 itself, 1 thread: ~8x the bandwidth bound at 2k, ~17x at 8k), and
 # models of 1-4 layers did not reproduce it (their fitted factor, 4.4, predicted an 8k SmolLM2 step 2.1x too fast).
-# The batched deep points (4 and 8 sequences of 4k: 12-24 MiB of KV per layer) use 4 layers, for a cheap prefill.
-# The one fitted factor averages over the range that long-context planning asks about.
-ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (30, 1, 2048), (30, 1, 8192), (4, 4, 4096), (4, 8, 4096),
+# There are no batched deep points: batched paged decode reads a KV byte several times cheaper than batch 1 does
+# (paged_decode), so one factor fitted over both missed both. With batched 4-layer points at 4k it fell to 2.2 on
+# an AVX2 EPYC and predicted the 30-layer 8k step 43% too fast (docs/PLANNING.md §6, run B). The factor is the
+# batch-1 one; batched deep steps are then estimated pessimistically.
+ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (30, 1, 2048), (30, 1, 8192),
                  (12, 1, 32), (12, 4, 32), (12, 8, 32))
 # (layers, batch, depth, spec): decode steps over quantized streams, which the engine expands whole at every step. Per
 # storage format, the time beyond the fitted model above is split into a cost per stream layer and one per expanded
