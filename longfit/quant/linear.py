@@ -28,6 +28,7 @@ row's max |w|); on the tied lm_head, logits moved by ≤ 0.56 (top-1 agreement 9
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Protocol
 
@@ -177,28 +178,23 @@ def _unpack_int4_cpu(packed: Tensor, out_features: int, in_features: int, block:
     return codes.view(in_features, out_features)
 
 
-_INT4_BLOCK: int | None = None
-_INT4_BLOCK_PROBED = False
-
-
+@functools.cache
 def _int4_cpu_block() -> int | None:
     """The output-row block width with which this torch packs int4 weights as ``_unpack_int4_cpu`` reads them, or
     None when the layout is none of the known ones (once per process)."""
-    global _INT4_BLOCK, _INT4_BLOCK_PROBED
-    if not _INT4_BLOCK_PROBED:
-        _INT4_BLOCK_PROBED = True
-        rows = 2 * max(_INT4_BLOCK_CANDIDATES)
-        generator = torch.Generator().manual_seed(0)
-        probe = torch.randint(0, 16, (rows, 64), dtype=torch.int32, generator=generator)
-        packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
-        if tuple(packed.shape) == (rows, 32):
-            expected = probe.t().to(torch.uint8)
-            _INT4_BLOCK = next((b for b in _INT4_BLOCK_CANDIDATES
-                                if torch.equal(_unpack_int4_cpu(packed, rows, 64, b), expected)), None)
-        if _INT4_BLOCK is None:
-            logger.warning("unknown int4 packed layout in torch %s: many-row int4 matmuls use the (slower) kernel",
-                           torch.__version__)
-    return _INT4_BLOCK
+    rows = 2 * max(_INT4_BLOCK_CANDIDATES)
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 16, (rows, 64), dtype=torch.int32, generator=generator)
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    block = None
+    if tuple(packed.shape) == (rows, 32):
+        expected = probe.t().to(torch.uint8)
+        block = next((b for b in _INT4_BLOCK_CANDIDATES
+                      if torch.equal(_unpack_int4_cpu(packed, rows, 64, b), expected)), None)
+    if block is None:
+        logger.warning("unknown int4 packed layout in torch %s: many-row int4 matmuls use the (slower) kernel",
+                       torch.__version__)
+    return block
 
 
 class Int4Linear(Linear):

@@ -15,6 +15,7 @@ activations' dtype. Fewer rows stay in bf16: the conversion costs 0.7-3.6 ns per
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -30,7 +31,6 @@ ENV_VAR = "LONGFIT_BF16_MATMUL"
 # 0.5-4x fp32 time (AVX-512 emulation to AMX); the AVX2 fallback measured 400x.
 SLOW_RATIO = 8.0
 FP32_MIN_ROWS = 16  # from this many rows on the fp32 conversion pays for itself (see above)
-_FAST: bool | None = None
 
 
 def _probe_seconds(dtype: torch.dtype, repeats: int = 5) -> float:
@@ -45,23 +45,21 @@ def _probe_seconds(dtype: torch.dtype, repeats: int = 5) -> float:
     return best
 
 
+@functools.cache
 def bf16_matmul_fast() -> bool:
     """Whether a many-row bf16 CPU matmul is about as fast as fp32 here (probed once; ``$LONGFIT_BF16_MATMUL``
     = ``fast`` or ``slow`` overrides). Raises ValueError for any other value of the variable."""
-    global _FAST
-    if _FAST is None:
-        forced = os.environ.get(ENV_VAR, "").strip().lower()
-        if forced not in ("", "fast", "slow"):
-            raise ValueError(f"{ENV_VAR} must be 'fast' or 'slow' (or unset: probe), got {forced!r}")
-        if forced:
-            _FAST = forced == "fast"
-        else:
-            bf16, fp32 = _probe_seconds(torch.bfloat16), _probe_seconds(torch.float32)
-            _FAST = bf16 <= SLOW_RATIO * fp32
-            if not _FAST:
-                logger.info("bf16 matmul is %.0fx slower than fp32 on this CPU: bf16 weights multiply many rows "
-                            "in fp32", bf16 / fp32)
-    return _FAST
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if forced not in ("", "fast", "slow"):
+        raise ValueError(f"{ENV_VAR} must be 'fast' or 'slow' (or unset: probe), got {forced!r}")
+    if forced:
+        return forced == "fast"
+    bf16, fp32 = _probe_seconds(torch.bfloat16), _probe_seconds(torch.float32)
+    if bf16 > SLOW_RATIO * fp32:
+        logger.info("bf16 matmul is %.0fx slower than fp32 on this CPU: bf16 weights multiply many rows in fp32",
+                    bf16 / fp32)
+        return False
+    return True
 
 
 def slow_bf16(device: torch.device) -> bool:
@@ -88,5 +86,4 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def reset_probe() -> None:
     """Forget the probe's answer (tests that set ``$LONGFIT_BF16_MATMUL``)."""
-    global _FAST
-    _FAST = None
+    bf16_matmul_fast.cache_clear()
