@@ -26,11 +26,12 @@ from longfit.sampling_params import SamplingParams
 
 FULL = "none"
 # Every method the engine applies, each at about 4x fewer KV bytes (Quest reads 512 tokens' pages of each head and
-# frees nothing), and one composition. DuoAttention needs a head profile (`longfit profile-heads`): pass it with
+# frees nothing; ShadowKV keeps the values exact, so it saves at most 2x: rank 48 of SmolLM2's 192 key channels is
+# 1.6x), and one composition. DuoAttention needs a head profile (`longfit profile-heads`): pass it with
 # --spec duo:heads=PATH.
 DEFAULT_SPECS = ("streaming:keep=0.25", "h2o:keep=0.25", "snapkv:keep=0.25", "pyramidkv:keep=0.25", "tova:keep=0.25",
                  "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=4", "kvquant:bits=4", "int8", "think:channels=0.5",
-                 "quest:budget=512,page=32",
+                 "shadowkv:rank=48", "quest:budget=512,page=32",
                  "snapkv:keep=0.25+kivi:bits=2")
 
 

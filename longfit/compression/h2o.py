@@ -25,7 +25,8 @@ class H2OPolicy(ScoringPolicy):
     materializes. When ``observe`` is at most the recent window, every heavy-hitter candidate is seen by all
     observed queries, so the truncation adds no bias toward early keys. (2) The reference scores per attention
     head (MHA); with GQA the scores are averaged over the query heads of a KV head (kvpress convention).
-    (3) Eviction runs once at the end of prefill, not every decode step.
+    (3) Eviction runs once at the end of prefill, or with ``every=N`` every N decode tokens (the engine's
+    ``Compactor.recompact``, scored by the latest ``observe`` queries), not at every step.
     """
 
     name: ClassVar[str] = "h2o"
@@ -34,11 +35,12 @@ class H2OPolicy(ScoringPolicy):
     budget: int | None = None
     recent_ratio: float = 0.5
     observe: int = 256
+    every: int = 0  # decode-time re-compression, applied by the engine (runtime.compactor)
     scale: float | None = None
 
     def __post_init__(self) -> None:
         make_stage(self.name, keep=self.keep, budget=self.budget, recent_ratio=self.recent_ratio,
-                   observe=self.observe)
+                   observe=self.observe, every=self.every)
 
     @property
     def window_size(self) -> int:

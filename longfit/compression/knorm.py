@@ -25,10 +25,11 @@ class KnormPolicy(ScoringPolicy):
     kind: ClassVar[str] = "evict"
     keep: float | None = None
     budget: int | None = None
+    every: int = 0  # decode-time re-compression, applied by the engine (runtime.compactor)
     skip_layers: int = 0
 
     def __post_init__(self) -> None:
-        make_stage(self.name, keep=self.keep, budget=self.budget, skip_layers=self.skip_layers)
+        make_stage(self.name, keep=self.keep, budget=self.budget, skip_layers=self.skip_layers, every=self.every)
 
     def num_kept(self, layer_idx: int, num_layers: int, num_tokens: int) -> int:
         return knorm_kept(layer_idx, num_tokens, self.keep, self.budget, self.skip_layers)

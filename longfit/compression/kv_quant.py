@@ -3,7 +3,7 @@
 Codes are packed tightly along the channel axis (``[Hkv, T, D * bits / 8]`` uint8, so every token's codes are
 self-contained for paged storage); scales and zero points are float16 (as the KIVI reference), rounded outward
 (zero down, scale up) so the round-trip error stays within ``scale / 2`` per element. The byte counts equal
-``spec.quantized_bytes``.
+``storage.quantized_bytes``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from longfit.compression.base import StoragePolicy
-from longfit.compression.spec import kivi_split, kvquant_split, make_stage, outlier_count, value_group
+from longfit.compression.spec import make_stage
+from longfit.compression.storage import kivi_split, kvquant_split, outlier_count, value_group
 
 _FP16_MAX = 65504.0
 _MIN_SCALE = 2.0**-24  # smallest float16 subnormal: a constant group still gets a positive scale

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from longfit.compression.base import StoragePolicy
-from longfit.compression.spec import make_stage, minicache_pair_bytes, minicache_pairs
+from longfit.compression.spec import make_stage
+from longfit.compression.storage import minicache_pair_bytes, minicache_pairs
 
 _EPS = 1e-8
 

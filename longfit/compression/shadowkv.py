@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from longfit.compression.base import StoragePolicy
-from longfit.compression.spec import lowrank_is_smaller, make_stage
+from longfit.compression.spec import make_stage
+from longfit.compression.storage import shadowkv_factorizes
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,8 +18,9 @@ class LowRankKeys:
     """Pre-RoPE keys of one layer as ``left @ right``.
 
     Attributes:
-        left: ``[T, r]`` model dtype (``U[:, :r]``).
-        right: ``[r, Hkv * D]`` model dtype (``S[:r] · Vᵀ[:r]``).
+        left: ``[T, r]`` model dtype: each token's coefficients ``keys @ rightᵀ`` (``U[:, :r] · S[:r]``).
+        right: ``[r, Hkv * D]`` model dtype: the basis, orthonormal rows (``Vᵀ[:r]``, zero rows past the keys'
+            own rank).
         num_kv_heads: Hkv; ``head_dim``: D.
     """
 
@@ -41,19 +43,30 @@ class LowRankKeys:
         return keys.to(self.left.dtype).contiguous()
 
 
-def factorize_keys(pre_rope_keys: Tensor, rank: int) -> LowRankKeys | None:
-    """Rank-``rank`` SVD of ``pre_rope_keys: [Hkv, T, D]`` flattened to ``[T, Hkv * D]`` (ShadowKV layout).
+def key_basis(flat_keys: Tensor, rank: int) -> Tensor:
+    """The top-``rank`` right singular vectors of ``flat_keys: [T, Hkv * D]`` (pre-RoPE) → float32 ``[rank, Hkv*D]``,
+    orthonormal rows; zero rows past ``min(T, Hkv * D)`` so the layout is fixed. Projecting onto them is the best
+    rank-``rank`` approximation (Eckart–Young). The engine's compactor stores this basis beside the pages."""
+    _, _, vh = torch.linalg.svd(flat_keys.float(), full_matrices=False)  # vh: [min(T, Hkv*D), Hkv*D]
+    basis = flat_keys.new_zeros(rank, flat_keys.shape[1], dtype=torch.float32)
+    basis[:min(rank, vh.shape[0])] = vh[:rank]
+    return basis
 
-    Returns None when the factors would not be smaller than the dense keys (then store them dense).
+
+def factorize_keys(pre_rope_keys: Tensor, rank: int) -> LowRankKeys | None:
+    """Rank-``rank`` factorization of ``pre_rope_keys: [Hkv, T, D]`` flattened to ``[T, Hkv * D]`` (ShadowKV layout).
+
+    Returns None when ``rank >= Hkv * D`` (no bytes saved per token: store them dense). The factors are rounded to
+    the keys' dtype, as the engine stores them.
     """
     num_heads, num_tokens, head_dim = pre_rope_keys.shape
-    if not lowrank_is_smaller(num_tokens, num_heads * head_dim, rank):
+    if not shadowkv_factorizes(num_heads * head_dim, rank):
         return None
     flat = pre_rope_keys.float().transpose(0, 1).reshape(num_tokens, num_heads * head_dim)  # [T, Hkv*D]
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
     dtype = pre_rope_keys.dtype
-    return LowRankKeys(u[:, :rank].to(dtype).contiguous(), (s[:rank, None] * vh[:rank]).to(dtype).contiguous(),
-                       num_heads, head_dim)
+    basis = key_basis(flat, rank).to(dtype)
+    left = (flat @ basis.float().T).to(dtype)  # [T, r] the projection onto the stored basis
+    return LowRankKeys(left.contiguous(), basis.contiguous(), num_heads, head_dim)
 
 
 def reconstruct_keys(factors: LowRankKeys) -> Tensor:
@@ -69,8 +82,9 @@ class ShadowKVPolicy(StoragePolicy):
     ``models/kv_cache.py``: SVD of ``[n, Hkv*d]`` pre-RoPE keys, rank 160). Keys must be factorized before RoPE
     (post-RoPE keys are not low-rank across positions); the engine re-applies RoPE after ``reconstruct``.
     Deliberate differences: only the low-rank key storage is implemented; ShadowKV's chunk landmarks, outlier
-    chunks and sparse decode-time key selection are not, nor its value offloading. Factors are stored only when
-    smaller than the dense keys.
+    chunks and sparse decode-time key selection are not, nor its value offloading, so decode reconstructs every
+    stored key. The basis is the prompt's; in the engine, tokens generated later are projected onto it (ShadowKV
+    keeps them exact in its local window). Factors are stored when ``rank < Hkv * D``.
     """
 
     name: ClassVar[str] = "shadowkv"

@@ -44,10 +44,11 @@ class SnapKVPolicy(ScoringPolicy):
     kernel: int = 5
     pool: str = "avg"
     scale: float | None = None
+    every: int = 0  # decode-time re-compression, applied by the engine (runtime.compactor)
 
     def __post_init__(self) -> None:
         make_stage(self.name, keep=self.keep, budget=self.budget, window=self.window, kernel=self.kernel,
-                   pool=self.pool)
+                   pool=self.pool, every=self.every)
 
     @property
     def window_size(self) -> int:

@@ -20,7 +20,8 @@ class StreamingLLMPolicy(ScoringPolicy):
     ``StartRecentKVCache``). Budget: ``sinks + window`` tokens, or ``keep``/``budget`` tokens of which all but the
     sinks are the most recent (kvpress ``StreamingLLMPress`` split). Query-free.
 
-    Deliberate differences: applied once at the end of prefill (the reference evicts every step); kept keys keep
+    Deliberate differences: applied once at the end of prefill, or with ``every=N`` every N decode tokens (the
+    reference evicts every step: ``every=1``); kept keys keep
     their original RoPE positions (kvpress default; the reference re-rotates cache-relative positions).
     """
 
@@ -30,9 +31,11 @@ class StreamingLLMPolicy(ScoringPolicy):
     window: int | None = None
     keep: float | None = None
     budget: int | None = None
+    every: int = 0  # decode-time re-compression, applied by the engine (runtime.compactor)
 
     def __post_init__(self) -> None:
-        make_stage(self.name, sinks=self.sinks, window=self.window, keep=self.keep, budget=self.budget)
+        make_stage(self.name, sinks=self.sinks, window=self.window, keep=self.keep, budget=self.budget,
+                   every=self.every)
 
     def num_kept(self, layer_idx: int, num_layers: int, num_tokens: int) -> int:
         return streaming_kept(num_tokens, self.sinks, self.window, self.keep, self.budget)

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from longfit.compression.base import StoragePolicy, check_layer_inputs
-from longfit.compression.spec import INDEX_BYTES, make_stage, think_channels_kept
+from longfit.compression.spec import INDEX_BYTES, make_stage
+from longfit.compression.storage import think_channels_kept
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,17 +17,19 @@ class TOVAPolicy(ScoringPolicy):
 
     Paper: "Transformers are Multi-State RNNs". Prefill form as kvpress ``TOVAPress``: the last token is always
     kept. Deliberate difference: the reference evicts one token per decode step to keep a fixed-size cache; longfit
-    applies it once at the end of prefill. ``scale`` is the attention scale (None: ``head_dim ** -0.5``).
+    applies it once at the end of prefill, or with ``every=N`` every N decode tokens (``every=1``: the reference's
+    schedule). ``scale`` is the attention scale (None: ``head_dim ** -0.5``).
     """
 
     name: ClassVar[str] = "tova"
     kind: ClassVar[str] = "evict"
     keep: float | None = None
     budget: int | None = None
+    every: int = 0  # decode-time re-compression, applied by the engine (runtime.compactor)
     scale: float | None = None
 
     def __post_init__(self) -> None:
-        make_stage(self.name, keep=self.keep, budget=self.budget)
+        make_stage(self.name, keep=self.keep, budget=self.budget, every=self.every)
 
     @property
     def window_size(self) -> int:

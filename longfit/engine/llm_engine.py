@@ -94,7 +94,7 @@ class LLMEngine:
         spec = kv_compression if kv_compression is not None else params.kv_compression or self.config.kv_compression
         if spec:
             spec = validate_engine_spec(spec, self.kv_spec.block_size, self.model_config.head_dim,
-                                        self.kv_spec.dtype_bytes) or None
+                                        self.kv_spec.dtype_bytes, self.model_config.num_kv_heads) or None
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, token_ids, params)
         children = []
         for index in range(params.n):

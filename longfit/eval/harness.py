@@ -8,10 +8,15 @@ greedily. Optional extras: perplexity (``perplexity.py``), agreement with the fu
 kvpress peer (``peer_kvpress.py``). Writes ``DIR/results.json`` (every sample and row; resumable),
 ``DIR/results.md`` and ``DIR/results.png`` (``report.py``).
 
+``--shared-context``: SCBench's multi-turn mode instead (``shared_context.py``): one context, K questions asked in
+turn with the golden answers of earlier turns in the prompt; every turn compresses the same tokens (the context, or
+with ``--query-aware`` the context + first question), so it sees the same compressed context (rebuilt per turn, not
+shared in memory); rows ``kind="shared"`` with a ``turn``.
+
 Token ids fed to the engine: ``[BOS] + encode(context) + encode(question + answer_prefix)`` (no special tokens in
 the two encodes), so the boundary is exact and the kvpress peer gets the very same ids.
 
-KV bytes in the rows are ``longfit.compression.spec.kv_bytes`` of the context (exact stored bytes, no page
+KV bytes in the rows are ``longfit.compression.storage.kv_bytes`` of the context (exact stored bytes, no page
 rounding; the uncompressed question/answer tokens are the same for every spec and are not counted), in the
 engine's KV dtype. ``RequestOutput.metrics`` is not filled by the engine yet, so page-level measurements are not
 reported.
@@ -28,22 +33,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from longfit.compression.spec import kv_bytes, parse_spec
+from longfit.compression.spec import parse_spec
+from longfit.compression.storage import kv_bytes
 from longfit.config import parse_tokens
+from longfit.eval import shared_context
 from longfit.eval import tasks as task_registry
 
 FORMAT = "longfit.eval"
 FULL = "full"  # spec label of the uncompressed baseline
 ENGINE = "longfit"
-RowKey = tuple[str, str, str, int, str, int]
+RowKey = tuple[str, str, str, int, str, int, int]
 DEFAULT_TASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1", "vt", "fwe", "passkey")
 
 
 # ------------------------------------------------------------------------------------------------ results file
 def row_key(record: dict[str, Any]) -> RowKey:
-    """A row is identified by (engine, kind, task, length, spec, index)."""
+    """A row is identified by (engine, kind, task, length, spec, index, turn); ``turn`` is 0 for rows without one
+    (every kind but "shared"), so files written before turns existed keep their keys."""
     return (record["engine"], record["kind"], record["task"], int(record["length"]), record["spec"],
-            int(record["index"]))
+            int(record["index"]), int(record.get("turn", 0)))
 
 
 class ResultStore:
@@ -69,11 +77,12 @@ class ResultStore:
                 self.add(record)
         self.meta.update(meta or {})
 
-    def has(self, engine: str, kind: str, task: str, length: int, spec: str, index: int) -> bool:
-        return (engine, kind, task, int(length), spec, int(index)) in self._keys
+    def has(self, engine: str, kind: str, task: str, length: int, spec: str, index: int, turn: int = 0) -> bool:
+        return (engine, kind, task, int(length), spec, int(index), int(turn)) in self._keys
 
-    def get(self, engine: str, kind: str, task: str, length: int, spec: str, index: int) -> dict[str, Any] | None:
-        position = self._keys.get((engine, kind, task, int(length), spec, int(index)))
+    def get(self, engine: str, kind: str, task: str, length: int, spec: str, index: int,
+            turn: int = 0) -> dict[str, Any] | None:
+        position = self._keys.get((engine, kind, task, int(length), spec, int(index), int(turn)))
         return None if position is None else self.records[position]
 
     def add(self, record: dict[str, Any]) -> None:
@@ -110,6 +119,7 @@ class EvalOptions:
     agreement: bool = False
     peer: str | None = None
     query_aware: bool = False  # compress context + question (SnapKV's own protocol), not the context alone
+    shared_context: bool = False  # SCBench multi-turn mode (shared_context.py): tasks from its registry
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,8 +131,12 @@ class EvalOptions:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.peer not in (None, "kvpress"):
             raise ValueError(f"--peer must be 'kvpress', got {self.peer!r}")
+        if self.shared_context and self.peer is not None:
+            raise ValueError("--shared-context cannot be combined with --peer (the kvpress peer runs single-question "
+                             "samples only)")
+        check_task = shared_context.shared_task_spec if self.shared_context else task_registry.task_spec
         for task in self.tasks:
-            task_registry.task_spec(task)
+            check_task(task)
 
     @property
     def all_specs(self) -> tuple[str, ...]:
@@ -145,11 +159,11 @@ def parse_lengths(text: str) -> tuple[int, ...]:
     return tuple(parse_tokens(part, "--lengths") for part in text.split(",") if part.strip())
 
 
-def parse_tasks(text: str | None) -> tuple[str, ...]:
+def parse_tasks(text: str | None, shared: bool = False) -> tuple[str, ...]:
     if not text:
-        return DEFAULT_TASKS
+        return shared_context.DEFAULT_TASKS if shared else DEFAULT_TASKS
     if text.strip() == "all":
-        return tuple(task_registry.list_tasks())
+        return tuple(shared_context.list_shared_tasks() if shared else task_registry.list_tasks())
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
@@ -239,19 +253,29 @@ def run_task_group(handle: ModelHandle, store: ResultStore, task: str, length: i
                      "index": sample.index, "prompt_tokens": len(ids), "context_tokens": boundary,
                      "kv_bytes": handle.kv_bytes(spec, boundary), "kv_bytes_full": handle.kv_bytes(FULL, boundary),
                      "answers": list(sample.answers), "depth": sample.depth})
+    return generate_rows(handle, store, spec, prompts, params, rows, reason,
+                         lambda i, prediction: task_registry.score(todo[i], prediction))
+
+
+def generate_rows(handle: ModelHandle, store: ResultStore, spec: str, prompts: Sequence[list[int]],
+                  params: Sequence[Any], rows: list[dict[str, Any]], reason: str | None,
+                  score: Callable[[int, str], float]) -> int:
+    """Decode ``prompts`` under ``spec`` (greedy ``params``), fill each row with its prediction and
+    ``score(i, prediction)``, or mark every row unsupported (``reason``, or the engine's refusal at admission);
+    add the rows to ``store`` and save it. Returns the rows added."""
     if reason is not None:
         for row in rows:
             row.update(status="unsupported", message=reason, score=None)
     else:
         try:
-            outputs = handle.llm.generate(prompts, params, kv_compression=None if spec == FULL else spec)
+            outputs = handle.llm.generate(list(prompts), list(params), kv_compression=None if spec == FULL else spec)
         except ValueError as error:  # refused at admission: record it, keep going with the other specs
             for row in rows:
                 row.update(status="unsupported", message=str(error), score=None)
         else:
-            for row, sample, output in zip(rows, todo, outputs):
+            for i, (row, output) in enumerate(zip(rows, outputs)):
                 prediction = handle.decode(output.outputs[0].token_ids)
-                row.update(status="ok", prediction=prediction, score=task_registry.score(sample, prediction),
+                row.update(status="ok", prediction=prediction, score=score(i, prediction),
                            finish_reason=output.outputs[0].finish_reason)
     for row in rows:
         store.add(row)
@@ -280,7 +304,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "streaming:sinks=4,window=256")
     parser.add_argument("--tasks", default=None,
                         help=f"comma-separated tasks or 'all' (default: {','.join(DEFAULT_TASKS)}); "
-                             f"known: {','.join(task_registry.list_tasks())}")
+                             f"known: {','.join(task_registry.list_tasks())}; with --shared-context: "
+                             f"{','.join(shared_context.list_shared_tasks())} (default: all of them)")
     parser.add_argument("--lengths", default="2k", help="comma-separated lengths in tokens, e.g. 2k,4k,8k")
     parser.add_argument("--samples", type=int, default=5, help="samples per task and length")
     parser.add_argument("--seed", type=int, default=42, help="seed of the task generators")
@@ -294,7 +319,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", default=None, choices=("kvpress",), help="also run kvpress's presses")
     parser.add_argument("--query-aware", action="store_true",
                         help="compress context + question (SnapKV's own setting; default: the context alone, "
-                             "kvpress's question-agnostic protocol); use its own --output")
+                             "kvpress's question-agnostic protocol); use its own --output. With --shared-context: "
+                             "compress up to the end of the first question")
+    parser.add_argument("--shared-context", action="store_true",
+                        help="SCBench multi-turn mode: one context, several questions in turn (earlier turns "
+                             "with their golden answers), every turn on the same compressed context")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size")
     parser.add_argument("--kv-cache-memory", default=None, help="engine KV memory, e.g. 2GiB")
 
@@ -308,11 +337,13 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     if getattr(args, "kv_cache_memory", None):
         engine_kwargs["memory_bytes"] = parse_bytes(args.kv_cache_memory, "--kv-cache-memory")
     specs = args.kv_compression if isinstance(args.kv_compression, list) else [args.kv_compression or ""]
-    return EvalOptions(model=args.model, specs=canonical_specs(specs), tasks=parse_tasks(args.tasks),
+    shared = getattr(args, "shared_context", False)
+    return EvalOptions(model=args.model, specs=canonical_specs(specs), tasks=parse_tasks(args.tasks, shared),
                        lengths=parse_lengths(args.lengths), samples=args.samples, seed=args.seed,
                        output=args.output, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
                        perplexity=args.perplexity, agreement=args.agreement, peer=args.peer,
-                       query_aware=getattr(args, "query_aware", False), engine_kwargs=engine_kwargs)
+                       query_aware=getattr(args, "query_aware", False), shared_context=shared,
+                       engine_kwargs=engine_kwargs)
 
 
 def evaluate(options: EvalOptions, llm: Any | None = None, show_progress: bool = True) -> ResultStore:
@@ -346,7 +377,7 @@ def evaluate(options: EvalOptions, llm: Any | None = None, show_progress: bool =
         bar = tqdm(total=total, desc="eval", unit="sample", file=sys.stderr)
     progress = bar.update if bar is not None else (lambda n: None)
     try:
-        run_tasks(handle, store, options, progress)
+        (shared_context.run_shared if options.shared_context else run_tasks)(handle, store, options, progress)
         if options.perplexity:
             from longfit.eval.perplexity import run_perplexity
 

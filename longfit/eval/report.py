@@ -4,7 +4,11 @@ Task scores are RULER's (mean per-sample score ×100). ``retention = score / ful
 task and length; where that baseline is below ``WEAK_BASELINE`` the row is flagged instead of reporting a
 retention, since a ratio of two small numbers measures noise. Perplexity rows report ``exp(mean NLL)`` and its
 change against the full cache; agreement rows report top-1 agreement (%) and the mean top-k KL (see
-``agreement.py``). KV bytes are the stored bytes of the context (``compression.spec.kv_bytes``).
+``agreement.py``). KV bytes are the stored bytes of the context (``compression.storage.kv_bytes``).
+
+Shared-context rows (``kind="shared"``, ``shared_context.py``) get their own table: the score over all turns, and
+turn 1 against turns >= 2 (SCBench's split: a cache compressed for, or before, the first question must still
+answer the later ones), each with its retention against the full cache's same turns.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row["kl"] = _mean([r["kl"] for r in ok])
         else:
             row["score"] = None if not ok else round(100.0 * sum(r["score"] for r in ok) / len(ok), 2)
+        if kind == "shared":
+            row.update(_turn_scores(ok))
         rows.append(row)
     base = {(r["engine"], r["kind"], r["task"], r["length"]): r for r in rows if r["spec"] == FULL}
     for row in rows:
@@ -63,11 +69,29 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if row["kind"] == "perplexity":
             row["retention"] = row["score"] / row["baseline"]  # ratio of perplexities (1.03 = +3%)
-        elif row["kind"] == "task" and row["baseline"] < WEAK_BASELINE:
+        elif row["kind"] in ("task", "shared") and row["baseline"] < WEAK_BASELINE:
             row["weak_baseline"] = True
         elif row["baseline"] > 0:
             row["retention"] = row["score"] / row["baseline"]
+    for row in rows:
+        if row["kind"] == "shared":
+            full = base.get((row["engine"], "shared", row["task"], row["length"])) or {}
+            for part in ("turn1", "later"):
+                score, baseline = row[f"score_{part}"], full.get(f"score_{part}")
+                row[f"retention_{part}"] = (None if score is None or baseline is None or baseline < WEAK_BASELINE
+                                            else score / baseline)
     return rows
+
+
+def _turn_scores(ok: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-turn scores (x100) of the ok rows of one shared-context group, turn 1 and the mean of turns >= 2."""
+    by_turn: dict[int, list[float]] = defaultdict(list)
+    for r in ok:
+        by_turn[int(r["turn"])].append(r["score"])
+    turn_scores = {turn: round(100.0 * _mean(by_turn[turn]), 2) for turn in sorted(by_turn)}
+    later = [score for turn, scores in by_turn.items() if turn >= 2 for score in scores]
+    return {"turn_scores": turn_scores, "score_turn1": turn_scores.get(1),
+            "score_later": None if not later else round(100.0 * _mean(later), 2)}
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -112,6 +136,9 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None)
             kept = [r["retention"] for r in group if r["retention"] is not None]
             lines.append(f"| {length} | {spec} | {engine} | {len(scores)} | {_fmt(_mean(scores))} | "
                          f"{'–' if not kept else f'{100 * _mean(kept):.0f}%'} |")
+    shared = [r for r in rows if r["kind"] == "shared"]
+    if shared:
+        lines += _shared_table(shared, meta)
     ppl = [r for r in rows if r["kind"] == "perplexity"]
     if ppl:
         lines += ["", "Perplexity (teacher-forced continuation after the compressed context; see perplexity.py):", "",
@@ -135,6 +162,32 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None)
     return "\n".join(lines) + "\n"
 
 
+def _shared_table(shared: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """The shared-context section of results.md."""
+    where = ("the context and the first question (``--query-aware``): the cache is tuned to question 1"
+             if meta.get("query_aware") else "the context alone, before any question is seen")
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.0f}%"
+
+    lines = ["", "Shared context (SCBench multi-turn; see shared_context.py): one context per sample, its questions "
+             "asked in turn, earlier turns fed their golden answers. Compressed: " + where + "; every turn sees the "
+             "same compressed context. n = scored turns. Turn 1 vs turns >= 2: can a cache compressed once still "
+             "answer the later questions? Retention per part is against the full cache's same turns.", "",
+             "| task | length | spec | engine | n | score | retention | turn 1 | turns >= 2 | retention turn 1 | "
+             "retention turns >= 2 | per turn | KV (context) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(shared, key=lambda r: (r["length"], r["task"], r["engine"] != "longfit")):
+        note = ("baseline too weak (< %g)" % WEAK_BASELINE) if r["weak_baseline"] else ""
+        if r["status"] != "ok":
+            note = f"{r['status']}: {(r['message'] or '')[:90]}"
+        per_turn = " / ".join(f"{score:.0f}" for score in r["turn_scores"].values()) or "–"
+        lines.append(f"| {r['task']} | {r['length']} | {r['spec']} | {r['engine']} | {r['n']} | {_fmt(r['score'])} | "
+                     f"{pct(r['retention'])} | {_fmt(r['score_turn1'])} | {_fmt(r['score_later'])} | "
+                     f"{pct(r['retention_turn1'])} | {pct(r['retention_later'])} | {per_turn} | {_kv(r)} | {note} |")
+    return lines
+
+
 def _by_spec(task_rows: Sequence[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in task_rows:
@@ -145,20 +198,24 @@ def _by_spec(task_rows: Sequence[dict[str, Any]]) -> dict[tuple, list[dict[str, 
 def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> bool:
     """Score vs compression (1 - KV bytes / full KV bytes): one line per method and engine, one panel per length.
 
-    The y value is the mean task score over the tasks of that (length, spec). Returns False if there is nothing to
-    plot (no completed task rows).
+    The y value is the mean task score over the tasks of that (length, spec); shared-context rows get panels of
+    their own (score over all turns). Returns False if there is nothing to plot (no completed task or shared rows).
     """
-    task_rows = [r for r in rows if r["kind"] == "task" and r["score"] is not None and r["kv_bytes"] is not None]
-    if not task_rows:
+    scored = [r for r in rows if r["kind"] in ("task", "shared") and r["score"] is not None
+              and r["kv_bytes"] is not None]
+    if not scored:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted({r["length"] for r in task_rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
-    for ax, length in zip(axes[0], lengths):
+    # One panel per length of the single-question tasks, then one per length of the shared-context tasks.
+    panels = [(kind, length) for kind in ("task", "shared")
+              for length in sorted({r["length"] for r in scored if r["kind"] == kind})]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (kind, length) in zip(axes[0], panels):
+        task_rows = [r for r in scored if r["kind"] == kind]
         points: dict[str, list[tuple[float, float]]] = defaultdict(list)
         full_points = []
         for (row_length, spec, engine), group in _by_spec(task_rows).items():
@@ -177,7 +234,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> bool:
                     linestyle="--" if ":" in label else "-", label=label)
         if full_points:
             ax.axhline(full_points[0][1], color="grey", linewidth=0.8, label="full cache")
-        ax.set_title(f"{length} tokens")
+        ax.set_title(f"{length} tokens" if kind == "task" else f"{length} tokens, shared context (all turns)")
         ax.set_xlabel("compression (1 - KV bytes / full)")
         ax.set_ylabel("mean task score")
         ax.set_xlim(-0.02, 1.0)

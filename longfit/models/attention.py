@@ -30,8 +30,9 @@ class StreamRead:
     """Quantized stream pages to read (``runtime.quant_pages``) for some rows of a batch, one format.
 
     Decode: ``rows`` [R] batch rows, ``pages`` [R, W] stream pages (padded with 0), ``records`` [R] records each,
-    ``channels`` [R, Hkv, d'] (ThinK). Prefill chunk: ``rows`` and ``records`` None, ``pages`` [W], every one of
-    ``max_records`` records valid, ``channels`` [Hkv, d'].
+    ``side`` [R, ...] the format's side tensor per row (ThinK: channels [Hkv, d']; ShadowKV: basis [r, Hkv * D]).
+    Prefill chunk: ``rows`` and ``records`` None, ``pages`` [W], every one of ``max_records`` records valid, ``side``
+    unbatched.
     """
 
     fmt: PageQuantFormat
@@ -39,7 +40,7 @@ class StreamRead:
     pages: torch.Tensor
     records: torch.Tensor | None
     max_records: int
-    channels: torch.Tensor | None = None
+    side: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -116,6 +117,8 @@ class AttentionMetadata:
     decode_masks: dict[tuple, tuple] = field(default_factory=dict)  # paged_decode_attention masks of this step
     chunks: list[ChunkMeta] = field(default_factory=list)
     captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (chunk, layer) → [Hq, W, D]
+    decode_capture: torch.Tensor | None = None  # [R] decode rows whose queries each layer keeps ...
+    decode_captured: list[torch.Tensor] = field(default_factory=list)  # ... here, in layer order: [R, Hq, D] each
     rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -152,10 +155,10 @@ def pool_bytes(kv_pool: torch.Tensor) -> torch.Tensor:
 
 def decode_stream(read: StreamRead, kv_pool: torch.Tensor, rope: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize a read's records → keys, values float32 ``[..., n, Hkv, D]`` (decode: ``[R, n, Hkv, D]``; prefill
-    chunk: ``[n, Hkv, D]``). Pre-RoPE keys (KVQuant) are rotated to their positions: stream token ``i`` is at
+    chunk: ``[n, Hkv, D]``). Pre-RoPE keys (KVQuant, ShadowKV) are rotated to their positions: stream token ``i`` is at
     position ``i`` (no eviction before a pre-RoPE stage)."""
     fmt = read.fmt
-    keys, values = fmt.decode(fmt.read(pool_bytes(kv_pool), read.pages, read.max_records), read.channels)
+    keys, values = fmt.decode(fmt.read(pool_bytes(kv_pool), read.pages, read.max_records), read.side)
     if fmt.pre_rope:
         keys = rope.rotate(keys, torch.arange(keys.shape[-3], device=keys.device))
     return keys, values
@@ -247,6 +250,8 @@ class Attention(nn.Module):
         flat.index_copy_(0, rows + meta.block_size, v.to(pool.dtype))
 
         out = torch.empty_like(q)  # [N, Hq, D]
+        if meta.decode_capture is not None:
+            meta.decode_captured.append(q.index_select(0, meta.decode_capture))
         if meta.num_decode:
             out[:meta.num_decode] = self._decode(q[:meta.num_decode], meta)
         for chunk_index, chunk in enumerate(meta.chunks):

@@ -85,7 +85,7 @@ class HardwareProfile:
 
     def stream_costs(self, fmt: str | None) -> tuple[float, float]:
         """(seconds per stream layer per sequence, seconds per expanded element) of storage format ``fmt``
-        (``compression.spec.dequant_format``): its calibrated figures, else those of the format with the dearest
+        (``compression.storage.dequant_format``): its calibrated figures, else those of the format with the dearest
         element (a format the calibration did not time is assumed no cheaper), else zeros."""
         elements = dict(self.kv_dequant_s_per_element)
         if fmt is None or not elements:

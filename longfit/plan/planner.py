@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 from longfit.config import ModelConfig, SchedulerConfig, parse_bytes, parse_tokens
 from longfit.plan import cost_model as cm
 from longfit.plan.cost_model import HardwareProfile, WeightBytes
+
 # NOTE: load_fidelity is re-exported: the fidelity file code moved to plan/fidelity.py, callers import it from here.
 from longfit.plan.fidelity import FidelityRecord, load_fidelity, retention_by_spec  # noqa: F401
 from longfit.plan.hardware import list_presets, resolve_hardware
@@ -43,7 +45,7 @@ class KVFootprint:
     read_keys: tokens one decode step attends to, summed over layers (for attention FLOPs).
     paged_estimated: True when the spec module gives no page layout and ``paged_bytes`` is ``exact_bytes``.
     streams: the quantized streams one decode step expands (``cost_model.StreamRead``): their storage format
-        (``compression.spec.dequant_format``), the layers holding one, and their K and V elements (``2 · Hkv · D``
+        (``compression.storage.dequant_format``), the layers holding one, and their K and V elements (``2 · Hkv · D``
         per stream token per layer). The engine expands each stream whole at every step, a cost beyond the bytes
         it reads.
     """
@@ -56,14 +58,14 @@ class KVFootprint:
     streams: cm.StreamRead = cm.StreamRead()
 
 
-def _spec_module() -> Any:
-    """``longfit.compression.spec`` (torch-free), imported when a compressed spec is first planned."""
+def _spec_module(name: str = "spec") -> Any:
+    """``longfit.compression.spec`` (or ``.storage``, its byte math; both torch-free), imported when a compressed
+    spec is first planned."""
     try:
-        from longfit.compression import spec as spec_module
+        return importlib.import_module(f"longfit.compression.{name}")
     except ImportError as exc:
-        raise ValueError("kv_compression specs other than 'none' need longfit.compression.spec, which is not "
+        raise ValueError(f"kv_compression specs other than 'none' need longfit.compression.{name}, which is not "
                          "available in this build") from exc
-    return spec_module
 
 
 def is_full_cache(spec: str) -> bool:
@@ -74,12 +76,14 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
                  block_size: int = 32, dtype_bytes: int = 2) -> KVFootprint:
     """KV footprint of one request: a ``num_prompt_tokens`` prompt, then ``num_output_tokens`` generated.
 
-    Evicting specs compress the prompt once at the end of prefill (``compression.spec.kv_bytes``); generated
-    tokens are appended in the spec's storage format (same function, eviction stage removed). Paged bytes are
-    exact for the full cache, for evict/select specs (pages of ``block_size`` tokens per layer) and for the
-    storage the engine packs into its pages (KIVI, int8, ThinK: ``compression.spec.stored_layout``, whose exact
-    bytes then follow the engine's per-layer token counts); for the other storage specs (kvquant, shadowkv,
-    minicache) each layer's share of the exact bytes is rounded up to whole pages and marked estimated.
+    Evicting specs compress the prompt once at the end of prefill (``compression.storage.kv_bytes``); generated
+    tokens are appended in the spec's storage format (same function, eviction stage removed). With decode-time
+    re-compression (``every``) the footprint is the peak: each layer at most its trigger
+    (``compression.spec.decode_budgets``). Paged bytes are exact for the full cache, for evict/select specs (pages
+    of ``block_size`` tokens per layer) and for the storage the engine packs into its pages (KIVI, int8, ThinK,
+    KVQuant, ShadowKV: ``compression.storage.stored_layout``, whose exact bytes then follow the engine's per-layer
+    token counts); for minicache, which the engine does not store yet, each layer's share of the exact bytes is
+    rounded up to whole pages and marked estimated.
     """
     held = kv_tokens_held(num_prompt_tokens, num_output_tokens)
     page = cm.page_bytes(model, block_size, dtype_bytes)
@@ -87,25 +91,30 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
         exact = cm.full_kv_bytes(model, held, dtype_bytes)
         return KVFootprint(exact, cm.full_kv_pages(model, held, block_size) * page, exact,
                            sum(cm.layer_tokens(model, held)))
-    module = _spec_module()
+    module, sizes = _spec_module(), _spec_module("storage")
     parsed = module.parse_spec(spec)
     if parsed.is_empty:
         return kv_footprint(model, "none", num_prompt_tokens, num_output_tokens, block_size=block_size,
                             dtype_bytes=dtype_bytes)
     grown = held - num_prompt_tokens
-    exact = module.kv_bytes(parsed, model, num_prompt_tokens, dtype_bytes=dtype_bytes)
+    exact = sizes.kv_bytes(parsed, model, num_prompt_tokens, dtype_bytes=dtype_bytes)
     if grown:
         appended = module.compose([s for s in parsed.stages if s.kind != "evict"])
-        exact += (module.kv_bytes(appended, model, held, dtype_bytes=dtype_bytes)
-                  - module.kv_bytes(appended, model, num_prompt_tokens, dtype_bytes=dtype_bytes))
+        exact += (sizes.kv_bytes(appended, model, held, dtype_bytes=dtype_bytes)
+                  - sizes.kv_bytes(appended, model, num_prompt_tokens, dtype_bytes=dtype_bytes))
     windows = [model.layer_window(layer) for layer in range(model.num_layers)]
     kept = module.kept_tokens_per_layer(parsed, model.num_layers, num_prompt_tokens, layer_windows=windows)
     tokens = [n + grown if w is None else min(held, w) for n, w in zip(kept, windows)]
+    budgets = module.decode_budgets(parsed, model.num_layers, num_prompt_tokens, layer_windows=windows)
+    if any(budgets):  # decode-time re-compression (eviction only): the peak, just before a layer is evicted again
+        tokens = [module.peak_decode_tokens(n, grown, b) if w is None else t
+                  for n, w, b, t in zip(kept, windows, budgets, tokens)]
+        exact = sum(tokens) * cm.kv_bytes_per_token_per_layer(model, dtype_bytes)
     dense = sum(tokens) * cm.kv_bytes_per_token_per_layer(model, dtype_bytes)
     storage = parsed.stage("merge", "lowrank", "quantize")
     layouts = None
     if storage is not None:
-        layouts = [module.stored_layout(storage, model.num_kv_heads, n, model.head_dim, dtype_bytes)
+        layouts = [sizes.stored_layout(storage, model.num_kv_heads, n, model.head_dim, dtype_bytes)
                    if w is None else None for n, w in zip(tokens, windows)]
     estimated = storage is not None and not any(layouts)
     dequant = stream_layers = 0
@@ -136,7 +145,7 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
                       if w is None and layer >= select.get("dense_layers"))
         read = exact - skipped * exact // max(sum(tokens), 1)
     return KVFootprint(exact, paged, read, sum(tokens) - skipped, paged_estimated=estimated,
-                       streams=cm.StreamRead(module.dequant_format(storage), stream_layers, dequant) if dequant
+                       streams=cm.StreamRead(sizes.dequant_format(storage), stream_layers, dequant) if dequant
                        else cm.StreamRead())
 
 

@@ -1,13 +1,14 @@
-"""Compactor: applies compression to a request's paged KV at the end of its prefill, and flushes quantized tails.
+"""Compactor: applies compression to a request's paged KV at the end of its prefill, evicts again during decode
+(an eviction stage's ``every``), and flushes quantized tails.
 
 For every full-attention layer: read the layer's keys and values from its pages, let each evicting stage of the
 spec pick the positions to keep per KV head (``KeepPlan``), then store the survivors back into the first pages of
-the same table: as they are, or (storage stage: KIVI, int8, ThinK, KVQuant) as a stream of records followed by the
-full-precision tail (``runtime.quant_pages``). ``KVCacheManager.apply_compaction`` then returns the whole pages left
-over to the pool. Positions stay logical: kept keys carry their RoPE phase, new tokens are appended after the
-survivors. KVQuant stores keys pre-RoPE: ``_store`` rotates each key back from its position (the physical index,
-since KVQuant is refused after eviction) before encoding it. Sliding-window layers already hold only their window
-and are left as they are.
+the same table: as they are, or (storage stage: KIVI, int8, ThinK, KVQuant, ShadowKV) as a stream of records
+followed by the full-precision tail (``runtime.quant_pages``). ``KVCacheManager.apply_compaction`` then returns the
+whole pages left over to the pool. Positions stay logical: kept keys carry their RoPE phase, new tokens are appended
+after the survivors. KVQuant and ShadowKV store keys pre-RoPE: ``_store`` rotates each key back from its position
+(the physical index, since both are refused after eviction) before encoding it; ShadowKV's basis is the SVD of those
+un-rotated prompt keys. Sliding-window layers already hold only their window and are left as they are.
 
 Everything is rewritten in place: a layer is read completely before it is written, and its new layout never needs
 more pages than it had.
@@ -23,25 +24,27 @@ import numpy as np
 import torch
 
 from longfit.compression.registry import build_policy
+from longfit.compression.shadowkv import key_basis
 from longfit.compression.spec import parse_spec
 from longfit.models.attention import gather_keys_values
 from longfit.models.layers import RotaryEmbedding
 from longfit.outputs import CompactionResult
 from longfit.runtime.quant_pages import ENGINE_QUANT_METHODS, PageQuantFormat
 
-# What the engine applies today. The other kinds (ShadowKV low rank, MiniCache merge) are validated by the spec
-# parser but refused at admission until their paged storage lands.
+# What the engine applies today. MiniCache (merge) is validated by the spec parser but refused at admission until
+# its paged storage lands.
 _CACHE_DTYPES = {2: "bfloat16", 4: "float32"}  # cache dtype bytes → PageQuantFormat dtype
 ENGINE_METHODS = ("streaming, h2o, snapkv, pyramidkv, tova, knorm, duo_attention (eviction); "
-                  + ", ".join(ENGINE_QUANT_METHODS) + " (compressed pages; kvquant without eviction); "
+                  + ", ".join(ENGINE_QUANT_METHODS) + " (compressed pages; kvquant and shadowkv without eviction); "
                   "quest (page selection)")
 
 
 @functools.lru_cache(maxsize=256)
 def validate_engine_spec(text: str, block_size: int | None = None, head_dim: int | None = None,
-                         dtype_bytes: int | None = None) -> str:
+                         dtype_bytes: int | None = None, num_kv_heads: int = 1) -> str:
     """Parse a spec (ValueError naming the problem) and check the engine can apply every stage (to pages of
-    ``block_size`` tokens, heads of ``head_dim`` channels and a cache dtype of ``dtype_bytes``, when given)."""
+    ``block_size`` tokens, ``num_kv_heads`` heads of ``head_dim`` channels and a cache dtype of ``dtype_bytes``, when
+    given)."""
     spec = parse_spec(text)
     unsupported = [policy for policy in build_policy(spec)
                    if policy.kind != "evict" and policy.name not in ENGINE_QUANT_METHODS + ("quest",)]
@@ -55,20 +58,27 @@ def validate_engine_spec(text: str, block_size: int | None = None, head_dim: int
         raise ValueError(f"kv_compression {text!r}: {quant.name}:{flush_unit} must be a multiple of the KV block "
                          f"size {block_size} (the full-precision tail is flushed in whole pages)")
     evict = spec.stage("evict")
-    if quant is not None and quant.name == "kvquant" and quant.get("bits") != 16 and evict is not None:
-        raise ValueError(f"kv_compression {text!r}: kvquant does not combine with an eviction stage ({evict.name}) "
-                         "in the engine yet: its pre-RoPE keys would need each kept token's original position per "
-                         "KV head stored beside the pages; use kivi or int8 after eviction")
     storage = spec.stage("quantize", "lowrank")
-    fmt = None  # one KV head's records (also checks kvquant:group*head_dim against the 16-bit outlier offsets)
+    pre_rope = storage is not None and (storage.name == "shadowkv" or storage.name == "kvquant"
+                                        and storage.get("bits") != 16)
+    if pre_rope and evict is not None:
+        raise ValueError(f"kv_compression {text!r}: {storage.name} does not combine with an eviction stage "
+                         f"({evict.name}) in the engine yet: its pre-RoPE keys would need each kept token's original "
+                         "position per KV head stored beside the pages; use kivi or int8 after eviction")
+    fmt = None  # the records of num_kv_heads heads (also checks kvquant:group*head_dim against 16-bit offsets)
     if storage is not None and head_dim:
-        fmt = PageQuantFormat.from_stage(storage, 1, head_dim, _CACHE_DTYPES.get(dtype_bytes or 2, "bfloat16"))
-    dense = 2 * head_dim * dtype_bytes * fmt.record_tokens if fmt is not None and dtype_bytes else 0
+        fmt = PageQuantFormat.from_stage(storage, num_kv_heads, head_dim,
+                                         _CACHE_DTYPES.get(dtype_bytes or 2, "bfloat16"))
+    dense = 2 * num_kv_heads * head_dim * dtype_bytes * fmt.record_tokens if fmt is not None and dtype_bytes else 0
     if dense and fmt.record_bytes > dense:  # the in-place rewrite needs records no larger than their tokens
         hint = {"kivi": "raise kivi:group", "kvquant": "lower kvquant:outliers or kvquant:bits"}.get(storage.name)
-        raise ValueError(f"kv_compression {text!r}: a {storage.name} record takes {fmt.record_bytes} bytes per KV "
-                         f"head for {fmt.record_tokens} tokens, more than their {dense} bytes in the cache dtype; "
+        raise ValueError(f"kv_compression {text!r}: a {storage.name} record takes {fmt.record_bytes} bytes for "
+                         f"{num_kv_heads} KV head(s) and {fmt.record_tokens} tokens, more than their {dense} bytes in "
+                         f"the cache dtype; "
                          f"{hint}")
+    if evict is not None and evict.as_dict().get("every") and spec.stage("select", "quantize", "lowrank") is not None:
+        raise ValueError(f"kv_compression {text!r}: {evict.name}:every (decode-time re-compression) does not combine "
+                         "with a storage or page-selection stage in the engine yet")
     select = spec.stage("select")
     if select is not None and block_size and select.get("page") != block_size:
         raise ValueError(f"kv_compression {text!r}: quest:page must equal the KV block size {block_size} "
@@ -116,13 +126,14 @@ class Compactor:
 
     # ------------------------------------------------------------------ prefill-end compression
     def compact(self, request_id: str, spec: str, tables: np.ndarray, num_tokens: int,
-                queries: dict[int, torch.Tensor], channels: dict[int, torch.Tensor] | None = None) -> CompactionResult:
+                queries: dict[int, torch.Tensor], side: dict[int, torch.Tensor] | None = None) -> CompactionResult:
         """Compress a request whose ``num_tokens`` prompt tokens are all cached (nothing quantized yet).
 
         Args:
             tables: [L, max_pages] the request's page tables (runner mirror).
             queries: layer → [Hq, W, D] post-RoPE queries of the prompt's last tokens.
-            channels: filled with layer → [Hkv, d'] key channels kept (ThinK), which later flushes need.
+            side: filled with each layer's side tensor, which later flushes and reads need: ThinK's key channels
+                kept [Hkv, d'], ShadowKV's key basis [r, Hkv * D] (cache dtype).
         Returns:
             tokens kept per layer (physical) and, when quantizing, the stream layout; the manager frees the
             pages beyond them.
@@ -130,7 +141,7 @@ class Compactor:
         evictors = [p for p in self.policies(spec) if p.kind == "evict"]
         pruner = next((p for p in self.policies(spec) if p.name == "think"), None)
         fmt = self.quant_format(spec)
-        channels = channels if channels is not None else {}
+        side = side if side is not None else {}
         num_layers = len(self.layer_windows)
         kept_counts, q_tokens, q_pages, q_bytes = [], [0] * num_layers, [0] * num_layers, [0] * num_layers
         bs = self.block_size
@@ -154,9 +165,13 @@ class Compactor:
             kept_counts.append(kept)
             if fmt is not None:
                 if fmt.method == "think":
-                    channels[layer] = pruner.prune(keys, layer_queries).channels  # [Hkv, d']
+                    side[layer] = pruner.prune(keys, layer_queries).channels  # [Hkv, d']
+                elif fmt.method == "shadowkv":  # SVD of the prompt's pre-RoPE keys (no eviction: position = index)
+                    pre = self.layer_ropes[layer].rotate(keys.transpose(0, 1), torch.arange(kept, device=keys.device),
+                                                         inverse=True)  # [T, Hkv, D]
+                    side[layer] = key_basis(pre.reshape(kept, -1), fmt.rank).to(self.kv_pool.dtype)  # [r, Hkv*D]
                 q_tokens[layer] = self._store(fmt, layer, pages, 0, keys.transpose(0, 1), values.transpose(0, 1),
-                                              channels.get(layer))
+                                              side.get(layer))
                 q_bytes[layer] = fmt.stream_bytes(q_tokens[layer]) + fmt.side_bytes
                 q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
             elif kept < num_tokens:
@@ -165,10 +180,35 @@ class Compactor:
             return CompactionResult(request_id=request_id, num_kept_tokens=kept_counts)
         return CompactionResult(request_id, kept_counts, q_tokens, q_pages, q_bytes)
 
+    # ------------------------------------------------------------------ decode-time re-compression
+    def recompact(self, request_id: str, spec: str, tables: np.ndarray, num_cached: list[int],
+                  budgets: Sequence[tuple[int, int] | None], queries: dict[int, torch.Tensor]) -> CompactionResult:
+        """Evict every layer that reached its trigger back to its budget (``compression.spec.decode_budgets``),
+        with the spec's own eviction policy on the layer's current keys (survivors and newer tokens alike) and
+        ``queries``: layer → ``[Hq, W, D]`` post-RoPE queries of the latest tokens. The kept tokens are rewritten
+        to the first pages in order (positions stay logical, as at prefill); other layers are left as they are."""
+        evictors = [p for p in self.policies(spec) if p.kind == "evict"]
+        kept_counts = list(num_cached)
+        for layer, budget in enumerate(budgets):
+            if budget is None or num_cached[layer] < budget[1]:
+                continue
+            num_tokens = num_cached[layer]
+            pages = torch.from_numpy(tables[layer, :-(-num_tokens // self.block_size)]).to(self.kv_pool.device)
+            keys, values = gather_keys_values(self.kv_pool, pages)  # [P*bs, Hkv, D]
+            keys, values = keys[:num_tokens].transpose(0, 1), values[:num_tokens].transpose(0, 1)  # [Hkv, T, D]
+            for policy in evictors:  # the budget is absolute now (the prompt's keep fraction was applied once)
+                fixed = replace(policy, keep=None, budget=budget[0],
+                                **({"window": None} if policy.name == "streaming_llm" else {}))
+                plan = fixed.plan(layer, len(self.layer_windows), keys, values, queries.get(layer))
+                keys, values = plan.gather(keys), plan.gather(values)
+            kept_counts[layer] = keys.shape[1]
+            self._write_tokens(pages, 0, keys.transpose(0, 1), values.transpose(0, 1))
+        return CompactionResult(request_id=request_id, num_kept_tokens=kept_counts)
+
     # ------------------------------------------------------------------ decode-time flush of quantized tails
     def flush(self, request_id: str, fmt: PageQuantFormat, tables: np.ndarray, num_cached: list[int],
               quant_tokens: np.ndarray, quant_pages: np.ndarray, quant_bytes: np.ndarray,
-              channels: dict[int, torch.Tensor]) -> CompactionResult | None:
+              side: dict[int, torch.Tensor]) -> CompactionResult | None:
         """Quantize whole flush units of every full layer's tail (``num_cached[l] - quant_tokens[l]`` tokens);
         None when no layer's tail has reached ``fmt.flush_tokens``."""
         bs = self.block_size
@@ -183,7 +223,7 @@ class Compactor:
             pages = torch.from_numpy(tables[layer, :used]).to(self.kv_pool.device)
             keys, values = gather_keys_values(self.kv_pool, pages[q_pages[layer]:])  # [tail pages * bs, Hkv, D]
             q_tokens[layer] += self._store(fmt, layer, pages, q_tokens[layer], keys[:tails[layer]],
-                                           values[:tails[layer]], channels.get(layer))
+                                           values[:tails[layer]], side.get(layer))
             q_bytes[layer] = fmt.stream_bytes(q_tokens[layer]) + fmt.side_bytes
             q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
         return CompactionResult(request_id, list(num_cached), q_tokens, q_pages, q_bytes)
@@ -193,19 +233,20 @@ class Compactor:
         return fmt.stream_pages(num_tokens, self.pool_bytes.shape[1])
 
     def _store(self, fmt: PageQuantFormat, layer: int, pages: torch.Tensor, stream_tokens: int, keys: torch.Tensor,
-               values: torch.Tensor, channels: torch.Tensor | None = None) -> int:
+               values: torch.Tensor, side: torch.Tensor | None = None) -> int:
         """Append whole flush units of ``keys, values: [T, Hkv, D]`` (post-RoPE, cache dtype) to the layer's stream
         (``stream_tokens`` tokens already on ``pages``) and write the rest after the stream in the cache dtype;
         returns the tokens added to the stream. The caller has read everything it needs from ``pages`` before.
-        Pre-RoPE formats (KVQuant) get the quantized keys rotated back from their positions ``stream_tokens + i``,
-        rounded to the cache dtype (RoPE is orthogonal: rotating back is exact up to that rounding)."""
+        Pre-RoPE formats (KVQuant, ShadowKV) get the stored keys rotated back from their positions
+        ``stream_tokens + i``, rounded to the cache dtype (RoPE is orthogonal: rotating back is exact up to that
+        rounding)."""
         quantized = fmt.quantizable(keys.shape[0])
         if quantized:
             stored_keys = keys[:quantized]
             if fmt.pre_rope:
                 positions = torch.arange(stream_tokens, stream_tokens + quantized, device=keys.device)
                 stored_keys = self.layer_ropes[layer].rotate(stored_keys, positions, inverse=True)
-            records = fmt.encode(stored_keys, values[:quantized], channels)
+            records = fmt.encode(stored_keys, values[:quantized], side)
             fmt.write(self.pool_bytes, pages, stream_tokens // fmt.record_tokens, records)
         if quantized < keys.shape[0]:
             tail_start = self._stream_pages(fmt, stream_tokens + quantized)
@@ -220,3 +261,34 @@ class Compactor:
         flat = self.kv_pool.view(-1, *self.kv_pool.shape[-2:])  # [num_blocks * 2 * bs, Hkv, D]
         flat.index_copy_(0, rows, keys.to(flat.dtype).contiguous())
         flat.index_copy_(0, rows + bs, values.to(flat.dtype).contiguous())
+
+
+class QueryWindow:
+    """Post-RoPE queries of a request's latest ``size`` tokens in every layer, for decode-time re-compression by a
+    method that scores with recent queries (SnapKV's window, H2O's ``observe``, TOVA's last query): a ring
+    ``[L, Hq, size, D]`` in the model dtype, written once per step, put in order only when a layer is evicted."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ring: torch.Tensor | None = None
+        self.count = 0  # queries held (at most size)
+        self.next = 0  # ring slot of the next query
+
+    def push(self, queries: torch.Tensor) -> None:
+        """Append ``queries: [L, Hq, n, D]`` (oldest first)."""
+        if self.ring is None:
+            shape = (queries.shape[0], queries.shape[1], self.size, queries.shape[3])
+            self.ring = queries.new_zeros(shape)
+        queries = queries[:, :, -self.size:]
+        slots = (self.next + torch.arange(queries.shape[2], device=queries.device)) % self.size
+        self.ring[:, :, slots] = queries.to(self.ring.dtype)
+        self.next = int(slots[-1]) + 1 if queries.shape[2] else self.next
+        self.count = min(self.size, self.count + queries.shape[2])
+
+    def ordered(self) -> dict[int, torch.Tensor]:
+        """layer → ``[Hq, count, D]``, oldest first."""
+        if self.ring is None:
+            return {}
+        ring = self.ring if self.count < self.size else self.ring.roll(-self.next, dims=2)
+        start = self.next - self.count if self.count < self.size else 0
+        return {layer: ring[layer, :, start:start + self.count] for layer in range(ring.shape[0])}

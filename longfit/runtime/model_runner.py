@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from longfit.compression.spec import decode_budgets
 from longfit.config import ModelConfig
 from longfit.kv.spec import KVCacheSpec
 from longfit.models.attention import AttentionMetadata, ChunkMeta, PageSelect, StreamRead
@@ -23,7 +24,7 @@ from longfit.outputs import (
     ScheduledRequest,
     SchedulerOutput,
 )
-from longfit.runtime.compactor import Compactor
+from longfit.runtime.compactor import Compactor, QueryWindow
 from longfit.runtime.kv_store import allocate_kv_pool
 from longfit.runtime.quant_pages import PageQuantFormat
 from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_logprobs, sample
@@ -33,7 +34,7 @@ class RequestState:
     """Runner-side state of a running request: page tables mirror [L, max_pages] and its generator."""
 
     __slots__ = ("tables", "num_pages", "generator", "queries", "quant", "quant_tokens", "quant_pages", "quant_bytes",
-                 "channels", "quest")
+                 "side", "quest", "evict_spec", "budgets", "recent")
 
     def __init__(self, num_layers: int, max_pages: int, seed: int | None) -> None:
         self.tables = np.zeros((num_layers, max_pages), dtype=np.int64)
@@ -46,8 +47,14 @@ class RequestState:
         self.quant_tokens = np.zeros(num_layers, dtype=np.int64)
         self.quant_pages = np.zeros(num_layers, dtype=np.int64)
         self.quant_bytes = np.zeros(num_layers, dtype=np.int64)
-        self.channels: dict[int, torch.Tensor] = {}  # ThinK: layer → [Hkv, d'] key channels kept
+        # layer → the storage format's side tensor (ThinK: [Hkv, d'] key channels kept; ShadowKV: [r, Hkv*D] basis)
+        self.side: dict[int, torch.Tensor] = {}
         self.quest = None  # Quest policy once the prompt is compressed: decode reads selected pages
+        # Decode-time re-compression (an eviction stage's `every`): the spec, per-layer (budget, trigger) and the
+        # latest queries when the method scores with them.
+        self.evict_spec: str | None = None
+        self.budgets: list[tuple[int, int] | None] | None = None
+        self.recent: QueryWindow | None = None
 
     def set_layout(self, result: CompactionResult, block_size: int) -> None:
         """Follow a compaction: the manager kept the stream pages plus the pages of the remaining tokens."""
@@ -123,17 +130,23 @@ class ModelRunner:
                                  num_decode=len(decodes))
         if decodes:
             self._decode_metadata(decodes, meta)
+            capture = [row for row, it in enumerate(decodes) if self.states[it.request_id].recent is not None]
+            if capture:
+                meta.decode_capture = torch.tensor(capture, dtype=torch.int64, device=self.device)
         start = len(decodes)
         for item in chunks:
             meta.chunks.append(self._chunk_metadata(item, start))
             start += len(item.token_ids)
 
         hidden = self.model(input_ids, positions, meta)  # [N, d]
-        for (chunk_index, layer), queries in meta.captured.items():
-            self.states[chunks[chunk_index].request_id].queries.setdefault(layer, []).append(queries)
+        self._keep_queries(meta, decodes, chunks)
         for item in scheduler_output.scheduled:
             if self._compresses(item):
                 result.compactions.append(self._compact(item))
+            elif self.states[item.request_id].budgets is not None:
+                recompacted = self._recompact(item)
+                if recompacted is not None:
+                    result.compactions.append(recompacted)
             elif self.states[item.request_id].quest is not None:
                 before = np.asarray(item.num_cached_tokens)
                 self._update_bounds(self.states[item.request_id], before, before + len(item.token_ids))
@@ -268,10 +281,10 @@ class ModelRunner:
             width = int(q_pages[rows].max())
             pages = np.where(np.arange(width) < q_pages[rows, None], tables[rows, :width], 0)
             records = q_tokens[rows] // fmt.record_tokens
-            channels = torch.stack([states[r].channels[layer] for r in rows]) if fmt.method == "think" else None
+            side = torch.stack([states[r].side[layer] for r in rows]) if fmt.has_side else None
             reads.append(StreamRead(fmt, torch.from_numpy(rows).to(self.device),
                                     torch.from_numpy(np.ascontiguousarray(pages)).to(self.device),
-                                    torch.from_numpy(records).to(self.device), int(records.max()), channels))
+                                    torch.from_numpy(records).to(self.device), int(records.max()), side))
         return reads
 
     def _chunk_metadata(self, item: ScheduledRequest, start: int) -> ChunkMeta:
@@ -285,10 +298,12 @@ class ModelRunner:
             # Capture the queries of this chunk's tokens among the prompt's last `window_size` tokens.
             first_wanted = item.compress_at - self.compactor.window_size(item.kv_compression)
             window = max(0, min(n, item.num_computed_tokens + n - first_wanted))
+        elif state.recent is not None:  # after compression, for decode-time re-compression
+            window = min(n, state.recent.size)
         quant = None
         if state.quant is not None and state.quant_tokens.any():
             quant = [None if not q else StreamRead(state.quant, None, torch.from_numpy(state.tables[layer, :p]).to(
-                         self.device), None, int(q) // state.quant.record_tokens, state.channels.get(layer))
+                         self.device), None, int(q) // state.quant.record_tokens, state.side.get(layer))
                      for layer, (q, p) in enumerate(zip(state.quant_tokens, state.quant_pages))]
         return ChunkMeta(start=start, end=start + n, num_cached=list(item.num_cached_tokens),
                          block_table=torch.from_numpy(np.ascontiguousarray(table)).to(self.device),
@@ -305,12 +320,50 @@ class ModelRunner:
         queries = {layer: torch.cat(parts, dim=1) for layer, parts in state.queries.items()}  # [Hq, W, D]
         state.queries.clear()
         result = self.compactor.compact(item.request_id, item.kv_compression, state.tables, item.compress_at,
-                                        queries, state.channels)
+                                        queries, state.side)
         state.quant = self.compactor.quant_format(item.kv_compression)
         self._follow(state, result)
+        budgets = decode_budgets(item.kv_compression, len(self.windows), item.compress_at, layer_windows=self.windows)
+        if any(budgets):
+            state.evict_spec, state.budgets = item.kv_compression, budgets
+            size = self.compactor.window_size(item.kv_compression)
+            if size:
+                state.recent = QueryWindow(size)
+                state.recent.push(torch.stack([queries[layer] for layer in range(len(self.windows))]))
         state.quest = self.compactor.selector(item.kv_compression)
         if state.quest is not None:
             self._update_bounds(state, np.zeros(len(self.windows), dtype=np.int64), np.asarray(result.num_kept_tokens))
+        return result
+
+    def _keep_queries(self, meta: AttentionMetadata, decodes: list[ScheduledRequest],
+                      chunks: list[ScheduledRequest]) -> None:
+        """File the queries the layers captured: a prompt's last ones for its compression, a compressed request's
+        latest ones for its decode-time re-compression (``QueryWindow``)."""
+        captured: dict[int, dict[int, torch.Tensor]] = {}
+        for (chunk_index, layer), queries in meta.captured.items():
+            state = self.states[chunks[chunk_index].request_id]
+            if state.recent is None:
+                state.queries.setdefault(layer, []).append(queries)
+            else:
+                captured.setdefault(chunk_index, {})[layer] = queries
+        for chunk_index, layers in captured.items():
+            state = self.states[chunks[chunk_index].request_id]
+            state.recent.push(torch.stack([layers[layer] for layer in range(len(self.windows))]))
+        if meta.decode_capture is not None:
+            steps = torch.stack(meta.decode_captured)  # [L, R, Hq, D]
+            for i, row in enumerate(meta.decode_capture.tolist()):
+                self.states[decodes[row].request_id].recent.push(steps[:, i].unsqueeze(2))
+
+    def _recompact(self, item: ScheduledRequest) -> CompactionResult | None:
+        """Decode-time re-compression: layers that reached their trigger are evicted back to their budget."""
+        state = self.states[item.request_id]
+        num_cached = [n + len(item.token_ids) for n in item.num_cached_tokens]
+        if not any(b is not None and n >= b[1] for n, b in zip(num_cached, state.budgets)):
+            return None
+        queries = state.recent.ordered() if state.recent is not None else {}
+        result = self.compactor.recompact(item.request_id, state.evict_spec, state.tables, num_cached,
+                                          state.budgets, queries)
+        self._follow(state, result)
         return result
 
     def _update_bounds(self, state: RequestState, before: np.ndarray, after: np.ndarray) -> None:
@@ -339,7 +392,7 @@ class ModelRunner:
         state = self.states[item.request_id]
         num_cached = [n + len(item.token_ids) for n in item.num_cached_tokens]
         result = self.compactor.flush(item.request_id, state.quant, state.tables, num_cached, state.quant_tokens,
-                                      state.quant_pages, state.quant_bytes, state.channels)
+                                      state.quant_pages, state.quant_bytes, state.side)
         if result is not None:
             self._follow(state, result)
         return result

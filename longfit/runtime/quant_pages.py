@@ -1,5 +1,5 @@
-"""Compressed KV pages: KIVI (2/4-bit), int8, ThinK (pruned key channels) and KVQuant (pre-RoPE keys, sparse
-outliers) stored as records inside the ordinary pages of the pool.
+"""Compressed KV pages: KIVI (2/4-bit), int8, ThinK (pruned key channels), KVQuant (pre-RoPE keys, sparse
+outliers) and ShadowKV (low-rank pre-RoPE keys) stored as records inside the ordinary pages of the pool.
 
 A quantized layer of a request keeps its tokens in two parts, in one page table:
 
@@ -35,7 +35,12 @@ and zero per token and head), ``b`` in 2, 3, 4, 8, then the dense-and-sparse out
 int8 record (1 token): key scale, value scale float16 [Hkv]; key codes, value codes int8 [Hkv, D].
 ThinK record (1 token): the kept key channels [Hkv, d'] and the values [Hkv, D], both in the cache dtype; the
 channel index [Hkv, d'] of each layer is chosen once at prefill and held by the runner.
-The byte counts equal ``compression.spec.kv_bytes`` exactly (the planner's numbers).
+ShadowKV record (1 token): the key's ``r`` coefficients [r] and the values [Hkv, D], both in the cache dtype. The
+key is ``coefficients @ basis`` pre-RoPE (rotated like KVQuant's); the basis ``[r, Hkv * D]`` (cache dtype,
+orthonormal rows: the top-``r`` right singular vectors of the layer's pre-RoPE prompt keys) is chosen once at
+prefill and held by the runner, like ThinK's channel index. Tokens stored later are projected onto that basis.
+A format's per-layer side tensor (ThinK's channels, ShadowKV's basis) is its ``side`` argument below.
+The byte counts equal ``compression.storage.kv_bytes`` exactly (the planner's numbers).
 """
 
 from __future__ import annotations
@@ -53,17 +58,16 @@ from longfit.compression.kv_quant import (
     quantize_values_per_token,
     unpack_bits,
 )
-from longfit.compression.spec import (
-    INDEX_BYTES,
-    OUTLIER_INDEX_BYTES,
-    StageSpec,
+from longfit.compression.spec import INDEX_BYTES, OUTLIER_INDEX_BYTES, StageSpec
+from longfit.compression.storage import (
     kvquant_outliers,
     kvquant_split,
+    shadowkv_factorizes,
     think_channels_kept,
     value_group,
 )
 
-ENGINE_QUANT_METHODS = ("kivi", "int8", "think", "kvquant")
+ENGINE_QUANT_METHODS = ("kivi", "int8", "think", "kvquant", "shadowkv")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -115,14 +119,15 @@ class PageQuantFormat:
     """Record layout of one storage stage for a model's KV heads.
 
     Attributes:
-        method: "kivi", "int8", "think" or "kvquant".
-        bits: code width (ThinK: the cache dtype's width).
-        record_tokens: tokens per record (KIVI, KVQuant: the key group G; int8, ThinK: 1).
-        flush_tokens: tail tokens stored at once (KIVI: the residual R, a multiple of G; KVQuant: G; int8, ThinK: 1).
+        method: "kivi", "int8", "think", "kvquant" or "shadowkv".
+        bits: code width (ThinK, ShadowKV: the cache dtype's width).
+        record_tokens: tokens per record (KIVI, KVQuant: the key group G; int8, ThinK, ShadowKV: 1).
+        flush_tokens: tail tokens stored at once (KIVI: the residual R, a multiple of G; KVQuant: G; others: 1).
         value_group: channels sharing one value scale (KIVI; KVQuant: D).
         key_channels: key channels kept per head (ThinK).
         dtype: the cache dtype (ThinK stores keys and values in it, KVQuant its outliers).
         outliers: fraction of values KVQuant keeps exact (a fixed count per record, ``spec.kvquant_outliers``).
+        rank: ShadowKV's key rank r (< Hkv * D).
     """
 
     method: str
@@ -135,6 +140,7 @@ class PageQuantFormat:
     key_channels: int = 0
     dtype: str = "bfloat16"
     outliers: float = 0.0
+    rank: int = 0
 
     @staticmethod
     def from_stage(stage: StageSpec, num_kv_heads: int, head_dim: int,
@@ -146,6 +152,12 @@ class PageQuantFormat:
                 return None
             bits = 8 * _DTYPES[dtype].itemsize
             return PageQuantFormat("think", bits, 1, 1, num_kv_heads, head_dim, key_channels=kept, dtype=dtype)
+        if stage.name == "shadowkv":  # a rank of Hkv * D or more saves nothing: the keys stay dense
+            rank = stage.get("rank")
+            if not shadowkv_factorizes(num_kv_heads * head_dim, rank):
+                return None
+            bits = 8 * _DTYPES[dtype].itemsize
+            return PageQuantFormat("shadowkv", bits, 1, 1, num_kv_heads, head_dim, dtype=dtype, rank=rank)
         bits = stage.get("bits")
         if bits == 16:
             return None
@@ -166,8 +178,13 @@ class PageQuantFormat:
     # ------------------------------------------------------------------ sizes
     @property
     def pre_rope(self) -> bool:
-        """Keys are stored un-rotated (KVQuant): rotate them to their positions after ``decode``."""
-        return self.method == "kvquant"
+        """Keys are stored un-rotated (KVQuant, ShadowKV): rotate them to their positions after ``decode``."""
+        return self.method in ("kvquant", "shadowkv")
+
+    @property
+    def has_side(self) -> bool:
+        """The format needs a per-layer side tensor chosen at prefill (ThinK's channels, ShadowKV's basis)."""
+        return self.method in ("think", "shadowkv")
 
     @property
     def outlier_counts(self) -> tuple[int, int]:
@@ -186,6 +203,9 @@ class PageQuantFormat:
         if self.method == "think":
             width = self.bits // 8
             return 0, 0, h * self.key_channels * width, h * d * width, 0, 0
+        if self.method == "shadowkv":
+            width = self.bits // 8
+            return 0, 0, self.rank * width, h * d * width, 0, 0
         codes = g * h * d * self.bits // 8
         pair = OUTLIER_INDEX_BYTES + _DTYPES[self.dtype].itemsize
         key_outliers, value_outliers = self.outlier_counts
@@ -202,7 +222,10 @@ class PageQuantFormat:
 
     @property
     def side_bytes(self) -> int:
-        """Bytes held outside the pages per layer (ThinK's int64 channel index), as the planner counts them."""
+        """Bytes held outside the pages per layer (ThinK's int64 channel index, ShadowKV's basis in the cache dtype),
+        as the planner counts them."""
+        if self.method == "shadowkv":
+            return self.rank * self.num_kv_heads * self.head_dim * _DTYPES[self.dtype].itemsize
         return self.num_kv_heads * self.key_channels * INDEX_BYTES if self.method == "think" else 0
 
     def stream_pages(self, num_tokens: int, page_bytes: int) -> int:
@@ -213,15 +236,19 @@ class PageQuantFormat:
         return num_tokens - num_tokens % self.flush_tokens
 
     # ------------------------------------------------------------------ encode / decode
-    def encode(self, keys: Tensor, values: Tensor, channels: Tensor | None = None) -> Tensor:
-        """``keys, values: [T, Hkv, D]`` (T a multiple of ``record_tokens``) → records ``uint8 [T / G, record_bytes]``.
-        ThinK: ``channels: [Hkv, d']`` the key channels kept."""
+    def encode(self, keys: Tensor, values: Tensor, side: Tensor | None = None) -> Tensor:
+        """``keys, values: [T, Hkv, D]`` (T a multiple of ``record_tokens``) → records
+        ``uint8 [T / G, record_bytes]``. ThinK: ``side: [Hkv, d']`` the key channels kept. ShadowKV: ``side: [r, Hkv * D]`` the basis; ``keys``
+        pre-RoPE, stored as their coefficients ``keys @ basisᵀ`` (the projection onto the basis rows)."""
         num_tokens = keys.shape[0]
         n, g = num_tokens // self.record_tokens, self.record_tokens
-        if self.method == "think":
-            assert channels is not None
+        if self.method in ("think", "shadowkv"):
+            assert side is not None
             dtype = _DTYPES[self.dtype]
-            kept = keys.gather(2, channels.unsqueeze(0).expand(num_tokens, -1, -1))  # [T, Hkv, d']
+            if self.method == "think":
+                kept = keys.gather(2, side.unsqueeze(0).expand(num_tokens, -1, -1))  # [T, Hkv, d']
+            else:
+                kept = keys.reshape(num_tokens, -1).float() @ side.float().T  # [T, r]
             return torch.cat([kept.to(dtype).reshape(n, -1).view(torch.uint8),
                               values.to(dtype).reshape(n, -1).view(torch.uint8)], dim=1)
         k, v = keys.transpose(0, 1), values.transpose(0, 1)  # [Hkv, T, D]
@@ -241,21 +268,28 @@ class PageQuantFormat:
         scales = [p.contiguous().view(torch.uint8) for p in parts]
         return torch.cat(scales + codes, dim=1)
 
-    def decode(self, records: Tensor, channels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def decode(self, records: Tensor, side: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``records: uint8 [..., n, record_bytes]`` → keys, values float32 ``[..., n * G, Hkv, D]``.
-        ThinK: ``channels: [..., Hkv, d']``; pruned key channels come back as zeros (``q · k`` is unchanged).
-        KVQuant: the keys come back pre-RoPE (``pre_rope``)."""
+        ThinK: ``side: [..., Hkv, d']`` the channels; pruned key channels come back as zeros (``q · k`` is
+        unchanged). ShadowKV: ``side: [..., r, Hkv * D]`` the basis. KVQuant, ShadowKV: the keys come back pre-RoPE
+        (``pre_rope``)."""
         lead, n = records.shape[:-2], records.shape[-2]
         h, d, g = self.num_kv_heads, self.head_dim, self.record_tokens
         ks_b, vs_b, kc_b, vc_b, ko_b, _ = self._field_bytes
         o1, o2, o3 = ks_b, ks_b + vs_b, ks_b + vs_b + kc_b
         o4, o5 = o3 + vc_b, o3 + vc_b + ko_b
+        if self.method == "shadowkv":
+            assert side is not None
+            dtype = _DTYPES[self.dtype]
+            coefficients = records[..., :o3].contiguous().view(dtype).reshape(*lead, n, self.rank).float()
+            values = records[..., o3:].contiguous().view(dtype).reshape(*lead, n, h, d).float()
+            return torch.matmul(coefficients, side.float()).reshape(*lead, n, h, d), values
         if self.method == "think":
-            assert channels is not None
+            assert side is not None
             dtype = _DTYPES[self.dtype]
             kept = records[..., :o3].contiguous().view(dtype).reshape(*lead, n, h, self.key_channels)
             values = records[..., o3:].contiguous().view(dtype).reshape(*lead, n, h, d).float()
-            index = channels.unsqueeze(-3).expand(*lead, n, h, self.key_channels)
+            index = side.unsqueeze(-3).expand(*lead, n, h, self.key_channels)
             keys = kept.new_zeros(*lead, n, h, d, dtype=torch.float32).scatter_(-1, index, kept.float())
             return keys, values
 

@@ -48,10 +48,10 @@ def test_planned_bytes_equal_engine_bytes(model, spec):
 @pytest.mark.parametrize("spec", ["kivi:bits=2,group=8,residual=16", "kivi:bits=4,group=8,residual=32", "int8",
                                   "think:channels=0.5", "snapkv:keep=0.25+kivi:bits=2,group=8,residual=16",
                                   "knorm:keep=0.5+int8", "kvquant:bits=4,group=8",
-                                  "kvquant:bits=2,group=16,outliers=0.05"])
+                                  "kvquant:bits=2,group=16,outliers=0.05", "shadowkv:rank=8"])
 def test_planned_bytes_equal_engine_bytes_for_packed_pages(model, spec):
-    """Quantized / channel-pruned records packed into pages (KVQuant: with its fixed count of outliers per record):
-    pages held and exact bytes both equal the plan."""
+    """Quantized / channel-pruned / low-rank records packed into pages (KVQuant: with its fixed count of outliers
+    per record): pages held and exact bytes both equal the plan."""
     llm = make_tiny_llm(model)
     prompt = list(range(3, 203))
     for output_tokens in (1, 30):  # the prompt as compressed; then with decode-time flushes of the tail
@@ -61,7 +61,10 @@ def test_planned_bytes_equal_engine_bytes_for_packed_pages(model, spec):
         planned = kv_footprint(llm.engine.model_config, spec, len(prompt), output_tokens,
                                block_size=llm.engine.kv_spec.block_size, dtype_bytes=llm.engine.kv_spec.dtype_bytes)
         assert not planned.paged_estimated
-        side = planned.paged_bytes % llm.engine.kv_spec.page_bytes  # ThinK's channel index, held beside the pages
+        # ThinK's channel index, ShadowKV's basis: held beside the pages, once per full-attention layer
+        config = llm.engine.model_config
+        full_layers = sum(config.layer_window(layer) is None for layer in range(config.num_layers))
+        side = llm.engine.runner.compactor.quant_format(spec).side_bytes * full_layers
         assert (measured + side, stored[0]) == (planned.paged_bytes, planned.exact_bytes), output_tokens
 
 

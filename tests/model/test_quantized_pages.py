@@ -1,6 +1,6 @@
-"""Compressed KV pages inside the engine (KIVI, int8, ThinK, KVQuant): the decode logits equal a slow reference
-that stores the same tokens the same way at the same moments, pages and bytes equal the plan, nothing leaks, mixed
-batches equal solo runs."""
+"""Compressed KV pages inside the engine (KIVI, int8, ThinK, KVQuant, ShadowKV): the decode logits equal a slow
+reference that stores the same tokens the same way at the same moments, pages and bytes equal the plan, nothing
+leaks, mixed batches equal solo runs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from longfit import SamplingParams
-from longfit.compression.spec import kv_bytes, parse_spec
 from longfit.compression.kv_quant import KVQuantPolicy
+from longfit.compression.spec import parse_spec
+from longfit.compression.storage import kv_bytes
 from longfit.compression.think import ThinKPolicy
 from longfit.runtime.quant_pages import PageQuantFormat
 from tests.conftest import make_tiny_llm
@@ -18,7 +19,8 @@ from tests.model.reference import apply_rope, reference_logits
 PROMPT = "the quick brown fox jumps over the lazy dog; " * 6  # 270 byte tokens
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)
 QUANT_SPECS = ["kivi:bits=2,group=8,residual=16", "kivi:bits=4,group=16,residual=32", "int8", "think:channels=0.5",
-               "kvquant:bits=4,group=8", "kvquant:bits=2,group=16,outliers=0.05", "kvquant:bits=4,group=8,outliers=0"]
+               "kvquant:bits=4,group=8", "kvquant:bits=2,group=16,outliers=0.05", "kvquant:bits=4,group=8,outliers=0",
+               "shadowkv:rank=8"]
 
 
 def _kv_view(spec: str, num_prompt: int, model, boundary: int | None = None, chunk: int = 0):
@@ -27,7 +29,8 @@ def _kv_view(spec: str, num_prompt: int, model, boundary: int | None = None, chu
     records. With a compression ``boundary``, prompt queries from it on are computed in chunks of ``chunk`` tokens
     and read what was flushed before their chunk started. KVQuant goes through the tensor-level
     ``KVQuantPolicy``: keys rotated back to position 0 by an independent RoPE, quantized, dequantized, rotated to
-    their positions again."""
+    their positions again. ShadowKV: the basis is the SVD (``torch.linalg.svd`` here) of the prompt's pre-RoPE keys;
+    every stored key, prompt or generated, is its projection onto that basis, rotated again."""
     model_config = model.config
     stage = parse_spec(spec).stage("quantize", "lowrank")
     fmt = PageQuantFormat.from_stage(stage, model_config.num_kv_heads, model_config.head_dim, "float32")
@@ -51,6 +54,13 @@ def _kv_view(spec: str, num_prompt: int, model, boundary: int | None = None, chu
             restored_k, restored_v = policy.dequantize(policy.quantize(pre_rope, values.float().transpose(0, 1)))
             stored_k = apply_rope(restored_k.transpose(0, 1), positions, inv_freq)
             stored_v = restored_v.transpose(0, 1)
+        elif fmt.method == "shadowkv":
+            inv_freq = model.layers[layer].attn.rope.inv_freq
+            positions = torch.arange(n)
+            pre_rope = apply_rope(keys.float(), -positions, inv_freq).reshape(n, -1)  # [T, Hkv*D]
+            basis = torch.linalg.svd(pre_rope[:boundary or num_prompt], full_matrices=False)[2][:stage.get("rank")]
+            projected = (pre_rope @ basis.T @ basis).reshape(keys.shape)
+            stored_k = apply_rope(projected, positions, inv_freq)
         else:
             stored_k[:whole], stored_v[:whole] = fmt.decode(fmt.encode(keys[:whole], values[:whole]))
         t = torch.arange(n)
@@ -81,7 +91,8 @@ def test_decode_logits_match_the_quantizing_reference(model, spec):
     # (kvquant: the engine un-rotates with its own RoPE tables, the reference with its own: fp32 ulps that can move
     # a float16 scale by one step, ~3e-4 in the log-probabilities, well inside the tolerance)
     assert torch.allclose(engine, ref, atol=2e-3), (engine - ref).abs().max()
-    if spec.startswith(("kivi:bits=2", "think", "kvquant:bits=2")):  # the reference really compresses (not exact)
+    # the reference really compresses (not exact)
+    if spec.startswith(("kivi:bits=2", "think", "kvquant:bits=2", "shadowkv")):
         assert (unquantized - ref).abs().max() > 10 * (engine - ref).abs().max()
 
 
@@ -123,7 +134,8 @@ def test_bytes_and_pages_equal_the_plan(spec):
     for layer in range(engine.model_config.num_layers):  # stream pages + tail pages, nothing more
         tail = state.num_cached[layer] - state.quant_tokens[layer]
         assert state.quant_bytes[layer] == fmt.stream_bytes(state.quant_tokens[layer]) + side
-        assert len(state.tables[layer]) == -(-state.quant_bytes[layer] // page_bytes) + -(-tail // 8)
+        # side bytes (ThinK's channel index, ShadowKV's basis) are held beside the pages
+        assert len(state.tables[layer]) == -(-fmt.stream_bytes(state.quant_tokens[layer]) // page_bytes) + -(-tail // 8)
     assert engine.kv_manager.pool.num_used_blocks == state.num_pages()
     list(stream)
     assert engine.kv_manager.pool.num_used_blocks == 0
@@ -154,13 +166,15 @@ def test_a_quantized_layer_takes_a_fraction_of_the_pages(spec):
 def test_bits16_is_the_identity_and_mixed_batches_equal_solo_runs():
     llm = make_tiny_llm(max_num_batched_tokens=512)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    prompts = [PROMPT, PROMPT[:150], PROMPT[40:], PROMPT[:90], PROMPT[7:], PROMPT[:120]]
-    # two kvquant rows of different lengths in one read: the shorter one's padding records hold stale bytes
+    prompts = [PROMPT, PROMPT[:150], PROMPT[40:], PROMPT[:90], PROMPT[7:], PROMPT[:120], PROMPT[3:], PROMPT[:100]]
+    # two kvquant rows of different lengths in one read: the shorter one's padding records hold stale bytes; two
+    # shadowkv rows, each with its own basis
     specs = ["kivi:bits=2,group=8,residual=16", "int8", None, "kivi:bits=4,group=16,residual=32",
-             "kvquant:bits=2,group=8,outliers=0.05", "kvquant:bits=2,group=8,outliers=0.05"]
+             "kvquant:bits=2,group=8,outliers=0.05", "kvquant:bits=2,group=8,outliers=0.05", "shadowkv:rank=8",
+             "shadowkv:rank=8"]
     solo = [llm.generate(p, params, kv_compression=s)[0].outputs[0].token_ids for p, s in zip(prompts, specs)]
     full = llm.generate(PROMPT, params)[0].outputs[0].token_ids
-    for identity in ("kivi:bits=16", "kvquant:bits=16"):
+    for identity in ("kivi:bits=16", "kvquant:bits=16", "shadowkv:rank=32"):
         assert llm.generate(PROMPT, params, kv_compression=identity)[0].outputs[0].token_ids == full
     ids = [llm.engine.add_request(None, p, params, kv_compression=s) for p, s in zip(prompts, specs)]
     done = {}
@@ -221,10 +235,11 @@ def test_engine_refuses_what_it_cannot_store():
     with pytest.raises(ValueError, match="multiple of the KV block size"):
         llm.generate(PROMPT, SamplingParams(max_tokens=2), kv_compression="kivi:group=4,residual=4")
     with pytest.raises(ValueError, match="not applied inside the engine"):
-        llm.generate(PROMPT, SamplingParams(max_tokens=2), kv_compression="shadowkv:rank=8")
+        llm.generate(PROMPT, SamplingParams(max_tokens=2), kv_compression="minicache")
     for spec, message in [("kvquant:group=12", "kvquant:group must be a multiple of the KV block size 8"),
                           ("snapkv:keep=0.25+kvquant:bits=4,group=8", r"kvquant does not combine with an eviction "
                                                                       r"stage \(snapkv\)"),
+                          ("streaming:window=64+shadowkv:rank=8", r"shadowkv does not combine with an eviction"),
                           ("kvquant:group=8192", r"kvquant:group\*head_dim must be <= 65536"),
                           ("kvquant:bits=5", "kvquant:bits must be one of 2, 3, 4, 8, 16"),
                           ("kvquant:bits=8,group=8,outliers=0.45", "lower kvquant:outliers or kvquant:bits"),

@@ -9,16 +9,11 @@ import pytest
 import torch
 
 from longfit.compression.base import CompressionPolicy, KeepPlan
+from longfit.compression.head_scores import write_head_scores
 from longfit.compression.quest import page_bounds
 from longfit.compression.registry import build_policy, policy_class, registered_policies
-from longfit.compression.spec import (
-    METHODS,
-    kept_tokens_per_layer,
-    kv_bytes,
-    parse_spec,
-    think_channels_kept,
-)
-from longfit.compression.head_scores import write_head_scores
+from longfit.compression.spec import METHODS, kept_tokens_per_layer, parse_spec
+from longfit.compression.storage import kv_bytes, think_channels_kept
 from longfit.config import ModelConfig
 
 NUM_LAYERS, NUM_KV_HEADS, GROUPS, NUM_TOKENS, HEAD_DIM = 4, 2, 2, 100, 16

@@ -8,17 +8,17 @@ import sys
 
 import pytest
 
+from longfit.compression.head_scores import read_head_scores, write_head_scores
 from longfit.compression.spec import (
     KINDS,
     METHODS,
     NO_COMPRESSION,
     kept_tokens_per_layer,
-    kv_bytes,
     make_stage,
     parse_spec,
     pyramid_kept,
 )
-from longfit.compression.head_scores import read_head_scores, write_head_scores
+from longfit.compression.storage import kv_bytes
 from longfit.config import ModelConfig
 
 TINY = ModelConfig.tiny(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)  # 2 layers, Hkv 2, D 16
@@ -57,7 +57,7 @@ def test_no_compression(text: str | None) -> None:
 def test_values_are_typed_and_defaults_filled() -> None:
     stage = parse_spec("snapkv:keep=1,window=32").stages[0]
     params = stage.as_dict()
-    assert params == {"keep": 1.0, "budget": None, "window": 32, "kernel": 5, "pool": "avg"}
+    assert params == {"keep": 1.0, "budget": None, "window": 32, "kernel": 5, "pool": "avg", "every": 0}
     assert isinstance(params["keep"], float) and isinstance(params["window"], int)
     kivi = parse_spec("kivi").stages[0].as_dict()
     assert kivi == {"bits": 2, "group": 32, "residual": 128}
@@ -181,7 +181,7 @@ KV_BYTES = [  # tiny config: 2 layers, 2 KV heads, head_dim 16, 100 tokens, bf16
     ("think:channels=0.5", 2 * (2 * 100 * (8 + 16) * 2 + 2 * 8 * 8)),
     ("think:channels=1", 25600),
     ("shadowkv:rank=8", 2 * (8 * (100 + 32) * 2 + 2 * 100 * 16 * 2)),
-    ("shadowkv:rank=32", 25600),  # factors not smaller: stored dense
+    ("shadowkv:rank=32", 25600),  # rank >= Hkv * D: stored dense
     ("minicache:start=0,retain=0.1", (2 * 2 * 100 * 16 + 4 * 2 * 100) * 2 + 2 * 10 * 8 + 4 * 2 * 10 * 16 * 2),
     ("minicache:start=0,retain=1", 25600),
     ("minicache:start=0.5,retain=0.1", 25600),  # only layer 1 left: no pair

@@ -19,7 +19,8 @@ from longfit.compression.kv_quant import (
     quantize_values_per_token,
     unpack_bits,
 )
-from longfit.compression.spec import make_stage, quantized_bytes
+from longfit.compression.spec import make_stage
+from longfit.compression.storage import quantized_bytes
 
 
 def _codes(shape: tuple[int, ...], bits: int, seed: int = 0) -> torch.Tensor:

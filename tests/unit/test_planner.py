@@ -535,7 +535,7 @@ def test_quantized_streams_add_their_expansion_cost_to_decode() -> None:
     """KIVI-2 on SmolLM2 at 2k: the footprint counts the layers holding a quantized stream and the K/V elements of
     each stream (the tokens before the residual window, in whole groups); a profile's stream costs add exactly
     that many layer- and element-costs per sequence to each decode step, nothing to the full cache or eviction."""
-    from longfit.compression.spec import kivi_split
+    from longfit.compression.storage import kivi_split
 
     model = SMOLLM2
     fp = kv_footprint(model, "kivi:bits=2", 2048)

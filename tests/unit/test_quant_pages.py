@@ -1,5 +1,5 @@
-"""KVQuant records of the paged store: fixed size, equal to the planner's bytes, and decoded to exactly what the
-tensor-level ``KVQuantPolicy`` dequantizes (outliers included), whatever the batch dims or stale padding bytes."""
+"""KVQuant and ShadowKV records of the paged store: fixed size, equal to the planner's bytes, and decoded to what the
+tensor-level policies give (KVQuant exactly, outliers included), whatever the batch dims or stale padding bytes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from longfit.compression.kv_quant import KVQuantPolicy
-from longfit.compression.spec import make_stage, quantized_bytes
+from longfit.compression.spec import make_stage
+from longfit.compression.storage import quantized_bytes
 from longfit.runtime.quant_pages import PageQuantFormat
 
 NUM_KV_HEADS, HEAD_DIM, GROUP = 3, 16, 8
@@ -52,3 +53,38 @@ def test_record_size_for_smollm2_shape() -> None:
     # scales 768 + 384, codes 3072 + 3072, outliers 3*20*4 + 32*3*1*4
     assert fmt.record_bytes == 768 + 384 + 2 * 3072 + 240 + 384 == 7920
     assert 30 * fmt.record_bytes / 32 == 7425.0  # bytes per token, against 23,040 in bf16 (3.1x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shadowkv_records_hold_the_projection_onto_the_prompt_basis(dtype: torch.dtype) -> None:
+    """Records of r coefficients + exact values; the decoded keys are the policy's rank-r reconstruction, bytes
+    equal the planner's (basis beside the pages), batched rows with their own bases decode independently."""
+    from longfit.compression.shadowkv import factorize_keys, key_basis
+    from longfit.compression.storage import kv_bytes, stored_layout
+    from longfit.config import ModelConfig
+
+    rank, width = 5, NUM_KV_HEADS * HEAD_DIM
+    stage = make_stage("shadowkv", rank=rank)
+    cache_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
+    fmt = PageQuantFormat.from_stage(stage, NUM_KV_HEADS, HEAD_DIM, cache_dtype)
+    assert fmt.pre_rope and fmt.has_side and fmt.record_bytes == (rank + width) * dtype.itemsize
+    assert PageQuantFormat.from_stage(make_stage("shadowkv", rank=width), NUM_KV_HEADS, HEAD_DIM) is None
+    keys, values = _layer(dtype, 40)
+    basis = key_basis(keys.reshape(40, -1), rank).to(dtype)  # [r, Hkv*D]
+    records = fmt.encode(keys, values, basis)
+    assert records.shape == (40, fmt.record_bytes)
+    got_k, got_v = fmt.decode(records, basis)
+    assert torch.equal(got_v, values.float())
+    ref = factorize_keys(keys.transpose(0, 1), rank)  # the tensor-level policy: [Hkv, T, D]
+    assert torch.allclose(got_k, ref.reconstruct().transpose(0, 1).float(), atol=3e-2 if dtype == torch.bfloat16
+                          else 1e-5)
+    error = (got_k - keys.float()).norm() / keys.float().norm()
+    assert 0.01 < error < 0.9  # really rank 5 of 48, better than nothing
+    layout = stored_layout(stage, NUM_KV_HEADS, 40, HEAD_DIM, dtype.itemsize)
+    assert layout == (40, fmt.stream_bytes(40), fmt.side_bytes)
+    config = ModelConfig.tiny(num_layers=1, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, num_heads=NUM_KV_HEADS)
+    assert kv_bytes("shadowkv:rank=5", config, 40, dtype.itemsize) == fmt.stream_bytes(40) + fmt.side_bytes
+    other = key_basis(torch.randn(40, width), rank).to(dtype)
+    batch_k, _ = fmt.decode(torch.stack([records, fmt.encode(keys, values, other)]), torch.stack([basis, other]))
+    assert torch.equal(batch_k[0], got_k)
+    assert torch.allclose(batch_k[1], fmt.decode(fmt.encode(keys, values, other), other)[0])
