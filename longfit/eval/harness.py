@@ -285,13 +285,17 @@ def generate_rows(handle: ModelHandle, store: ResultStore, spec: str, prompts: S
 
 def run_tasks(handle: ModelHandle, store: ResultStore, options: EvalOptions,
               progress: Callable[[int], None]) -> None:
+    """Every (length, task, spec) of ``options``, single-question tasks or (``--shared-context``) multi-turn ones;
+    progress counts samples."""
+    load, run_group = ((shared_context.load_shared_samples, shared_context.run_shared_group)
+                       if options.shared_context else (load_samples, run_task_group))
     for length in options.lengths:
         for task in options.tasks:
-            samples = load_samples(store, handle, task, length, options.samples, options.seed)
+            samples = load(store, handle, task, length, options.samples, options.seed)
             store.save()
             for spec in options.all_specs:
-                run_task_group(handle, store, task, length, spec, samples, options.max_new_tokens,
-                               unsupported_reason(handle.llm, spec))
+                run_group(handle, store, task, length, spec, samples, options.max_new_tokens,
+                          unsupported_reason(handle.llm, spec))
                 progress(len(samples))
 
 
@@ -377,7 +381,7 @@ def evaluate(options: EvalOptions, llm: Any | None = None, show_progress: bool =
         bar = tqdm(total=total, desc="eval", unit="sample", file=sys.stderr)
     progress = bar.update if bar is not None else (lambda n: None)
     try:
-        (shared_context.run_shared if options.shared_context else run_tasks)(handle, store, options, progress)
+        run_tasks(handle, store, options, progress)
         if options.perplexity:
             from longfit.eval.perplexity import run_perplexity
 

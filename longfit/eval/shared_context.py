@@ -370,18 +370,3 @@ def run_shared_group(handle: Any, store: Any, task: str, length: int, spec: str,
                      "depth": sample.depths[turn - 1] if sample.depths else None})
     return generate_rows(handle, store, spec, prompts, params, rows, reason,
                          lambda i, prediction: todo[i][0].score(todo[i][1], prediction))
-
-
-def run_shared(handle: Any, store: Any, options: Any, progress: Callable[[int], None]) -> None:
-    """Every (length, task, spec) of ``options`` in shared-context mode; progress counts samples."""
-    from longfit.eval.harness import unsupported_reason
-
-    for length in options.lengths:
-        for task in options.tasks:
-            samples = load_shared_samples(store, handle, task, length, options.samples, options.seed)
-            store.save()
-            for spec in options.all_specs:
-                run_shared_group(handle, store, task, length, spec, samples, options.max_new_tokens,
-                                 unsupported_reason(handle.llm, spec))
-                progress(len(samples))
-
