@@ -31,7 +31,7 @@ FULL = "none"
 # --spec duo:heads=PATH.
 DEFAULT_SPECS = ("streaming:keep=0.25", "h2o:keep=0.25", "snapkv:keep=0.25", "pyramidkv:keep=0.25", "tova:keep=0.25",
                  "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=4", "kvquant:bits=4", "int8", "think:channels=0.5",
-                 "shadowkv:rank=48", "quest:budget=512,page=32",
+                 "shadowkv:rank=48", "minicache:start=0", "quest:budget=512,page=32",
                  "snapkv:keep=0.25+kivi:bits=2")
 
 

@@ -96,8 +96,8 @@ def stored_layout(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_dim
     """How the engine stores one layer of ``num_tokens`` tokens under a storage stage it applies in its pages:
     ``(stream tokens, stream bytes, side bytes)`` — the leading tokens packed as records on the first pages, their
     bytes, and bytes held beside the pages (ThinK's channel index, ShadowKV's basis) — the remaining tokens sit in
-    ordinary pages. None when the stage stores plain tokens (identity) or has no paged layout in the engine
-    (minicache: estimated by the planner).
+    ordinary pages. None when the stage stores plain tokens (identity); minicache's layout depends on the layer
+    (``minicache_layouts``).
     """
     h, n, d = num_kv_heads, num_tokens, head_dim
     if stage.name == "think":
@@ -118,9 +118,11 @@ def stored_layout(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_dim
 
 def dequant_format(stage: StageSpec) -> str:
     """The name of a storage stage's paged format whose expansion cost the planner calibrates: ``kivi:bits=2``,
-    ``int8``, ``kvquant:bits=4``, ``think``, ``shadowkv`` (cost per element depends on the method and code width
-    only; ShadowKV's also on its rank)."""
-    return stage.name if stage.name in ("int8", "think", "shadowkv") else f"{stage.name}:bits={stage.get('bits')}"
+    ``int8``, ``kvquant:bits=4``, ``think``, ``shadowkv``, ``minicache`` (cost per element depends on the method and
+    code width only; ShadowKV's also on its rank)."""
+    if stage.name in ("int8", "think", "shadowkv", "minicache"):
+        return stage.name
+    return f"{stage.name}:bits={stage.get('bits')}"
 
 
 def think_channels_kept(head_dim: int, channels: float) -> int:
@@ -147,16 +149,58 @@ def minicache_pairs(num_layers: int, start: float, full_layers: Sequence[bool] |
     return pairs
 
 
-def minicache_pair_bytes(num_kv_heads: int, num_tokens: int, head_dim: int, retain: float, dtype_bytes: int) -> int:
-    """Bytes of a merged layer pair, or of the two layers unmerged when merging would not be smaller.
+def minicache_retained(group: int, retain: float) -> int:
+    """Tokens per KV head kept exact in each merged group of ``group`` tokens: ``floor(retain * group)``."""
+    return min(group, int(retain * group + 1e-9))
 
-    Merged: shared K and V directions ``[h, n, d]``, four norm vectors ``[h, n]``, per head ``r = floor(retain*n)``
-    retained token indices (int64) with both layers' exact K and V.
+
+def minicache_record_bytes(num_kv_heads: int, head_dim: int, group: int, retain: float,
+                           dtype_bytes: int) -> tuple[int, int]:
+    """Bytes of one merged group of ``group`` tokens: (first layer's record, second layer's record).
+
+    First layer: the shared K and V directions ``[2, G, h, d]``, as many bytes as the group's dense tokens.
+    Second layer: four norm vectors ``[4, G, h]`` (k and v of both layers), per head ``r = minicache_retained``
+    retained token offsets (int16) and both layers' exact K and V of those tokens ``[4, r, h, d]``.
     """
-    h, n, d = num_kv_heads, num_tokens, head_dim
-    r = min(n, int(retain * n + 1e-9))
-    merged = (2 * h * n * d + 4 * h * n) * dtype_bytes + h * r * INDEX_BYTES + 4 * h * r * d * dtype_bytes
-    return min(merged, 4 * h * n * d * dtype_bytes)
+    h, d, g = num_kv_heads, head_dim, group
+    r = minicache_retained(g, retain)
+    second = 4 * g * h * dtype_bytes + h * r * OUTLIER_INDEX_BYTES + 4 * h * r * d * dtype_bytes
+    return 2 * g * h * d * dtype_bytes, second
+
+
+def minicache_merges(num_kv_heads: int, head_dim: int, group: int, retain: float, dtype_bytes: int) -> bool:
+    """A merged group takes fewer bytes than the two layers' dense tokens (else the pair is left unmerged)."""
+    first, second = minicache_record_bytes(num_kv_heads, head_dim, group, retain, dtype_bytes)
+    return first + second < 4 * group * num_kv_heads * head_dim * dtype_bytes
+
+
+def minicache_pair_bytes(num_kv_heads: int, num_tokens: int, head_dim: int, retain: float, dtype_bytes: int,
+                         group: int) -> int:
+    """Bytes of a merged layer pair of ``num_tokens`` tokens each: whole groups merged
+    (``minicache_record_bytes``), the last ``num_tokens % group`` tokens dense in both layers; the dense bytes of
+    both layers when merging would not be smaller."""
+    per_token = 4 * num_kv_heads * head_dim * dtype_bytes  # K and V of both layers
+    if not minicache_merges(num_kv_heads, head_dim, group, retain, dtype_bytes):
+        return num_tokens * per_token
+    records = sum(minicache_record_bytes(num_kv_heads, head_dim, group, retain, dtype_bytes))
+    return num_tokens // group * records + num_tokens % group * per_token
+
+
+def minicache_layouts(stage: StageSpec, num_kv_heads: int, head_dim: int, tokens: Sequence[int],
+                      full_layers: Sequence[bool], dtype_bytes: int) -> list[tuple[int, int, int] | None]:
+    """``stored_layout`` of every layer under minicache (``tokens[l]`` tokens held per layer): each merged pair's
+    first layer holds the directions, the second the norms and retained tokens, as records of ``group`` tokens;
+    other layers (and pairs that would not shrink) hold plain tokens (None)."""
+    layouts: list[tuple[int, int, int] | None] = [None] * len(tokens)
+    group, retain = stage.get("group"), stage.get("retain")
+    if not minicache_merges(num_kv_heads, head_dim, group, retain, dtype_bytes):
+        return layouts
+    records = minicache_record_bytes(num_kv_heads, head_dim, group, retain, dtype_bytes)
+    for a, b in minicache_pairs(len(tokens), stage.get("start"), full_layers):
+        merged = min(tokens[a], tokens[b]) // group
+        for layer, size in zip((a, b), records):
+            layouts[layer] = (merged * group, merged * size, 0)
+    return layouts
 
 
 def kv_bytes(spec: str | CompressionSpec | None, model_config: ModelConfig, num_tokens: int,
@@ -170,7 +214,7 @@ def kv_bytes(spec: str | CompressionSpec | None, model_config: ModelConfig, num_
         residual tokens, outliers as 2-byte offset + ``b``-byte value);
       - think: keys ``h n_l d' b`` + channel index ``h d' 8`` + values ``h n_l d b`` (``d' < d``; else dense);
       - shadowkv: keys ``r (n_l + h d) b`` when ``r < h d`` (else dense) + values ``h n_l d b``;
-      - minicache: each merged pair ``minicache_pair_bytes``; other layers dense;
+      - minicache: each merged pair ``minicache_pair_bytes`` (whole groups merged); other layers dense;
       - quest adds page bounds ``2 h d b`` per page of ``page`` tokens (last page partial) on every full layer
         from ``dense_layers`` on.
     """
@@ -192,7 +236,7 @@ def kv_bytes(spec: str | CompressionSpec | None, model_config: ModelConfig, num_
                      + h * n * d * dtype_bytes for n in kept]
     elif storage is not None and storage.name == "minicache":
         for a, b in minicache_pairs(num_layers, storage.get("start"), [w is None for w in windows]):
-            per_layer[a] = minicache_pair_bytes(h, kept[a], d, storage.get("retain"), dtype_bytes)
+            per_layer[a] = minicache_pair_bytes(h, kept[a], d, storage.get("retain"), dtype_bytes, storage.get("group"))
             per_layer[b] = 0
     if select is not None:
         page = select.get("page")

@@ -32,7 +32,7 @@ class StreamRead:
     Decode: ``rows`` [R] batch rows, ``pages`` [R, W] stream pages (padded with 0), ``records`` [R] records each,
     ``side`` [R, ...] the format's side tensor per row (ThinK: channels [Hkv, d']; ShadowKV: basis [r, Hkv * D]).
     Prefill chunk: ``rows`` and ``records`` None, ``pages`` [W], every one of ``max_records`` records valid, ``side``
-    unbatched.
+    unbatched. MiniCache: ``partner`` reads the other layer of the pair for the same rows.
     """
 
     fmt: PageQuantFormat
@@ -41,6 +41,7 @@ class StreamRead:
     records: torch.Tensor | None
     max_records: int
     side: torch.Tensor | None = None
+    partner: StreamRead | None = None
 
 
 @dataclass(slots=True)
@@ -157,8 +158,11 @@ def decode_stream(read: StreamRead, kv_pool: torch.Tensor, rope: RotaryEmbedding
     """Dequantize a read's records → keys, values float32 ``[..., n, Hkv, D]`` (decode: ``[R, n, Hkv, D]``; prefill
     chunk: ``[n, Hkv, D]``). Pre-RoPE keys (KVQuant, ShadowKV) are rotated to their positions: stream token ``i`` is at
     position ``i`` (no eviction before a pre-RoPE stage)."""
-    fmt = read.fmt
-    keys, values = fmt.decode(fmt.read(pool_bytes(kv_pool), read.pages, read.max_records), read.side)
+    fmt, pool = read.fmt, pool_bytes(kv_pool)
+    partner = None
+    if read.partner is not None:
+        partner = read.partner.fmt.read(pool, read.partner.pages, read.max_records)
+    keys, values = fmt.decode(fmt.read(pool, read.pages, read.max_records), read.side, partner)
     if fmt.pre_rope:
         keys = rope.rotate(keys, torch.arange(keys.shape[-3], device=keys.device))
     return keys, values

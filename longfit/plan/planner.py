@@ -43,7 +43,6 @@ class KVFootprint:
     paged_bytes: whole pages, at the peak of the request's life so far (what the pool must hold for it).
     read_bytes: what one decode step reads from it (all of it unless the spec reads a subset).
     read_keys: tokens one decode step attends to, summed over layers (for attention FLOPs).
-    paged_estimated: True when the spec module gives no page layout and ``paged_bytes`` is ``exact_bytes``.
     streams: the quantized streams one decode step expands (``cost_model.StreamRead``): their storage format
         (``compression.storage.dequant_format``), the layers holding one, and their K and V elements (``2 · Hkv · D``
         per stream token per layer). The engine expands each stream whole at every step, a cost beyond the bytes
@@ -54,7 +53,6 @@ class KVFootprint:
     paged_bytes: int
     read_bytes: int
     read_keys: int
-    paged_estimated: bool = False
     streams: cm.StreamRead = cm.StreamRead()
 
 
@@ -81,9 +79,8 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
     re-compression (``every``) the footprint is the peak: each layer at most its trigger
     (``compression.spec.decode_budgets``). Paged bytes are exact for the full cache, for evict/select specs (pages
     of ``block_size`` tokens per layer) and for the storage the engine packs into its pages (KIVI, int8, ThinK,
-    KVQuant, ShadowKV: ``compression.storage.stored_layout``, whose exact bytes then follow the engine's per-layer
-    token counts); for minicache, which the engine does not store yet, each layer's share of the exact bytes is
-    rounded up to whole pages and marked estimated.
+    KVQuant, ShadowKV: ``compression.storage.stored_layout``; MiniCache: ``minicache_layouts``), whose exact bytes
+    then follow the engine's per-layer token counts.
     """
     held = kv_tokens_held(num_prompt_tokens, num_output_tokens)
     page = cm.page_bytes(model, block_size, dtype_bytes)
@@ -113,14 +110,14 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
     dense = sum(tokens) * cm.kv_bytes_per_token_per_layer(model, dtype_bytes)
     storage = parsed.stage("merge", "lowrank", "quantize")
     layouts = None
-    if storage is not None:
+    if storage is not None and storage.name == "minicache":
+        layouts = sizes.minicache_layouts(storage, model.num_kv_heads, model.head_dim, tokens,
+                                          [w is None for w in windows], dtype_bytes)
+    elif storage is not None:
         layouts = [sizes.stored_layout(storage, model.num_kv_heads, n, model.head_dim, dtype_bytes)
                    if w is None else None for n, w in zip(tokens, windows)]
-    estimated = storage is not None and not any(layouts)
     dequant = stream_layers = 0
-    if estimated:
-        paged = model.num_layers * -(-exact // (model.num_layers * page)) * page
-    elif layouts is not None and any(layouts):  # records on the first pages, the other tokens after them (engine)
+    if layouts is not None and any(layouts):  # records on the first pages, the other tokens after them (engine)
         per_token = cm.kv_bytes_per_token_per_layer(model, dtype_bytes)
         exact, pages = 0, 0
         for n, w, layout in zip(tokens, windows, layouts):
@@ -144,7 +141,7 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
         skipped = sum(max(0, n - select.get("budget")) for layer, (n, w) in enumerate(zip(tokens, windows))
                       if w is None and layer >= select.get("dense_layers"))
         read = exact - skipped * exact // max(sum(tokens), 1)
-    return KVFootprint(exact, paged, read, sum(tokens) - skipped, paged_estimated=estimated,
+    return KVFootprint(exact, paged, read, sum(tokens) - skipped,
                        streams=cm.StreamRead(sizes.dequant_format(storage), stream_layers, dequant) if dequant
                        else cm.StreamRead())
 
@@ -175,7 +172,6 @@ class SpecPlan:
     kv_bytes_per_request_paged: int  # whole pages, peak over the request's life
     prefill_peak_kv_bytes: int  # the request during its prefill (uncompressed prompt + pages) if larger
     compression_rate: float  # full-cache exact bytes ÷ this spec's exact bytes (EfficientLLM)
-    paged_estimated: bool
     max_users: int  # concurrent requests of this context the KV budget holds
     fits: bool | None  # users ≤ max_users, None when no users were given
     max_context: int  # longest prompt max_context_users requests can each have
@@ -365,10 +361,6 @@ def plan(model: ModelConfig, *, context: int, users: int | None, output_tokens: 
     if hardware.measured and not hardware.has_engine_overheads:
         notes.append(f"hardware {hardware.name!r} has no engine overheads (an older calibration?): decode times are "
                      "lower bounds; rerun `longfit plan --calibrate` for estimates of the engine")
-    estimated = [item.spec for item in plans if item.paged_estimated]
-    if estimated:
-        notes.append(f"{', '.join(estimated)}: the runtime's packing of quantized/low-rank pages is not modelled; "
-                     "their paged bytes (*) are the exact bytes rounded up to whole pages per layer")
     cheapest = None
     if min_retention is not None:
         meeting = [p for p in plans if p.meets_min_retention]
@@ -419,7 +411,7 @@ def _plan_spec(model: ModelConfig, spec: str, context: int, users: int | None, o
         spec=spec, kv_bytes_per_token=steady.exact_bytes / held, kv_bytes_per_request=steady.exact_bytes,
         kv_bytes_per_request_paged=steady.paged_bytes, prefill_peak_kv_bytes=cap.prefill_peak(context, steady),
         compression_rate=full_exact / steady.exact_bytes if steady.exact_bytes else math.inf,
-        paged_estimated=steady.paged_estimated, max_users=max_users,
+        max_users=max_users,
         fits=None if users is None else users <= max_users, max_context=max_context,
         max_context_users=context_users, max_context_limited_by=limited_by,
         prefill_s=prefill.seconds, prefill_bound=prefill.bound, decode_batch1_s=one.seconds,

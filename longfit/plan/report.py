@@ -78,7 +78,7 @@ def _rows(plan: Plan) -> list[tuple[str, Callable[[SpecPlan], str]]]:
         ("KV bytes / token", lambda s: f"{s.kv_bytes_per_token:,.1f}"),
         ("KV / request (exact)", lambda s: format_bytes(s.kv_bytes_per_request)),
         ("KV / request (pages)",
-         lambda s: format_bytes(s.kv_bytes_per_request_paged) + ("*" if s.paged_estimated else "")),
+         lambda s: format_bytes(s.kv_bytes_per_request_paged)),
         ("compression rate", lambda s: f"{s.compression_rate:.2f}x"),
         ("max users", lambda s: f"{s.max_users:,}"),
     ]

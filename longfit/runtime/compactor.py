@@ -3,12 +3,15 @@
 
 For every full-attention layer: read the layer's keys and values from its pages, let each evicting stage of the
 spec pick the positions to keep per KV head (``KeepPlan``), then store the survivors back into the first pages of
-the same table: as they are, or (storage stage: KIVI, int8, ThinK, KVQuant, ShadowKV) as a stream of records
+the same table: as they are, or (storage stage: KIVI, int8, ThinK, KVQuant, ShadowKV, MiniCache) as a stream of records
 followed by the full-precision tail (``runtime.quant_pages``). ``KVCacheManager.apply_compaction`` then returns the
 whole pages left over to the pool. Positions stay logical: kept keys carry their RoPE phase, new tokens are appended
 after the survivors. KVQuant and ShadowKV store keys pre-RoPE: ``_store`` rotates each key back from its position
 (the physical index, since both are refused after eviction) before encoding it; ShadowKV's basis is the SVD of those
-un-rotated prompt keys. Sliding-window layers already hold only their window and are left as they are.
+un-rotated prompt keys. MiniCache stores each merged pair (a, b) together once both layers are read: a's pages get
+the shared directions (as many bytes as the dense tokens), b's the norms and retained tokens, whole groups at a time
+(``_store_pair``); the tail of both layers stays dense until it fills a group. Sliding-window layers already hold
+only their window and are left as they are.
 
 Everything is rewritten in place: a layer is read completely before it is written, and its new layout never needs
 more pages than it had.
@@ -29,14 +32,9 @@ from longfit.compression.spec import parse_spec
 from longfit.models.attention import gather_keys_values
 from longfit.models.layers import RotaryEmbedding
 from longfit.outputs import CompactionResult
-from longfit.runtime.quant_pages import ENGINE_QUANT_METHODS, PageQuantFormat
+from longfit.runtime.quant_pages import PageQuantFormat, encode_pair, minicache_formats
 
-# What the engine applies today. MiniCache (merge) is validated by the spec parser but refused at admission until
-# its paged storage lands.
 _CACHE_DTYPES = {2: "bfloat16", 4: "float32"}  # cache dtype bytes → PageQuantFormat dtype
-ENGINE_METHODS = ("streaming, h2o, snapkv, pyramidkv, tova, knorm, duo_attention (eviction); "
-                  + ", ".join(ENGINE_QUANT_METHODS) + " (compressed pages; kvquant and shadowkv without eviction); "
-                  "quest (page selection)")
 
 
 @functools.lru_cache(maxsize=256)
@@ -46,14 +44,8 @@ def validate_engine_spec(text: str, block_size: int | None = None, head_dim: int
     ``block_size`` tokens, ``num_kv_heads`` heads of ``head_dim`` channels and a cache dtype of ``dtype_bytes``, when
     given)."""
     spec = parse_spec(text)
-    unsupported = [policy for policy in build_policy(spec)
-                   if policy.kind != "evict" and policy.name not in ENGINE_QUANT_METHODS + ("quest",)]
-    if unsupported:
-        names = ", ".join(sorted({type(p).__name__ for p in unsupported}))
-        raise ValueError(f"kv_compression {text!r}: {names} are not applied inside the engine yet; "
-                         f"the engine applies {ENGINE_METHODS}")
-    quant = spec.stage("quantize")
-    flush_unit = {"kivi": "residual", "kvquant": "group"}.get(quant.name) if quant is not None else None
+    quant = spec.stage("quantize", "merge")
+    flush_unit = {"kivi": "residual", "kvquant": "group", "minicache": "group"}.get(quant.name) if quant else None
     if flush_unit and block_size and quant.get(flush_unit) % block_size:
         raise ValueError(f"kv_compression {text!r}: {quant.name}:{flush_unit} must be a multiple of the KV block "
                          f"size {block_size} (the full-precision tail is flushed in whole pages)")
@@ -76,7 +68,8 @@ def validate_engine_spec(text: str, block_size: int | None = None, head_dim: int
                          f"{num_kv_heads} KV head(s) and {fmt.record_tokens} tokens, more than their {dense} bytes in "
                          f"the cache dtype; "
                          f"{hint}")
-    if evict is not None and evict.as_dict().get("every") and spec.stage("select", "quantize", "lowrank") is not None:
+    if evict is not None and evict.as_dict().get("every") and spec.stage("select", "quantize", "lowrank",
+                                                                          "merge") is not None:
         raise ValueError(f"kv_compression {text!r}: {evict.name}:every (decode-time re-compression) does not combine "
                          "with a storage or page-selection stage in the engine yet")
     select = spec.stage("select")
@@ -100,6 +93,7 @@ class Compactor:
         self.layer_windows = layer_windows
         self.attention_scale = attention_scale
         self._policies: dict[str, list] = {}
+        self._formats: dict[str, tuple[PageQuantFormat | None, ...] | None] = {}
 
     def policies(self, spec: str) -> list:
         if spec not in self._policies:
@@ -116,13 +110,22 @@ class Compactor:
         """The spec's decode-time page selection policy (Quest), or None."""
         return next((p for p in self.policies(spec) if p.kind == "select"), None)
 
-    def quant_format(self, spec: str) -> PageQuantFormat | None:
-        """The record format of the spec's storage stage (quantize, or ThinK), None when it stores plain tokens."""
-        stage = parse_spec(spec).stage("quantize", "lowrank")
-        if stage is None:
-            return None
-        dtype = "bfloat16" if self.kv_pool.dtype == torch.bfloat16 else "float32"
-        return PageQuantFormat.from_stage(stage, self.kv_pool.shape[3], self.kv_pool.shape[4], dtype)
+    def layer_formats(self, spec: str) -> tuple[PageQuantFormat | None, ...] | None:
+        """Per layer, the record format of the spec's storage stage (quantize, ThinK, ShadowKV: one format on every
+        full layer; MiniCache: each merged pair's two formats), None when no layer stores records."""
+        if spec not in self._formats:
+            stage = parse_spec(spec).stage("quantize", "lowrank", "merge")
+            dtype = "bfloat16" if self.kv_pool.dtype == torch.bfloat16 else "float32"
+            heads, dim = self.kv_pool.shape[3], self.kv_pool.shape[4]
+            full = [window is None for window in self.layer_windows]
+            formats: list[PageQuantFormat | None] = [None] * len(full)
+            if stage is not None and stage.name == "minicache":
+                formats = minicache_formats(stage, full, heads, dim, dtype)
+            elif stage is not None:
+                fmt = PageQuantFormat.from_stage(stage, heads, dim, dtype)
+                formats = [fmt if f else None for f in full]
+            self._formats[spec] = tuple(formats) if any(formats) else None
+        return self._formats[spec]
 
     # ------------------------------------------------------------------ prefill-end compression
     def compact(self, request_id: str, spec: str, tables: np.ndarray, num_tokens: int,
@@ -135,21 +138,20 @@ class Compactor:
             side: filled with each layer's side tensor, which later flushes and reads need: ThinK's key channels
                 kept [Hkv, d'], ShadowKV's key basis [r, Hkv * D] (cache dtype).
         Returns:
-            tokens kept per layer (physical) and, when quantizing, the stream layout; the manager frees the
+            tokens kept per layer (physical) and, when storing records, the stream layout; the manager frees the
             pages beyond them.
         """
         evictors = [p for p in self.policies(spec) if p.kind == "evict"]
         pruner = next((p for p in self.policies(spec) if p.name == "think"), None)
-        fmt = self.quant_format(spec)
+        formats = self.layer_formats(spec)
         side = side if side is not None else {}
         num_layers = len(self.layer_windows)
         kept_counts, q_tokens, q_pages, q_bytes = [], [0] * num_layers, [0] * num_layers, [0] * num_layers
+        first_of_pair: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # MiniCache: layer a's KV
         bs = self.block_size
         for layer, window in enumerate(self.layer_windows):
-            if window is not None:
-                kept_counts.append(num_tokens)
-                continue
-            if not evictors and fmt is None:  # page selection only: nothing to rewrite
+            fmt = formats[layer] if formats is not None else None
+            if window is not None or not evictors and formats is None:  # sliding, or page selection only
                 kept_counts.append(num_tokens)
                 continue
             pages = torch.from_numpy(tables[layer, :-(-num_tokens // bs)]).to(self.kv_pool.device)
@@ -163,7 +165,19 @@ class Compactor:
                     keys, values = plan.gather(keys), plan.gather(values)  # [Hkv, K, D]
             kept = keys.shape[1]
             kept_counts.append(kept)
-            if fmt is not None:
+            if fmt is not None and fmt.method == "minicache":
+                if fmt.role == 0:  # stored with its partner, once that layer is read
+                    first_of_pair[layer] = (pages, keys.transpose(0, 1), values.transpose(0, 1))
+                    continue
+                a = fmt.partner
+                pages_a, keys_a, values_a = first_of_pair.pop(a)
+                merged = self._store_pair(fmt, pages_a, pages, 0, keys_a, values_a, keys.transpose(0, 1),
+                                          values.transpose(0, 1))
+                for other in (a, layer):
+                    q_tokens[other] = merged
+                    q_bytes[other] = self._formats_at(formats, other).stream_bytes(merged)
+                    q_pages[other] = self._stream_pages(self._formats_at(formats, other), merged)
+            elif fmt is not None:
                 if fmt.method == "think":
                     side[layer] = pruner.prune(keys, layer_queries).channels  # [Hkv, d']
                 elif fmt.method == "shadowkv":  # SVD of the prompt's pre-RoPE keys (no eviction: position = index)
@@ -176,9 +190,15 @@ class Compactor:
                 q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
             elif kept < num_tokens:
                 self._write_tokens(pages, 0, keys.transpose(0, 1), values.transpose(0, 1))
-        if fmt is None:
+        if formats is None:
             return CompactionResult(request_id=request_id, num_kept_tokens=kept_counts)
         return CompactionResult(request_id, kept_counts, q_tokens, q_pages, q_bytes)
+
+    @staticmethod
+    def _formats_at(formats: tuple[PageQuantFormat | None, ...], layer: int) -> PageQuantFormat:
+        fmt = formats[layer]
+        assert fmt is not None
+        return fmt
 
     # ------------------------------------------------------------------ decode-time re-compression
     def recompact(self, request_id: str, spec: str, tables: np.ndarray, num_cached: list[int],
@@ -206,26 +226,37 @@ class Compactor:
         return CompactionResult(request_id=request_id, num_kept_tokens=kept_counts)
 
     # ------------------------------------------------------------------ decode-time flush of quantized tails
-    def flush(self, request_id: str, fmt: PageQuantFormat, tables: np.ndarray, num_cached: list[int],
-              quant_tokens: np.ndarray, quant_pages: np.ndarray, quant_bytes: np.ndarray,
+    def flush(self, request_id: str, formats: tuple[PageQuantFormat | None, ...], tables: np.ndarray,
+              num_cached: list[int], quant_tokens: np.ndarray, quant_pages: np.ndarray, quant_bytes: np.ndarray,
               side: dict[int, torch.Tensor]) -> CompactionResult | None:
-        """Quantize whole flush units of every full layer's tail (``num_cached[l] - quant_tokens[l]`` tokens);
-        None when no layer's tail has reached ``fmt.flush_tokens``."""
-        bs = self.block_size
+        """Store whole flush units of the tails (``num_cached[l] - quant_tokens[l]`` tokens) of every layer with a
+        format (a MiniCache pair: both layers at once, their tails are equal); None when no tail has reached its
+        format's ``flush_tokens``."""
         tails = [n - int(q) for n, q in zip(num_cached, quant_tokens)]
-        todo = [layer for layer, window in enumerate(self.layer_windows)
-                if window is None and fmt.quantizable(tails[layer]) > 0]
+        todo = [layer for layer, fmt in enumerate(formats)
+                if fmt is not None and fmt.role == 0 and fmt.quantizable(tails[layer]) > 0]
         if not todo:
             return None
         q_tokens, q_pages, q_bytes = quant_tokens.tolist(), quant_pages.tolist(), quant_bytes.tolist()
         for layer in todo:
-            used = q_pages[layer] + -(-tails[layer] // bs)
-            pages = torch.from_numpy(tables[layer, :used]).to(self.kv_pool.device)
-            keys, values = gather_keys_values(self.kv_pool, pages[q_pages[layer]:])  # [tail pages * bs, Hkv, D]
-            q_tokens[layer] += self._store(fmt, layer, pages, q_tokens[layer], keys[:tails[layer]],
-                                           values[:tails[layer]], side.get(layer))
-            q_bytes[layer] = fmt.stream_bytes(q_tokens[layer]) + fmt.side_bytes
-            q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
+            fmt = self._formats_at(formats, layer)
+            layers = [layer] if fmt.partner is None else list(fmt.pair)
+            pages, tail = [], []
+            for one in layers:
+                used = q_pages[one] + -(-tails[one] // self.block_size)
+                pages.append(torch.from_numpy(tables[one, :used]).to(self.kv_pool.device))
+                keys, values = gather_keys_values(self.kv_pool, pages[-1][q_pages[one]:])  # [tail pages * bs, Hkv, D]
+                tail += [keys[:tails[one]], values[:tails[one]]]
+            if fmt.partner is None:
+                q_tokens[layer] += self._store(fmt, layer, pages[0], q_tokens[layer], *tail, side.get(layer))
+            else:
+                added = self._store_pair(fmt, pages[0], pages[1], q_tokens[layer], *tail)
+                q_tokens[layers[1]] += added
+                q_tokens[layer] += added
+            for one in layers:
+                one_fmt = self._formats_at(formats, one)
+                q_bytes[one] = one_fmt.stream_bytes(q_tokens[one]) + one_fmt.side_bytes
+                q_pages[one] = self._stream_pages(one_fmt, q_tokens[one])
         return CompactionResult(request_id, list(num_cached), q_tokens, q_pages, q_bytes)
 
     # ------------------------------------------------------------------ storage
@@ -252,6 +283,23 @@ class Compactor:
             tail_start = self._stream_pages(fmt, stream_tokens + quantized)
             self._write_tokens(pages[tail_start:], 0, keys[quantized:], values[quantized:])
         return quantized
+
+    def _store_pair(self, fmt: PageQuantFormat, pages_a: torch.Tensor, pages_b: torch.Tensor, stream_tokens: int,
+                    keys_a: torch.Tensor, values_a: torch.Tensor, keys_b: torch.Tensor, values_b: torch.Tensor) -> int:
+        """MiniCache: merge the whole groups of a pair's ``[T, Hkv, D]`` K and V (both layers hold
+        ``stream_tokens`` merged tokens on ``pages_a`` / ``pages_b`` already), append the two layers' records and
+        write the rest after each stream in the cache dtype; returns the tokens merged."""
+        merged = fmt.quantizable(keys_a.shape[0])
+        a, b = (replace(fmt, role=role) for role in (0, 1))
+        if merged:
+            records = encode_pair(fmt, keys_a[:merged], values_a[:merged], keys_b[:merged], values_b[:merged])
+            for one, pages, rec in zip((a, b), (pages_a, pages_b), records):
+                one.write(self.pool_bytes, pages, stream_tokens // fmt.record_tokens, rec)
+        if merged < keys_a.shape[0]:
+            for one, pages, keys, values in zip((a, b), (pages_a, pages_b), (keys_a, keys_b), (values_a, values_b)):
+                tail_start = self._stream_pages(one, stream_tokens + merged)
+                self._write_tokens(pages[tail_start:], 0, keys[merged:], values[merged:])
+        return merged
 
     def _write_tokens(self, pages: torch.Tensor, first_slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``keys, values: [T, Hkv, D]`` to slots ``first_slot ...`` of ``pages`` (cache dtype)."""

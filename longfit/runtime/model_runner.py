@@ -33,7 +33,7 @@ from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_lo
 class RequestState:
     """Runner-side state of a running request: page tables mirror [L, max_pages] and its generator."""
 
-    __slots__ = ("tables", "num_pages", "generator", "queries", "quant", "quant_tokens", "quant_pages", "quant_bytes",
+    __slots__ = ("tables", "num_pages", "generator", "queries", "formats", "quant_tokens", "quant_pages", "quant_bytes",
                  "side", "quest", "evict_spec", "budgets", "recent")
 
     def __init__(self, num_layers: int, max_pages: int, seed: int | None) -> None:
@@ -42,8 +42,9 @@ class RequestState:
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         # layer → post-RoPE queries [Hq, w, D] of the prompt's last tokens, gathered over chunks (compression)
         self.queries: dict[int, list[torch.Tensor]] = {}
-        # Quantized storage once compressed: per layer, the first quant_pages pages hold quant_tokens tokens.
-        self.quant: PageQuantFormat | None = None
+        # Records once compressed: per layer its format (None: plain tokens), and the first quant_pages pages hold
+        # quant_tokens tokens as records.
+        self.formats: tuple[PageQuantFormat | None, ...] | None = None
         self.quant_tokens = np.zeros(num_layers, dtype=np.int64)
         self.quant_pages = np.zeros(num_layers, dtype=np.int64)
         self.quant_bytes = np.zeros(num_layers, dtype=np.int64)
@@ -107,7 +108,7 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in scheduler_output.finished_request_ids:
             state = self.states.pop(request_id, None)
-            if state is not None and state.quant is not None:
+            if state is not None and state.formats is not None:
                 self._clear_streams(state)
         result = ModelRunnerOutput(sampled_token_ids={})
         if not scheduler_output.scheduled:
@@ -150,7 +151,7 @@ class ModelRunner:
             elif self.states[item.request_id].quest is not None:
                 before = np.asarray(item.num_cached_tokens)
                 self._update_bounds(self.states[item.request_id], before, before + len(item.token_ids))
-            elif self.states[item.request_id].quant is not None:
+            elif self.states[item.request_id].formats is not None:
                 flushed = self._flush(item)
                 if flushed is not None:
                     result.compactions.append(flushed)
@@ -214,7 +215,6 @@ class ModelRunner:
         tables = np.stack([st.tables for st in states], axis=1)  # [L, Bd, maxP]
         q_tokens = np.stack([st.quant_tokens for st in states], axis=1)  # [L, Bd]
         q_pages = np.stack([st.quant_pages for st in states], axis=1)
-        formats = [st.quant for st in states]
         meta.decode_block_tables, meta.decode_first_key, meta.decode_seq_lens = [], [], []
         # Layers with equal first keys (lengths) share one tensor: decode attention builds its mask once for them.
         shared: dict[tuple[str, bytes], torch.Tensor] = {}
@@ -235,8 +235,7 @@ class ModelRunner:
             else:
                 if q_tokens[layer].any():
                     lens = lens - q_tokens[layer]  # the tail: tokens after the stream
-                    meta.decode_quant[layer] = self._stream_reads(formats, tables[layer], q_tokens[layer],
-                                                                  q_pages[layer], states, layer)
+                    meta.decode_quant[layer] = self._stream_reads(states, tables, q_tokens, q_pages, layer)
                 width = int(-(-lens.max() // bs))
             start = first_page + (q_pages[layer] if window is None else 0)
             span = start[:, None] + np.arange(width)
@@ -271,21 +270,41 @@ class ModelRunner:
             selected[rows] = True
         return selects, selected
 
-    def _stream_reads(self, formats: list[PageQuantFormat | None], tables: np.ndarray, q_tokens: np.ndarray,
-                      q_pages: np.ndarray, states: list[RequestState], layer: int) -> list[StreamRead]:
-        """One read per quantization format in the batch: its rows' stream pages (padded with page 0) and
-        record counts. tables: [Bd, maxP]; q_tokens, q_pages: [Bd]."""
+    def _stream_reads(self, states: list[RequestState], tables: np.ndarray, q_tokens: np.ndarray,
+                      q_pages: np.ndarray, layer: int) -> list[StreamRead]:
+        """One read of ``layer`` per record format in the batch: its rows' stream pages (padded with page 0) and
+        record counts, and for a MiniCache pair the same rows' read of the partner layer. tables: [L, Bd, maxP];
+        q_tokens, q_pages: [L, Bd]."""
+        formats = [st.formats[layer] if st.formats is not None else None for st in states]
         reads = []
-        for fmt in {f for f, n in zip(formats, q_tokens) if n and f is not None}:
-            rows = np.asarray([r for r, f in enumerate(formats) if f == fmt and q_tokens[r]])
-            width = int(q_pages[rows].max())
-            pages = np.where(np.arange(width) < q_pages[rows, None], tables[rows, :width], 0)
-            records = q_tokens[rows] // fmt.record_tokens
-            side = torch.stack([states[r].side[layer] for r in rows]) if fmt.has_side else None
-            reads.append(StreamRead(fmt, torch.from_numpy(rows).to(self.device),
-                                    torch.from_numpy(np.ascontiguousarray(pages)).to(self.device),
-                                    torch.from_numpy(records).to(self.device), int(records.max()), side))
+        for fmt in {f for f, n in zip(formats, q_tokens[layer]) if n and f is not None}:
+            rows = np.asarray([r for r, f in enumerate(formats) if f == fmt and q_tokens[layer, r]])
+            reads.append(self._decode_read(fmt, rows, states, tables, q_tokens, q_pages, layer))
+            if fmt.partner is not None:
+                reads[-1].partner = self._decode_read(states[rows[0]].formats[fmt.partner], rows, states, tables,
+                                                      q_tokens, q_pages, fmt.partner)
         return reads
+
+    def _decode_read(self, fmt: PageQuantFormat, rows: np.ndarray, states: list[RequestState], tables: np.ndarray,
+                     q_tokens: np.ndarray, q_pages: np.ndarray, layer: int) -> StreamRead:
+        width = int(q_pages[layer, rows].max())
+        pages = np.where(np.arange(width) < q_pages[layer, rows, None], tables[layer, rows, :width], 0)
+        records = q_tokens[layer, rows] // fmt.record_tokens
+        side = torch.stack([states[r].side[layer] for r in rows]) if fmt.has_side else None
+        return StreamRead(fmt, torch.from_numpy(rows).to(self.device),
+                          torch.from_numpy(np.ascontiguousarray(pages)).to(self.device),
+                          torch.from_numpy(records).to(self.device), int(records.max()), side)
+
+    def _chunk_read(self, state: RequestState, layer: int, with_partner: bool = True) -> StreamRead:
+        """A prefill chunk's read of one layer's stream (and of its MiniCache partner's)."""
+        fmt = state.formats[layer]
+        assert fmt is not None
+        pages = torch.from_numpy(state.tables[layer, :state.quant_pages[layer]]).to(self.device)
+        read = StreamRead(fmt, None, pages, None, int(state.quant_tokens[layer]) // fmt.record_tokens,
+                          state.side.get(layer))
+        if fmt.partner is not None and with_partner:
+            read.partner = self._chunk_read(state, fmt.partner, with_partner=False)
+        return read
 
     def _chunk_metadata(self, item: ScheduledRequest, start: int) -> ChunkMeta:
         n = len(item.token_ids)
@@ -301,10 +320,8 @@ class ModelRunner:
         elif state.recent is not None:  # after compression, for decode-time re-compression
             window = min(n, state.recent.size)
         quant = None
-        if state.quant is not None and state.quant_tokens.any():
-            quant = [None if not q else StreamRead(state.quant, None, torch.from_numpy(state.tables[layer, :p]).to(
-                         self.device), None, int(q) // state.quant.record_tokens, state.side.get(layer))
-                     for layer, (q, p) in enumerate(zip(state.quant_tokens, state.quant_pages))]
+        if state.formats is not None and state.quant_tokens.any():
+            quant = [self._chunk_read(state, layer) if q else None for layer, q in enumerate(state.quant_tokens)]
         return ChunkMeta(start=start, end=start + n, num_cached=list(item.num_cached_tokens),
                          block_table=torch.from_numpy(np.ascontiguousarray(table)).to(self.device),
                          capture_window=window, quant=quant)
@@ -321,7 +338,7 @@ class ModelRunner:
         state.queries.clear()
         result = self.compactor.compact(item.request_id, item.kv_compression, state.tables, item.compress_at,
                                         queries, state.side)
-        state.quant = self.compactor.quant_format(item.kv_compression)
+        state.formats = self.compactor.layer_formats(item.kv_compression)
         self._follow(state, result)
         budgets = decode_budgets(item.kv_compression, len(self.windows), item.compress_at, layer_windows=self.windows)
         if any(budgets):
@@ -391,7 +408,7 @@ class ModelRunner:
         """Quantize the full-precision tails that reached a flush unit after this step's tokens were written."""
         state = self.states[item.request_id]
         num_cached = [n + len(item.token_ids) for n in item.num_cached_tokens]
-        result = self.compactor.flush(item.request_id, state.quant, state.tables, num_cached, state.quant_tokens,
+        result = self.compactor.flush(item.request_id, state.formats, state.tables, num_cached, state.quant_tokens,
                                       state.quant_pages, state.quant_bytes, state.side)
         if result is not None:
             self._follow(state, result)

@@ -39,6 +39,13 @@ ShadowKV record (1 token): the key's ``r`` coefficients [r] and the values [Hkv,
 key is ``coefficients @ basis`` pre-RoPE (rotated like KVQuant's); the basis ``[r, Hkv * D]`` (cache dtype,
 orthonormal rows: the top-``r`` right singular vectors of the layer's pre-RoPE prompt keys) is chosen once at
 prefill and held by the runner, like ThinK's channel index. Tokens stored later are projected onto that basis.
+MiniCache (``G`` tokens per record, the group; the flush unit too) stores a merged layer pair (a, b) across both
+layers' pages, each layer its own stream, read together (``decode``'s ``partner``):
+    layer a record: key directions, value directions   cache dtype [2, G, Hkv, D]  (as many bytes as G dense tokens)
+    layer b record: norms       cache dtype [4, G, Hkv]   (||k_a||, ||k_b||, ||v_a||, ||v_b||)
+                    offsets     int16 [R, Hkv]            (R = floor(retain * G) retained tokens per head, in the group)
+                    exact       cache dtype [4, R, Hkv, D] (k_a, k_b, v_a, v_b of those tokens)
+  A layer's keys are direction * its norm, with the retained tokens exact (``compression.merging``).
 A format's per-layer side tensor (ThinK's channels, ShadowKV's basis) is its ``side`` argument below.
 The byte counts equal ``compression.storage.kv_bytes`` exactly (the planner's numbers).
 """
@@ -58,16 +65,21 @@ from longfit.compression.kv_quant import (
     quantize_values_per_token,
     unpack_bits,
 )
+from longfit.compression.merging import merge_layers
 from longfit.compression.spec import INDEX_BYTES, OUTLIER_INDEX_BYTES, StageSpec
 from longfit.compression.storage import (
     kvquant_outliers,
     kvquant_split,
+    minicache_merges,
+    minicache_pairs,
+    minicache_record_bytes,
+    minicache_retained,
     shadowkv_factorizes,
     think_channels_kept,
     value_group,
 )
 
-ENGINE_QUANT_METHODS = ("kivi", "int8", "think", "kvquant", "shadowkv")
+ENGINE_QUANT_METHODS = ("kivi", "int8", "think", "kvquant", "shadowkv", "minicache")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -128,6 +140,8 @@ class PageQuantFormat:
         dtype: the cache dtype (ThinK stores keys and values in it, KVQuant its outliers).
         outliers: fraction of values KVQuant keeps exact (a fixed count per record, ``spec.kvquant_outliers``).
         rank: ShadowKV's key rank r (< Hkv * D).
+        retain, pair, role: MiniCache's retained fraction per group, the merged layers (a, b) and this layer's index
+            in them (0: a, the directions; 1: b, the norms and retained tokens).
     """
 
     method: str
@@ -141,6 +155,9 @@ class PageQuantFormat:
     dtype: str = "bfloat16"
     outliers: float = 0.0
     rank: int = 0
+    retain: float = 0.0
+    pair: tuple[int, int] = (0, 0)
+    role: int = 0
 
     @staticmethod
     def from_stage(stage: StageSpec, num_kv_heads: int, head_dim: int,
@@ -214,7 +231,16 @@ class PageQuantFormat:
 
     @property
     def record_bytes(self) -> int:
+        if self.method == "minicache":
+            width = _DTYPES[self.dtype].itemsize
+            return minicache_record_bytes(self.num_kv_heads, self.head_dim, self.record_tokens, self.retain,
+                                          width)[self.role]
         return sum(self._field_bytes)
+
+    @property
+    def partner(self) -> int | None:
+        """The other layer of a MiniCache pair, whose stream ``decode`` also reads; None for other formats."""
+        return self.pair[1 - self.role] if self.method == "minicache" else None
 
     def stream_bytes(self, num_tokens: int) -> int:
         """Bytes of ``num_tokens`` quantized tokens (a multiple of ``record_tokens``)."""
@@ -268,11 +294,15 @@ class PageQuantFormat:
         scales = [p.contiguous().view(torch.uint8) for p in parts]
         return torch.cat(scales + codes, dim=1)
 
-    def decode(self, records: Tensor, side: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def decode(self, records: Tensor, side: Tensor | None = None,
+               partner: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``records: uint8 [..., n, record_bytes]`` → keys, values float32 ``[..., n * G, Hkv, D]``.
         ThinK: ``side: [..., Hkv, d']`` the channels; pruned key channels come back as zeros (``q · k`` is
         unchanged). ShadowKV: ``side: [..., r, Hkv * D]`` the basis. KVQuant, ShadowKV: the keys come back pre-RoPE
-        (``pre_rope``)."""
+        (``pre_rope``). MiniCache: ``partner`` the other layer's records of the same groups."""
+        if self.method == "minicache":
+            assert partner is not None
+            return self._decode_merged(*((records, partner) if self.role == 0 else (partner, records)))
         lead, n = records.shape[:-2], records.shape[-2]
         h, d, g = self.num_kv_heads, self.head_dim, self.record_tokens
         ks_b, vs_b, kc_b, vc_b, ko_b, _ = self._field_bytes
@@ -320,6 +350,28 @@ class PageQuantFormat:
             values = _restore_outliers(values, records[..., o5:], value_outliers, dtype)
         return keys.reshape(*lead, n * g, h, d), values.reshape(*lead, n * g, h, d)
 
+    def _decode_merged(self, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+        """MiniCache: this layer's keys and values float32 ``[..., n * G, Hkv, D]`` from the pair's records
+        ``first: [..., n, a bytes]`` (directions) and ``second: [..., n, b bytes]`` (norms, retained tokens)."""
+        lead, n = first.shape[:-2], first.shape[-2]
+        h, d, g = self.num_kv_heads, self.head_dim, self.record_tokens
+        r = minicache_retained(g, self.retain)
+        dtype = _DTYPES[self.dtype]
+        width = dtype.itemsize
+        directions = _view(first, dtype).reshape(*lead, n, 2, g, h, d).float()
+        o1, o2 = 4 * g * h * width, 4 * g * h * width + 2 * r * h
+        norms = _view(second[..., :o1], dtype).reshape(*lead, n, 4, g, h, 1).float()
+        out = []
+        for kind in (0, 1):  # keys, values: direction * this layer's norm, then the retained tokens exact
+            rebuilt = directions[..., kind, :, :, :] * norms[..., 2 * kind + self.role, :, :, :]  # [..., n, G, Hkv, D]
+            if r:
+                # offsets are clamped to the group: padding records (masked later) hold stale bytes
+                offsets = _view(second[..., o1:o2], torch.int16).reshape(*lead, n, r, h, 1).long().clamp_(0, g - 1)
+                exact = _view(second[..., o2:], dtype).reshape(*lead, n, 4, r, h, d)[..., 2 * kind + self.role, :, :, :]
+                rebuilt = rebuilt.scatter_(-3, offsets.expand(*lead, n, r, h, d), exact.float())
+            out.append(rebuilt.reshape(*lead, n * g, h, d))
+        return out[0], out[1]
+
     def kivi_operands(self, records: Tensor) -> tuple[Tensor, ...]:
         """KIVI ``records: uint8 [B, n, record_bytes]`` → the affine parts ``models.quant_decode`` multiplies, fp32:
         key scale, zero ``[B, n, Hkv, D]`` (per record and channel), key codes ``[B, n, Hkv, G, D]``, value scale,
@@ -357,3 +409,38 @@ class PageQuantFormat:
         offsets = torch.arange(start, start + records.numel(), device=pool_bytes.device)
         rows = pages[offsets // page_bytes] * page_bytes + offsets % page_bytes
         pool_bytes.view(-1).index_copy_(0, rows, records.reshape(-1))
+
+
+def minicache_formats(stage: StageSpec, full_layers: list[bool], num_kv_heads: int, head_dim: int,
+                      dtype: str = "bfloat16") -> list[PageQuantFormat | None]:
+    """Per layer: the MiniCache record format of each merged pair's two layers, None elsewhere (and everywhere
+    when the spec's groups would not shrink: the pairs stay unmerged)."""
+    formats: list[PageQuantFormat | None] = [None] * len(full_layers)
+    group, retain = stage.get("group"), stage.get("retain")
+    if not minicache_merges(num_kv_heads, head_dim, group, retain, _DTYPES[dtype].itemsize):
+        return formats
+    bits = 8 * _DTYPES[dtype].itemsize
+    for pair in minicache_pairs(len(full_layers), stage.get("start"), full_layers):
+        for role in (0, 1):
+            formats[pair[role]] = PageQuantFormat("minicache", bits, group, group, num_kv_heads, head_dim,
+                                                  dtype=dtype, retain=retain, pair=pair, role=role)
+    return formats
+
+
+def encode_pair(fmt: PageQuantFormat, keys_a: Tensor, values_a: Tensor, keys_b: Tensor,
+                values_b: Tensor) -> tuple[Tensor, Tensor]:
+    """MiniCache: ``[T, Hkv, D]`` K and V of a pair's two layers (T a multiple of the group) → their records
+    ``uint8 [T / G, a bytes]`` and ``uint8 [T / G, b bytes]`` (``compression.merging.merge_layers``)."""
+    num_tokens, h, d = keys_a.shape
+    n, g, dtype = num_tokens // fmt.record_tokens, fmt.record_tokens, _DTYPES[fmt.dtype]
+    merged = merge_layers(*(x.transpose(0, 1).to(dtype) for x in (keys_a, values_a, keys_b, values_b)), fmt.retain, g)
+    assert merged is not None  # minicache_formats only makes formats whose groups shrink
+    directions = torch.stack([merged.key_direction, merged.value_direction])  # [2, Hkv, T, D]
+    directions = directions.view(2, h, n, g, d).permute(2, 0, 3, 1, 4)  # [n, 2, G, Hkv, D]
+    norms = torch.cat([merged.key_norms, merged.value_norms]).view(4, h, n, g).permute(2, 0, 3, 1)  # [n, 4, G, Hkv]
+    offsets = merged.retained.permute(1, 2, 0)  # [n, R, Hkv]
+    exact = torch.cat([merged.retained_keys, merged.retained_values]).permute(2, 0, 3, 1, 4)  # [n, 4, R, Hkv, D]
+    first = directions.contiguous().view(torch.uint8).reshape(n, -1)
+    second = torch.cat([t.contiguous().view(torch.uint8).reshape(n, -1) for t in (norms, offsets, exact)
+                        if t.numel()], dim=1)  # (r = 0: no retained fields)
+    return first, second

@@ -13,7 +13,7 @@ from longfit.eval import agreement, report
 from longfit.eval.harness import FULL, EvalOptions, ResultStore, canonical_specs, evaluate
 from longfit.outputs import Logprob
 
-SPECS = ("snapkv:keep=0.5", "streaming:sinks=4,window=64", "snapkv:keep=1.0", "minicache")
+SPECS = ("snapkv:keep=0.5", "streaming:sinks=4,window=64", "snapkv:keep=1.0", "snapkv:keep=0.5+kvquant")
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +48,11 @@ def test_end_to_end_writes_files_and_resumes(llm, tmp_path):
     assert len(ok) == 4 * 2 * 2 and all(0.0 <= r["score"] <= 1.0 and "prediction" in r for r in ok)
     assert all(r["prompt_tokens"] + 6 <= 640 + 32 for r in ok)
 
-    # The merging spec is recorded as unsupported (with the engine's message), not crashed on.
-    lowrank = [r for r in data["records"] if r["spec"] == "minicache"]
-    assert lowrank and all(r["status"] == "unsupported" and "not applied" in r["message"] for r in lowrank)
-    assert {r["kind"] for r in lowrank} == {"task", "perplexity", "agreement"}
+    # A spec the engine refuses (pre-RoPE kvquant after eviction) is recorded as unsupported with the engine's
+    # message, not crashed on.
+    refused = [r for r in data["records"] if r["spec"] == "snapkv:keep=0.5+kvquant"]
+    assert refused and all(r["status"] == "unsupported" and "does not combine" in r["message"] for r in refused)
+    assert {r["kind"] for r in refused} == {"task", "perplexity", "agreement"}
 
     # KV bytes: exact spec formula; snapkv keep=0.5 stores half the context (rounded per layer).
     half = [r for r in ok if r["spec"] == "snapkv:keep=0.5"]

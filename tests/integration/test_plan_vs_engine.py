@@ -48,10 +48,13 @@ def test_planned_bytes_equal_engine_bytes(model, spec):
 @pytest.mark.parametrize("spec", ["kivi:bits=2,group=8,residual=16", "kivi:bits=4,group=8,residual=32", "int8",
                                   "think:channels=0.5", "snapkv:keep=0.25+kivi:bits=2,group=8,residual=16",
                                   "knorm:keep=0.5+int8", "kvquant:bits=4,group=8",
-                                  "kvquant:bits=2,group=16,outliers=0.05", "shadowkv:rank=8"])
+                                  "kvquant:bits=2,group=16,outliers=0.05", "shadowkv:rank=8",
+                                  "minicache:start=0,retain=0.25,group=8",
+                                  "streaming:sinks=4,window=100+minicache:start=0,retain=0.125,group=16"])
 def test_planned_bytes_equal_engine_bytes_for_packed_pages(model, spec):
-    """Quantized / channel-pruned / low-rank records packed into pages (KVQuant: with its fixed count of outliers
-    per record): pages held and exact bytes both equal the plan."""
+    """Quantized / channel-pruned / low-rank / merged records packed into pages (KVQuant: with its fixed count of
+    outliers per record; MiniCache: across a layer pair; tiny-gemma3 has no two adjacent full layers, so nothing
+    merges there): pages held and exact bytes both equal the plan."""
     llm = make_tiny_llm(model)
     prompt = list(range(3, 203))
     for output_tokens in (1, 30):  # the prompt as compressed; then with decode-time flushes of the tail
@@ -60,11 +63,9 @@ def test_planned_bytes_equal_engine_bytes_for_packed_pages(model, spec):
         measured = _peak_request_bytes(llm, prompt, params, spec, stored)
         planned = kv_footprint(llm.engine.model_config, spec, len(prompt), output_tokens,
                                block_size=llm.engine.kv_spec.block_size, dtype_bytes=llm.engine.kv_spec.dtype_bytes)
-        assert not planned.paged_estimated
         # ThinK's channel index, ShadowKV's basis: held beside the pages, once per full-attention layer
-        config = llm.engine.model_config
-        full_layers = sum(config.layer_window(layer) is None for layer in range(config.num_layers))
-        side = llm.engine.runner.compactor.quant_format(spec).side_bytes * full_layers
+        formats = llm.engine.runner.compactor.layer_formats(spec) or ()
+        side = sum(fmt.side_bytes for fmt in formats if fmt is not None)
         assert (measured + side, stored[0]) == (planned.paged_bytes, planned.exact_bytes), output_tokens
 
 
@@ -77,7 +78,7 @@ def test_planned_bytes_equal_engine_bytes_smollm2():
     except ValueError as error:
         pytest.skip(str(error))
     prompt = list(range(1000, 1300))
-    for spec in ("none", "snapkv:keep=0.25", "kivi:bits=2", "kvquant:bits=4"):
+    for spec in ("none", "snapkv:keep=0.25", "kivi:bits=2", "kvquant:bits=4", "minicache"):
         measured = _peak_request_bytes(llm, prompt, SamplingParams(max_tokens=8, ignore_eos=True),
                                        None if spec == "none" else spec)
         planned = kv_footprint(llm.engine.model_config, spec, len(prompt), 8, block_size=llm.engine.kv_spec.block_size)

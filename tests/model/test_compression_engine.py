@@ -106,7 +106,8 @@ def test_abort_after_compaction_frees_everything():
 
 
 @pytest.mark.parametrize("spec,match", [("nope:keep=0.5", "unknown method"), ("snapkv:keep=0", "keep"),
-                                        ("snapkv:keep=0.5,foo=1", "foo"), ("minicache", "not applied inside")])
+                                        ("snapkv:keep=0.5,foo=1", "foo"),
+                                        ("minicache:group=12", "multiple of the KV block size")])
 def test_invalid_or_unsupported_specs(spec, match):
     llm = make_tiny_llm()
     with pytest.raises(ValueError, match=match):

@@ -13,7 +13,7 @@ from longfit.compression.spec import parse_spec
 from longfit.compression.storage import kv_bytes
 from longfit.compression.think import ThinKPolicy
 from longfit.runtime.quant_pages import PageQuantFormat
-from tests.conftest import make_tiny_llm
+from tests.conftest import check_preemption_keeps_outputs, make_tiny_llm, run_together
 from tests.model.reference import apply_rope, reference_logits
 
 PROMPT = "the quick brown fox jumps over the lazy dog; " * 6  # 270 byte tokens
@@ -128,7 +128,7 @@ def test_bytes_and_pages_equal_the_plan(spec):
     if "+" not in spec:  # eviction plans count generated tokens as kept: compare the prompt-only case below
         assert stored == kv_bytes(spec, engine.model_config, num_tokens, dtype_bytes=4)
     page_bytes = engine.kv_spec.page_bytes
-    fmt = engine.runner.states[request_id].quant
+    fmt = next(f for f in engine.runner.states[request_id].formats if f is not None)
     side = fmt.side_bytes
     state = engine.kv_manager.requests[request_id]
     for layer in range(engine.model_config.num_layers):  # stream pages + tail pages, nothing more
@@ -176,13 +176,7 @@ def test_bits16_is_the_identity_and_mixed_batches_equal_solo_runs():
     full = llm.generate(PROMPT, params)[0].outputs[0].token_ids
     for identity in ("kivi:bits=16", "kvquant:bits=16", "shadowkv:rank=32"):
         assert llm.generate(PROMPT, params, kv_compression=identity)[0].outputs[0].token_ids == full
-    ids = [llm.engine.add_request(None, p, params, kv_compression=s) for p, s in zip(prompts, specs)]
-    done = {}
-    while llm.engine.has_unfinished_requests():
-        for out in llm.engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    assert [done[i] for i in ids] == solo
+    assert run_together(llm, prompts, params, specs) == solo
     assert llm.engine.kv_manager.pool.num_used_blocks == 0
 
 
@@ -194,13 +188,7 @@ def test_one_spec_batch_of_unequal_lengths_equals_solo_runs(spec):
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     prompts = [PROMPT, PROMPT[:70], PROMPT[30:150]]
     solo = [llm.generate(p, params, kv_compression=spec)[0].outputs[0].token_ids for p in prompts]
-    ids = [llm.engine.add_request(None, p, params, kv_compression=spec) for p in prompts]
-    done = {}
-    while llm.engine.has_unfinished_requests():
-        for out in llm.engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    assert [done[i] for i in ids] == solo
+    assert run_together(llm, prompts, params, [spec] * len(prompts)) == solo
     assert llm.engine.kv_manager.pool.num_used_blocks == 0
 
 
@@ -216,26 +204,13 @@ def test_boundary_abort_and_preemption_leave_no_pages():
     llm.engine.abort_request(request_id)
     llm.engine.step()
     assert llm.engine.kv_manager.pool.num_used_blocks == 0
-    engine = llm.engine
-    # one request of prompt + 60 tokens, uncompressed (what admission checks)
-    peak = engine.model_config.num_layers * -(-(len(PROMPT) + 60) // 8) * engine.kv_spec.page_bytes
-    small = make_tiny_llm(memory_bytes=int(peak * 1.2), max_num_batched_tokens=40)  # a bit more than one prompt
-    greedy = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-    prompts = [PROMPT, PROMPT[10:], PROMPT[20:], PROMPT[30:]]
-    alone = [small.generate(p, greedy, kv_compression=spec)[0].outputs[0].token_ids for p in prompts]
-    outs = small.generate(prompts, greedy, kv_compression=spec)
-    assert [o.outputs[0].token_ids for o in outs] == alone
-    assert small.engine.scheduler.num_preemptions > 0
-    assert small.engine.kv_manager.pool.num_used_blocks == 0
-    small.engine.kv_manager.pool.check_invariants()
+    check_preemption_keeps_outputs(spec, PROMPT)
 
 
 def test_engine_refuses_what_it_cannot_store():
     llm = make_tiny_llm()
     with pytest.raises(ValueError, match="multiple of the KV block size"):
         llm.generate(PROMPT, SamplingParams(max_tokens=2), kv_compression="kivi:group=4,residual=4")
-    with pytest.raises(ValueError, match="not applied inside the engine"):
-        llm.generate(PROMPT, SamplingParams(max_tokens=2), kv_compression="minicache")
     for spec, message in [("kvquant:group=12", "kvquant:group must be a multiple of the KV block size 8"),
                           ("snapkv:keep=0.25+kvquant:bits=4,group=8", r"kvquant does not combine with an eviction "
                                                                       r"stage \(snapkv\)"),

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from tests.unit.compression_tensors import layer_tensors
 from longfit.compression.duo_attention import DuoAttentionPolicy
 from longfit.compression.h2o import H2OPolicy
 from longfit.compression.knorm import KnormPolicy
@@ -22,7 +21,7 @@ from longfit.compression.spec import pyramid_kept
 from longfit.compression.streaming_llm import StreamingLLMPolicy
 from longfit.compression.think import ThinKPolicy
 from longfit.compression.tova import TOVAPolicy
-
+from tests.unit.compression_tensors import layer_tensors
 
 _tensors = layer_tensors
 
@@ -190,11 +189,14 @@ def test_minicache_against_reference() -> None:
     expected = (math.sin(omega / 2) * (ua + ub)) / math.sin(omega)
     direction, _ = slerp_direction(a[1, 3], b[1, 3])
     assert torch.allclose(direction, expected / expected.norm(), atol=1e-5)
-    pair = MiniCachePolicy(retain=0.1).merge(a, a.clone(), b, b.clone())
-    assert pair is not None and 7 in pair.retained[0].tolist() and pair.retained.shape == (2, 3)
+    pair = MiniCachePolicy(retain=0.1, group=10).merge(a, a.clone(), b, b.clone())  # 3 groups, 1 retained each
+    assert pair is not None and pair.retained.shape == (2, 3, 1) and pair.retained[0, 0].tolist() == [7]
     keys_a, _, keys_b, _ = unmerge_layers(pair)
     assert torch.equal(keys_a[0, 7], a[0, 7]) and torch.equal(keys_b[0, 7], b[0, 7])
-    same = MiniCachePolicy(retain=0.0).merge(a, a, a, a)
+    assert not torch.equal(keys_b[1, 3], b[1, 3])  # merged
+    tail = MiniCachePolicy(retain=0.1, group=8).merge(a, a.clone(), b, b.clone())  # 24 merged, the last 6 exact
+    assert tail is not None and torch.equal(unmerge_layers(tail)[2][:, 24:], b[:, 24:])
+    same = MiniCachePolicy(retain=0.0, group=10).merge(a, a, a, a)
     assert same is not None and torch.allclose(unmerge_layers(same)[0], a, atol=1e-5)  # identical layers: lossless
 
 

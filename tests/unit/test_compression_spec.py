@@ -182,7 +182,12 @@ KV_BYTES = [  # tiny config: 2 layers, 2 KV heads, head_dim 16, 100 tokens, bf16
     ("think:channels=1", 25600),
     ("shadowkv:rank=8", 2 * (8 * (100 + 32) * 2 + 2 * 100 * 16 * 2)),
     ("shadowkv:rank=32", 25600),  # rank >= Hkv * D: stored dense
-    ("minicache:start=0,retain=0.1", (2 * 2 * 100 * 16 + 4 * 2 * 100) * 2 + 2 * 10 * 8 + 4 * 2 * 10 * 16 * 2),
+    # minicache, per group of G tokens: directions 2*G*2*16*2 (layer 0); norms 4*G*2*2, 2-byte offsets and exact K, V
+    # of both layers for floor(retain*G) tokens per head (layer 1); the tokens after the last group dense in both
+    ("minicache:start=0,retain=0.1,group=50",
+     2 * (2 * 50 * 2 * 16 * 2 + 4 * 50 * 2 * 2 + 2 * 5 * 2 + 4 * 5 * 2 * 16 * 2)),
+    ("minicache:start=0,retain=0.1", (2 * 64 * 2 * 16 * 2 + 4 * 64 * 2 * 2 + 2 * 6 * 2 + 4 * 6 * 2 * 16 * 2)
+     + 36 * 4 * 2 * 16 * 2),
     ("minicache:start=0,retain=1", 25600),
     ("minicache:start=0.5,retain=0.1", 25600),  # only layer 1 left: no pair
     ("quest:budget=32,dense_layers=1", 25600 + 7 * 2 * 2 * 16 * 2),  # 7 pages of 16 on layer 1

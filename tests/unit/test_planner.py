@@ -272,7 +272,6 @@ def test_quantized_specs_include_scales_and_kivi_residual() -> None:
         footprint = kv_footprint(SMOLLM2, "kivi:bits=2,group=32,residual=128", prompt, output)
         assert footprint.exact_bytes == layers * (codes + scales + residual), (prompt, output)
         page = 32 * 2 * h * d * 2  # the engine packs the quantized records into pages, then the fp tail's pages
-        assert not footprint.paged_estimated
         assert footprint.paged_bytes == layers * (-(-(codes + scales) // page) + -(-(n - qk) // 32)) * page
         int8 = kv_footprint(SMOLLM2, "int8", prompt, output)
         assert int8.exact_bytes == layers * 2 * h * n * (d + 2)  # int8 codes + one fp16 scale per token and head
@@ -283,7 +282,7 @@ def test_evicting_spec_pages_are_exact() -> None:
     prompt, output = 4000, 50
     footprint = kv_footprint(SMOLLM2, "snapkv:keep=0.25", prompt, output)
     per_layer = 1000 + output - 1  # the prompt is compressed once; generated tokens are appended
-    assert footprint.exact_bytes == 30 * per_layer * 2 * 3 * 64 * 2 and not footprint.paged_estimated
+    assert footprint.exact_bytes == 30 * per_layer * 2 * 3 * 64 * 2
     assert footprint.paged_bytes == 30 * math.ceil(per_layer / 32) * cm.page_bytes(SMOLLM2)
     quest = kv_footprint(SMOLLM2, "quest:budget=512,page=16,dense_layers=2", prompt)
     assert quest.exact_bytes == cm.full_kv_bytes(SMOLLM2, prompt) + 28 * math.ceil(prompt / 16) * 2 * 3 * 64 * 2
