@@ -52,7 +52,10 @@ ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (30, 1, 2048), (30, 1, 8192
 # storage format, the time beyond the fitted model above is split into a cost per stream layer and one per expanded
 # element (two depths per format separate them; on the 2-core EPYC, 1 thread, SmolLM2 shape at 2k, the element
 # costs were 4-7 ns and a 512-token stream layer cost far more per element than a 2k one).
-DEQUANT_POINTS = tuple((30, 1, depth, spec) for spec in ("kivi:bits=2", "kivi:bits=4", "int8", "kvquant:bits=4")
+# One spec per storage format the planner prices (``compression.storage.dequant_format``); ShadowKV's rank 48 (its
+# per-element cost grows with the rank), below its default budget here, so every stored key is rebuilt.
+DEQUANT_POINTS = tuple((30, 1, depth, spec) for spec in ("kivi:bits=2", "kivi:bits=4", "int8", "kvquant:bits=4",
+                                                         "think:channels=0.5", "shadowkv:rank=48", "minicache")
                        for depth in (512, 2048))
 ENGINE_FLUSH_BYTES = 128 << 20  # read between timed steps (see measure_engine_steps): 4x a 32 MiB L3
 
@@ -257,8 +260,9 @@ def fit_dequant(records: Sequence[dict[str, Any]], base: ModelConfig, profile: H
         if footprint.streams.fmt is None:
             raise ValueError(f"calibration point {record['spec']!r} has no quantized stream to time")
         context = round(record["kv_tokens"])
-        estimate = cm.decode_time(profile, config.num_layers, record["batch"], cm.weight_bytes(config, fmt).read_per_step,
-                                  footprint.read_bytes, cm.decode_flops(config, context, footprint.read_keys),
+        weights = cm.weight_bytes(config, fmt).read_per_step
+        estimate = cm.decode_time(profile, config.num_layers, record["batch"], weights, footprint.read_bytes,
+                                  cm.decode_flops(config, context, footprint.read_keys),
                                   cm.compute_rate(profile, fmt)).seconds
         layers, elements = record["batch"] * footprint.streams.layers, record["batch"] * footprint.streams.elements
         record.update(estimate_without_dequant_s=estimate, stream_layers=layers, dequant_elements=elements,

@@ -141,7 +141,14 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
                identity=(("channels", 1.0),)),
     MethodSpec("shadowkv", "lowrank", "pre-RoPE keys stored as a rank-r SVD factorization, values exact",
                "ShadowKV: KV Cache in Shadows for High-Throughput Long-Context LLM Inference",
-               (ParamSpec("rank", int, 160, "rank of the key factorization (per layer, across KV heads)", 1),),
+               (ParamSpec("rank", int, 160, "rank of the key factorization (per layer, across KV heads)", 1),
+                ParamSpec("budget", int, 2048, "stored tokens each KV head reads per decode step, in whole chunks "
+                          "chosen by their landmarks, beside the outlier and local chunks (0: read every token)", 0),
+                ParamSpec("chunk", int, 8, "tokens per chunk (one landmark, the mean of its post-RoPE keys)", 1,
+                          4096),
+                ParamSpec("outliers", int, 48, "chunks per KV head always read: the prompt's chunks least like "
+                          "their landmark", 0),
+                ParamSpec("local", int, 4, "most recent stored chunks always read", 0)),
                identity=(("rank", 1 << 20),)),
     MethodSpec("minicache", "merge", "adjacent deep layers share one direction per token, outlier tokens kept",
                "MiniCache: KV Cache Compression in Depth Dimension for Large Language Models",
@@ -396,10 +403,10 @@ def duo_streaming_mask(head_scores: Sequence[Sequence[float]], sparsity: float,
     if granularity == "head":
         flat = sorted(range(num_layers * num_heads), key=lambda i: (head_scores[i // num_heads][i % num_heads], i))
         chosen = set(flat[: int(sparsity * num_layers * num_heads + 0.5)])
-        return [[l * num_heads + h in chosen for h in range(num_heads)] for l in range(num_layers)]
-    layers = sorted(range(num_layers), key=lambda l: (max(head_scores[l]), l))
+        return [[layer * num_heads + h in chosen for h in range(num_heads)] for layer in range(num_layers)]
+    layers = sorted(range(num_layers), key=lambda layer: (max(head_scores[layer]), layer))
     chosen = set(layers[: int(sparsity * num_layers + 0.5)])
-    return [[l in chosen] * num_heads for l in range(num_layers)]
+    return [[layer in chosen] * num_heads for layer in range(num_layers)]
 
 
 def duo_kept(num_tokens: int, layer_streaming: Sequence[bool], sinks: int, window: int) -> int:

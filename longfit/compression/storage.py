@@ -104,8 +104,12 @@ def stored_layout(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_dim
         dk = think_channels_kept(d, stage.get("channels"))
         return None if dk == d else (n, h * n * (dk + d) * dtype_bytes, h * dk * INDEX_BYTES)
     if stage.name == "shadowkv":
-        r = stage.get("rank")
-        return (n, n * (r + h * d) * dtype_bytes, r * h * d * dtype_bytes) if shadowkv_factorizes(h * d, r) else None
+        r, chunk = stage.get("rank"), stage.get("chunk")
+        if not shadowkv_factorizes(h * d, r):
+            return None
+        stored = n - n % chunk
+        record = shadowkv_record_bytes(h, d, r, chunk, stage.get("budget") > 0, dtype_bytes)
+        return stored, stored // chunk * record, r * h * d * dtype_bytes
     if stage.name not in ("kivi", "int8", "kvquant") or stage.get("bits") == 16:
         return None
     quantized = n
@@ -128,6 +132,23 @@ def dequant_format(stage: StageSpec) -> str:
 def think_channels_kept(head_dim: int, channels: float) -> int:
     """Key channels ThinK keeps: ``head_dim - floor(head_dim * (1 - channels))`` (kvpress pruned count)."""
     return head_dim - int(head_dim * (1.0 - channels) + 1e-9)
+
+
+def shadowkv_record_bytes(num_kv_heads: int, head_dim: int, rank: int, chunk: int, landmarks: bool,
+                          dtype_bytes: int) -> int:
+    """One ShadowKV record (``chunk`` tokens, cache dtype): with ``landmarks`` (decode-time chunk selection), the
+    chunk's landmark ``[Hkv, D]`` and outlier flags ``[Hkv]``; then each token's ``rank`` key coefficients and its
+    values ``[Hkv, D]``."""
+    h, d = num_kv_heads, head_dim
+    return ((h * d + h) * landmarks + chunk * (rank + h * d)) * dtype_bytes
+
+
+def shadowkv_chunks_read(stage: StageSpec) -> int | None:
+    """Stored chunks one decode step of one KV head reads under ShadowKV's selection: ``ceil(budget / chunk)``
+    chosen by landmark score plus the ``outliers`` and ``local`` chunks; None when it reads every token
+    (``budget=0``)."""
+    budget, chunk = stage.get("budget"), stage.get("chunk")
+    return None if budget == 0 else -(-budget // chunk) + stage.get("outliers") + stage.get("local")
 
 
 def shadowkv_factorizes(width: int, rank: int) -> bool:
@@ -213,7 +234,9 @@ def kv_bytes(spec: str | CompressionSpec | None, model_config: ModelConfig, num_
       - quantize: ``quantized_bytes`` (codes ``h n d bits/8``, float16 scale + zero per group, full-precision
         residual tokens, outliers as 2-byte offset + ``b``-byte value);
       - think: keys ``h n_l d' b`` + channel index ``h d' 8`` + values ``h n_l d b`` (``d' < d``; else dense);
-      - shadowkv: keys ``r (n_l + h d) b`` when ``r < h d`` (else dense) + values ``h n_l d b``;
+      - shadowkv (when ``r < h d``, else dense): the first ``n_l - n_l mod chunk`` tokens as records of ``chunk``
+        tokens (``shadowkv_record_bytes``: ``r`` coefficients + values per token, a landmark and outlier flags
+        per chunk when ``budget > 0``), the basis ``r h d b``, the last ``n_l mod chunk`` tokens dense;
       - minicache: each merged pair ``minicache_pair_bytes`` (whole groups merged); other layers dense;
       - quest adds page bounds ``2 h d b`` per page of ``page`` tokens (last page partial) on every full layer
         from ``dense_layers`` on.
@@ -231,9 +254,9 @@ def kv_bytes(spec: str | CompressionSpec | None, model_config: ModelConfig, num_
         if dk < d:
             per_layer = [h * n * (dk + d) * dtype_bytes + h * dk * INDEX_BYTES for n in kept]
     elif storage is not None and storage.name == "shadowkv":
-        rank = storage.get("rank")
-        per_layer = [(rank * (n + h * d) if shadowkv_factorizes(h * d, rank) else h * n * d) * dtype_bytes
-                     + h * n * d * dtype_bytes for n in kept]
+        layouts = [stored_layout(storage, h, n, d, dtype_bytes) for n in kept]
+        per_layer = [dense if layout is None else layout[1] + layout[2] + 2 * h * (n - layout[0]) * d * dtype_bytes
+                     for n, dense, layout in zip(kept, per_layer, layouts)]
     elif storage is not None and storage.name == "minicache":
         for a, b in minicache_pairs(num_layers, storage.get("start"), [w is None for w in windows]):
             per_layer[a] = minicache_pair_bytes(h, kept[a], d, storage.get("retain"), dtype_bytes, storage.get("group"))

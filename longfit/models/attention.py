@@ -20,7 +20,7 @@ from torch import nn
 
 from longfit.models.layers import RMSNorm, RotaryEmbedding
 from longfit.models.paged_decode import decode_bias, paged_decode_attention
-from longfit.models.quant_decode import kivi_decode_attention
+from longfit.models.quant_decode import kivi_decode_attention, shadowkv_decode_attention
 from longfit.quant.linear import Linear
 from longfit.runtime.quant_pages import PageQuantFormat
 
@@ -283,13 +283,39 @@ class Attention(nn.Module):
 
     def _decode_streams(self, q: torch.Tensor, streams: list[StreamRead], meta: AttentionMetadata) -> torch.Tensor:
         """A layer where some rows have quantized streams: q [Bd, Hq, D] → [Bd, Hq, D] over each row's stream, then
-        its full-precision tail pages. KIVI rows sharing one read attend from the codes (``kivi_decode_attention``);
-        otherwise each row's stream is dequantized (fp32, empty for rows without one) for one masked SDPA."""
+        its full-precision tail pages. ShadowKV rows with more chunks than they read rebuild only their selected
+        chunks (``shadowkv_decode_attention``); KIVI rows sharing one read attend from the codes
+        (``kivi_decode_attention``); otherwise each row's stream is dequantized (fp32, empty for rows without one)
+        for one masked SDPA."""
         layer = self.layer_idx
         pages = meta.decode_block_tables[layer]  # [Bd, P]
         keys, values = gather_heads_first(meta.kv_pool, pages)  # [Bd, Hkv, S, D] float32
         # The same visibility rule (length, sliding window) as the plain pages' path, as a boolean mask [Bd, S].
         valid = decode_bias(meta.decode_first_key[layer], meta.decode_seq_lens[layer], keys.shape[2], self.window) == 0
+        selected = [r for r in streams if r.fmt.select_chunks and r.max_records > r.fmt.select_chunks]
+        if not selected:
+            return self._attend_streams(q, streams, keys, values, valid, meta)
+        dense = [r for r in streams if not any(r is s for s in selected)]
+        if dense or sum(r.rows.numel() for r in selected) < q.shape[0]:  # rows left for the general path
+            out = self._attend_streams(q, dense, keys, values, valid, meta)
+        else:
+            out = torch.empty_like(q)
+        pool = pool_bytes(meta.kv_pool)
+        for read in selected:
+            rows = read.rows
+            out[rows] = shadowkv_decode_attention(
+                q[rows], read.fmt.read(pool, read.pages, read.max_records), read.fmt, read.records, read.side,
+                self.rope, keys[rows], values[rows], valid[rows], self.scale).to(q.dtype)
+        return out
+
+    def _attend_streams(self, q: torch.Tensor, streams: list[StreamRead], keys: torch.Tensor, values: torch.Tensor,
+                        valid: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [Bd, Hq, D] over the rows' dequantized ``streams`` (possibly none) and their tails ``keys, values``
+        [Bd, Hkv, S, D] float32 (``valid`` [Bd, S]) → [Bd, Hq, D]."""
+        if not streams:
+            out = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values,
+                                                 attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
+            return out.squeeze(2).to(q.dtype)
         read = whole_batch_read(streams, q.shape[0])
         if FUSED_KIVI_DECODE and read is not None and read.fmt.method == "kivi":
             records = read.fmt.read(pool_bytes(meta.kv_pool), read.pages, read.max_records)

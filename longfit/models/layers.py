@@ -87,7 +87,9 @@ class RotaryEmbedding(nn.Module):
             self._grow(max(int(positions.max()) + 1, 2 * self.cos.shape[0]))
         if self.cos.device != positions.device:  # tables follow the inputs (CUDA when the runner is on it)
             self.cos, self.sin = self.cos.to(positions.device), self.sin.to(positions.device)
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        flat = positions.reshape(-1)  # index_select: a row gather, several times faster than advanced indexing on CPU
+        shape = (*positions.shape, 1, self.cos.shape[1])
+        return self.cos.index_select(0, flat).view(shape), self.sin.index_select(0, flat).view(shape)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

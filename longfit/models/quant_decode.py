@@ -1,4 +1,5 @@
-"""Decode attention straight from KIVI records: scores from the key codes, outputs from the value codes.
+"""Decode attention straight from packed records: KIVI (scores from the key codes, outputs from the value codes)
+and ShadowKV (only the chunks each KV head selects are rebuilt).
 
 KIVI ("KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", Liu et al. 2024) stores keys per channel
 (one fp16 scale and zero per channel per group of G tokens) and values per token (one scale and zero per token per
@@ -20,8 +21,11 @@ compares it with that slow path, padding records of garbage bytes included).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from longfit.compression.shadowkv import select_chunks
+from longfit.models.layers import RotaryEmbedding
 from longfit.runtime.quant_pages import PageQuantFormat
 
 
@@ -74,3 +78,46 @@ def kivi_decode_attention(q: Tensor, records: Tensor, fmt: PageQuantFormat, stre
         weights = p_stream * v_scale[..., j].unsqueeze(2)  # [B, Hkv, g, T]: p_t s_{t,j}
         out[..., j * width:(j + 1) * width] += torch.matmul(weights, v_codes[..., j * width:(j + 1) * width])
     return out.view(batch, num_heads, dim)
+
+
+def shadowkv_decode_attention(q: Tensor, records: Tensor, fmt: PageQuantFormat, num_records: Tensor, basis: Tensor,
+                              rope: RotaryEmbedding, tail_keys: Tensor, tail_values: Tensor, tail_valid: Tensor,
+                              scale: float) -> Tensor:
+    """One decode query per row over the ShadowKV chunks its KV heads select, then its full-precision tail.
+
+    ``q: [R, Hq, D]`` post-RoPE; ``records: uint8 [R, n, record_bytes]`` (chunks of ``C`` tokens with landmarks),
+    ``num_records: [R]`` chunks each row holds (the rest is padding), ``basis: [R, r, Hkv * D]``; tail
+    ``[R, Hkv, S, D]`` float32 with ``tail_valid: [R, S]`` → float32 ``[R, Hq, D]``.
+
+    Paper: ShadowKV (bytedance/ShadowKV ``models/kv_cache.py``): each KV head reads ``fmt.select_chunks`` chunks
+    (``compression.shadowkv.select_chunks``: its outlier chunks, the ``local_chunks`` most recent, then the best by
+    landmark score), rebuilds only their keys from the coefficients (pre-RoPE, then rotated to their positions) and
+    attends over them and the tail. Reading every chunk gives the same attention as the dense path.
+    """
+    rows, num_heads, dim = q.shape
+    chunk, num_kv_heads, num_chunks = fmt.record_tokens, fmt.num_kv_heads, records.shape[1]
+    landmarks, outlier = fmt.shadowkv_landmarks(records)  # [R, n, Hkv, D] float32, [R, n, Hkv] bool
+    index = torch.arange(num_chunks, device=q.device)
+    valid = index < num_records.unsqueeze(1)  # [R, n]
+    local = index >= (num_records - fmt.local_chunks).unsqueeze(1)
+    chosen = select_chunks(q, landmarks, outlier | local.unsqueeze(-1), valid, fmt.select_chunks)  # [R, Hkv, k]
+    k = chosen.shape[-1]
+    # Only the chosen records are copied and parsed (whole rows: one index_select), each KV head's own chunks.
+    flat = (chosen + torch.arange(rows, device=q.device).view(-1, 1, 1) * num_chunks).reshape(-1)
+    picked = records.reshape(rows * num_chunks, -1).index_select(0, flat).view(rows * num_kv_heads, k, -1)
+    _, _, coefficients, values = fmt.shadowkv_fields(picked, landmarks=False)  # [R*Hkv, k, C, r], [.., C, Hkv, D]
+    per_head = basis.view(rows, fmt.rank, num_kv_heads, dim).permute(0, 2, 1, 3)  # [R, Hkv, r, D]
+    keys = torch.matmul(coefficients.view(rows, num_kv_heads, k * chunk, fmt.rank).float(), per_head.float())
+    positions = (chosen.unsqueeze(-1) * chunk + torch.arange(chunk, device=q.device)).reshape(-1)
+    cos, sin = rope.cos_sin(positions)  # [R*Hkv*k*C, 1, D]
+    keys = RotaryEmbedding.apply(keys.reshape(-1, 1, dim), cos, sin).reshape(rows, num_kv_heads, k * chunk, dim)
+    own = values.view(rows, num_kv_heads, k, chunk, num_kv_heads, dim).diagonal(dim1=1, dim2=4)  # [R, k, C, D, Hkv]
+    picked_values = own.permute(0, 4, 1, 2, 3).reshape(rows, num_kv_heads, k * chunk, dim).float()
+    chunk_ok = valid.gather(1, chosen.flatten(1)).view(rows, num_kv_heads, k).repeat_interleave(chunk, dim=2)
+    mask = torch.cat([chunk_ok, tail_valid.unsqueeze(1).expand(-1, num_kv_heads, -1)], dim=2)  # [R, Hkv, S']
+    out = F.scaled_dot_product_attention(
+        q.float().unsqueeze(2),  # [R, Hq, 1, D]
+        torch.cat([keys, tail_keys], dim=2), torch.cat([picked_values, tail_values], dim=2),  # [R, Hkv, S', D]
+        attn_mask=mask.repeat_interleave(num_heads // num_kv_heads, dim=1).unsqueeze(2), scale=scale,
+        enable_gqa=True)
+    return out.squeeze(2)

@@ -45,8 +45,8 @@ class KVFootprint:
     read_keys: tokens one decode step attends to, summed over layers (for attention FLOPs).
     streams: the quantized streams one decode step expands (``cost_model.StreamRead``): their storage format
         (``compression.storage.dequant_format``), the layers holding one, and their K and V elements (``2 · Hkv · D``
-        per stream token per layer). The engine expands each stream whole at every step, a cost beyond the bytes
-        it reads.
+        per stream token per layer). The engine expands each stream whole at every step (ShadowKV with chunk
+        selection: the chunks it reads), a cost beyond the bytes it reads.
     """
 
     exact_bytes: int
@@ -116,7 +116,8 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
     elif storage is not None:
         layouts = [sizes.stored_layout(storage, model.num_kv_heads, n, model.head_dim, dtype_bytes)
                    if w is None else None for n, w in zip(tokens, windows)]
-    dequant = stream_layers = 0
+    dequant = stream_layers = unread = 0
+    chunks_read = sizes.shadowkv_chunks_read(storage) if storage is not None and storage.name == "shadowkv" else None
     if layouts is not None and any(layouts):  # records on the first pages, the other tokens after them (engine)
         per_token = cm.kv_bytes_per_token_per_layer(model, dtype_bytes)
         exact, pages = 0, 0
@@ -126,7 +127,11 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
                 pages += cm.peak_layer_pages(held, w, block_size)
                 continue
             stream_tokens, stream_bytes, side = layout or (0, 0, 0)
-            dequant += stream_tokens * 2 * model.num_kv_heads * model.head_dim
+            rebuilt = stream_tokens  # ShadowKV's selection: each KV head rebuilds and attends its chosen chunks only
+            if chunks_read is not None:
+                rebuilt = min(stream_tokens, chunks_read * storage.get("chunk"))
+                unread += stream_tokens - rebuilt
+            dequant += rebuilt * 2 * model.num_kv_heads * model.head_dim
             stream_layers += stream_tokens > 0
             exact += stream_bytes + side + (n - stream_tokens) * per_token
             pages += -(-stream_bytes // page) + -(-(n - stream_tokens) // block_size)
@@ -141,7 +146,7 @@ def kv_footprint(model: ModelConfig, spec: str, num_prompt_tokens: int, num_outp
         skipped = sum(max(0, n - select.get("budget")) for layer, (n, w) in enumerate(zip(tokens, windows))
                       if w is None and layer >= select.get("dense_layers"))
         read = exact - skipped * exact // max(sum(tokens), 1)
-    return KVFootprint(exact, paged, read, sum(tokens) - skipped,
+    return KVFootprint(exact, paged, read, sum(tokens) - skipped - unread,
                        streams=cm.StreamRead(sizes.dequant_format(storage), stream_layers, dequant) if dequant
                        else cm.StreamRead())
 

@@ -63,7 +63,9 @@ def validate_engine_spec(text: str, block_size: int | None = None, head_dim: int
                                          _CACHE_DTYPES.get(dtype_bytes or 2, "bfloat16"))
     dense = 2 * num_kv_heads * head_dim * dtype_bytes * fmt.record_tokens if fmt is not None and dtype_bytes else 0
     if dense and fmt.record_bytes > dense:  # the in-place rewrite needs records no larger than their tokens
-        hint = {"kivi": "raise kivi:group", "kvquant": "lower kvquant:outliers or kvquant:bits"}.get(storage.name)
+        hint = {"kivi": "raise kivi:group", "kvquant": "lower kvquant:outliers or kvquant:bits",
+                "shadowkv": "lower shadowkv:rank, raise shadowkv:chunk or set shadowkv:budget=0 (no landmarks)",
+                }.get(storage.name, f"choose a smaller {storage.name} setting")
         raise ValueError(f"kv_compression {text!r}: a {storage.name} record takes {fmt.record_bytes} bytes for "
                          f"{num_kv_heads} KV head(s) and {fmt.record_tokens} tokens, more than their {dense} bytes in "
                          f"the cache dtype; "
@@ -175,8 +177,7 @@ class Compactor:
                                           values.transpose(0, 1))
                 for other in (a, layer):
                     q_tokens[other] = merged
-                    q_bytes[other] = self._formats_at(formats, other).stream_bytes(merged)
-                    q_pages[other] = self._stream_pages(self._formats_at(formats, other), merged)
+                    self._account(self._formats_at(formats, other), other, q_tokens, q_pages, q_bytes)
             elif fmt is not None:
                 if fmt.method == "think":
                     side[layer] = pruner.prune(keys, layer_queries).channels  # [Hkv, d']
@@ -185,9 +186,8 @@ class Compactor:
                                                          inverse=True)  # [T, Hkv, D]
                     side[layer] = key_basis(pre.reshape(kept, -1), fmt.rank).to(self.kv_pool.dtype)  # [r, Hkv*D]
                 q_tokens[layer] = self._store(fmt, layer, pages, 0, keys.transpose(0, 1), values.transpose(0, 1),
-                                              side.get(layer))
-                q_bytes[layer] = fmt.stream_bytes(q_tokens[layer]) + fmt.side_bytes
-                q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
+                                              side.get(layer), prompt=True)
+                self._account(fmt, layer, q_tokens, q_pages, q_bytes)
             elif kept < num_tokens:
                 self._write_tokens(pages, 0, keys.transpose(0, 1), values.transpose(0, 1))
         if formats is None:
@@ -254,30 +254,34 @@ class Compactor:
                 q_tokens[layers[1]] += added
                 q_tokens[layer] += added
             for one in layers:
-                one_fmt = self._formats_at(formats, one)
-                q_bytes[one] = one_fmt.stream_bytes(q_tokens[one]) + one_fmt.side_bytes
-                q_pages[one] = self._stream_pages(one_fmt, q_tokens[one])
+                self._account(self._formats_at(formats, one), one, q_tokens, q_pages, q_bytes)
         return CompactionResult(request_id, list(num_cached), q_tokens, q_pages, q_bytes)
 
     # ------------------------------------------------------------------ storage
+    def _account(self, fmt: PageQuantFormat, layer: int, q_tokens: list[int], q_pages: list[int],
+                 q_bytes: list[int]) -> None:
+        """Set a layer's stream pages and stored bytes (records + side tensor) from its stream tokens."""
+        q_bytes[layer] = fmt.stream_bytes(q_tokens[layer]) + fmt.side_bytes
+        q_pages[layer] = self._stream_pages(fmt, q_tokens[layer])
+
     def _stream_pages(self, fmt: PageQuantFormat, num_tokens: int) -> int:
         return fmt.stream_pages(num_tokens, self.pool_bytes.shape[1])
 
     def _store(self, fmt: PageQuantFormat, layer: int, pages: torch.Tensor, stream_tokens: int, keys: torch.Tensor,
-               values: torch.Tensor, side: torch.Tensor | None = None) -> int:
+               values: torch.Tensor, side: torch.Tensor | None = None, prompt: bool = False) -> int:
         """Append whole flush units of ``keys, values: [T, Hkv, D]`` (post-RoPE, cache dtype) to the layer's stream
         (``stream_tokens`` tokens already on ``pages``) and write the rest after the stream in the cache dtype;
         returns the tokens added to the stream. The caller has read everything it needs from ``pages`` before.
         Pre-RoPE formats (KVQuant, ShadowKV) get the stored keys rotated back from their positions
         ``stream_tokens + i``, rounded to the cache dtype (RoPE is orthogonal: rotating back is exact up to that
-        rounding)."""
+        rounding). ShadowKV's landmarks come from the post-RoPE keys, its outlier chunks from the ``prompt``'s."""
         quantized = fmt.quantizable(keys.shape[0])
         if quantized:
             stored_keys = keys[:quantized]
             if fmt.pre_rope:
                 positions = torch.arange(stream_tokens, stream_tokens + quantized, device=keys.device)
                 stored_keys = self.layer_ropes[layer].rotate(stored_keys, positions, inverse=True)
-            records = fmt.encode(stored_keys, values[:quantized], side)
+            records = fmt.encode(stored_keys, values[:quantized], side, keys[:quantized], prompt)
             fmt.write(self.pool_bytes, pages, stream_tokens // fmt.record_tokens, records)
         if quantized < keys.shape[0]:
             tail_start = self._stream_pages(fmt, stream_tokens + quantized)

@@ -35,10 +35,16 @@ and zero per token and head), ``b`` in 2, 3, 4, 8, then the dense-and-sparse out
 int8 record (1 token): key scale, value scale float16 [Hkv]; key codes, value codes int8 [Hkv, D].
 ThinK record (1 token): the kept key channels [Hkv, d'] and the values [Hkv, D], both in the cache dtype; the
 channel index [Hkv, d'] of each layer is chosen once at prefill and held by the runner.
-ShadowKV record (1 token): the key's ``r`` coefficients [r] and the values [Hkv, D], both in the cache dtype. The
-key is ``coefficients @ basis`` pre-RoPE (rotated like KVQuant's); the basis ``[r, Hkv * D]`` (cache dtype,
-orthonormal rows: the top-``r`` right singular vectors of the layer's pre-RoPE prompt keys) is chosen once at
-prefill and held by the runner, like ThinK's channel index. Tokens stored later are projected onto that basis.
+ShadowKV record (``C`` tokens, the chunk; the flush unit too), all in the cache dtype:
+    landmark              [Hkv, D]       the mean of the chunk's post-RoPE keys    } only with decode-time
+    outlier flags         [Hkv]          1 where the chunk is an outlier chunk     } selection (``select_chunks``)
+    key coefficients      [C, r]
+    values                [C, Hkv, D]
+  A key is ``coefficients @ basis`` pre-RoPE (rotated like KVQuant's); the basis ``[r, Hkv * D]`` (cache dtype,
+  orthonormal rows: the top-``r`` right singular vectors of the layer's pre-RoPE prompt keys) is chosen once at
+  prefill and held by the runner, like ThinK's channel index. Tokens stored later are projected onto that basis.
+  Outlier chunks are chosen among the prompt's (``compression.shadowkv.chunk_landmarks``); decode reads the
+  landmarks and rebuilds only the chunks each KV head selects (``models.quant_decode.shadowkv_decode_attention``).
 MiniCache (``G`` tokens per record, the group; the flush unit too) stores a merged layer pair (a, b) across both
 layers' pages, each layer its own stream, read together (``decode``'s ``partner``):
     layer a record: key directions, value directions   cache dtype [2, G, Hkv, D]  (as many bytes as G dense tokens)
@@ -66,6 +72,7 @@ from longfit.compression.kv_quant import (
     unpack_bits,
 )
 from longfit.compression.merging import merge_layers
+from longfit.compression.shadowkv import chunk_landmarks
 from longfit.compression.spec import INDEX_BYTES, OUTLIER_INDEX_BYTES, StageSpec
 from longfit.compression.storage import (
     kvquant_outliers,
@@ -74,6 +81,7 @@ from longfit.compression.storage import (
     minicache_pairs,
     minicache_record_bytes,
     minicache_retained,
+    shadowkv_chunks_read,
     shadowkv_factorizes,
     think_channels_kept,
     value_group,
@@ -140,6 +148,8 @@ class PageQuantFormat:
         dtype: the cache dtype (ThinK stores keys and values in it, KVQuant its outliers).
         outliers: fraction of values KVQuant keeps exact (a fixed count per record, ``spec.kvquant_outliers``).
         rank: ShadowKV's key rank r (< Hkv * D).
+        select_chunks, outlier_chunks, local_chunks: ShadowKV's chunks read per KV head and decode step (0: every
+            token, and the records hold no landmarks), of which outlier and most recent chunks always.
         retain, pair, role: MiniCache's retained fraction per group, the merged layers (a, b) and this layer's index
             in them (0: a, the directions; 1: b, the norms and retained tokens).
     """
@@ -155,6 +165,9 @@ class PageQuantFormat:
     dtype: str = "bfloat16"
     outliers: float = 0.0
     rank: int = 0
+    select_chunks: int = 0
+    outlier_chunks: int = 0
+    local_chunks: int = 0
     retain: float = 0.0
     pair: tuple[int, int] = (0, 0)
     role: int = 0
@@ -173,8 +186,10 @@ class PageQuantFormat:
             rank = stage.get("rank")
             if not shadowkv_factorizes(num_kv_heads * head_dim, rank):
                 return None
-            bits = 8 * _DTYPES[dtype].itemsize
-            return PageQuantFormat("shadowkv", bits, 1, 1, num_kv_heads, head_dim, dtype=dtype, rank=rank)
+            bits, chunk = 8 * _DTYPES[dtype].itemsize, stage.get("chunk")
+            return PageQuantFormat("shadowkv", bits, chunk, chunk, num_kv_heads, head_dim, dtype=dtype, rank=rank,
+                                   select_chunks=shadowkv_chunks_read(stage) or 0,
+                                   outlier_chunks=stage.get("outliers"), local_chunks=stage.get("local"))
         bits = stage.get("bits")
         if bits == 16:
             return None
@@ -220,9 +235,9 @@ class PageQuantFormat:
         if self.method == "think":
             width = self.bits // 8
             return 0, 0, h * self.key_channels * width, h * d * width, 0, 0
-        if self.method == "shadowkv":
+        if self.method == "shadowkv":  # the landmark and flags take the first field (``shadowkv_record_bytes``)
             width = self.bits // 8
-            return 0, 0, self.rank * width, h * d * width, 0, 0
+            return (h * d + h) * width * bool(self.select_chunks), 0, g * self.rank * width, g * h * d * width, 0, 0
         codes = g * h * d * self.bits // 8
         pair = OUTLIER_INDEX_BYTES + _DTYPES[self.dtype].itemsize
         key_outliers, value_outliers = self.outlier_counts
@@ -262,21 +277,29 @@ class PageQuantFormat:
         return num_tokens - num_tokens % self.flush_tokens
 
     # ------------------------------------------------------------------ encode / decode
-    def encode(self, keys: Tensor, values: Tensor, side: Tensor | None = None) -> Tensor:
+    def encode(self, keys: Tensor, values: Tensor, side: Tensor | None = None, rotated_keys: Tensor | None = None,
+               prompt: bool = False) -> Tensor:
         """``keys, values: [T, Hkv, D]`` (T a multiple of ``record_tokens``) → records
-        ``uint8 [T / G, record_bytes]``. ThinK: ``side: [Hkv, d']`` the key channels kept. ShadowKV: ``side: [r, Hkv * D]`` the basis; ``keys``
-        pre-RoPE, stored as their coefficients ``keys @ basisᵀ`` (the projection onto the basis rows)."""
+        ``uint8 [T / G, record_bytes]``. ThinK: ``side: [Hkv, d']`` the key channels kept. ShadowKV: ``side:
+        [r, Hkv * D]`` the basis; ``keys`` pre-RoPE, stored as their coefficients ``keys @ basisᵀ`` (the projection
+        onto the basis rows); with chunk selection, ``rotated_keys`` (the same keys post-RoPE) give the landmarks,
+        and outlier chunks are chosen when these are the ``prompt``'s records."""
         num_tokens = keys.shape[0]
         n, g = num_tokens // self.record_tokens, self.record_tokens
         if self.method in ("think", "shadowkv"):
             assert side is not None
             dtype = _DTYPES[self.dtype]
+            fields = []
             if self.method == "think":
                 kept = keys.gather(2, side.unsqueeze(0).expand(num_tokens, -1, -1))  # [T, Hkv, d']
             else:
                 kept = keys.reshape(num_tokens, -1).float() @ side.float().T  # [T, r]
-            return torch.cat([kept.to(dtype).reshape(n, -1).view(torch.uint8),
-                              values.to(dtype).reshape(n, -1).view(torch.uint8)], dim=1)
+                if self.select_chunks:
+                    assert rotated_keys is not None
+                    landmarks, outlier = chunk_landmarks(rotated_keys, g, self.outlier_chunks if prompt else 0)
+                    fields = [landmarks.reshape(n, -1), outlier.reshape(n, -1)]
+            fields += [kept.reshape(n, -1), values.reshape(n, -1)]
+            return torch.cat([f.to(dtype).view(torch.uint8) for f in fields], dim=1)
         k, v = keys.transpose(0, 1), values.transpose(0, 1)  # [Hkv, T, D]
         if self.method == "int8":
             kq, vq = quantize_int8_per_token(k), quantize_int8_per_token(v)
@@ -310,10 +333,9 @@ class PageQuantFormat:
         o4, o5 = o3 + vc_b, o3 + vc_b + ko_b
         if self.method == "shadowkv":
             assert side is not None
-            dtype = _DTYPES[self.dtype]
-            coefficients = records[..., :o3].contiguous().view(dtype).reshape(*lead, n, self.rank).float()
-            values = records[..., o3:].contiguous().view(dtype).reshape(*lead, n, h, d).float()
-            return torch.matmul(coefficients, side.float()).reshape(*lead, n, h, d), values
+            _, _, coefficients, values = self.shadowkv_fields(records, landmarks=False)
+            keys = torch.matmul(coefficients.reshape(*lead, n * g, self.rank).float(), side.float())
+            return keys.reshape(*lead, n * g, h, d), values.reshape(*lead, n * g, h, d).float()
         if self.method == "think":
             assert side is not None
             dtype = _DTYPES[self.dtype]
@@ -349,6 +371,28 @@ class PageQuantFormat:
         if value_outliers:
             values = _restore_outliers(values, records[..., o5:], value_outliers, dtype)
         return keys.reshape(*lead, n * g, h, d), values.reshape(*lead, n * g, h, d)
+
+    def shadowkv_landmarks(self, records: Tensor) -> tuple[Tensor, Tensor]:
+        """ShadowKV ``records: uint8 [..., n, record_bytes]`` with chunk selection → landmarks float32
+        ``[..., n, Hkv, D]`` and outlier flags bool ``[..., n, Hkv]``."""
+        lead, n = records.shape[:-2], records.shape[-2]
+        h, d = self.num_kv_heads, self.head_dim
+        marks = _view(records[..., :self._field_bytes[0]], _DTYPES[self.dtype]).reshape(*lead, n, h * d + h)
+        return marks[..., :h * d].float().reshape(*lead, n, h, d), marks[..., h * d:] > 0
+
+    def shadowkv_fields(self, records: Tensor, landmarks: bool = True
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
+        """ShadowKV ``records: uint8 [..., n, record_bytes]`` → landmarks and outlier flags
+        (``shadowkv_landmarks``; None without chunk selection or ``landmarks``), key coefficients
+        ``[..., n, C, r]`` and values ``[..., n, C, Hkv, D]`` in the cache dtype."""
+        lead, n = records.shape[:-2], records.shape[-2]
+        h, d, g = self.num_kv_heads, self.head_dim, self.record_tokens
+        dtype = _DTYPES[self.dtype]
+        o1, _, kc_b, _, _, _ = self._field_bytes
+        marks, outlier = self.shadowkv_landmarks(records) if o1 and landmarks else (None, None)
+        coefficients = _view(records[..., o1:o1 + kc_b], dtype).reshape(*lead, n, g, self.rank)
+        values = _view(records[..., o1 + kc_b:], dtype).reshape(*lead, n, g, h, d)
+        return marks, outlier, coefficients, values
 
     def _decode_merged(self, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
         """MiniCache: this layer's keys and values float32 ``[..., n * G, Hkv, D]`` from the pair's records
@@ -397,7 +441,8 @@ class PageQuantFormat:
     def read(self, pool_bytes: Tensor, pages: Tensor, num_records: int) -> Tensor:
         """Records ``[..., num_records, record_bytes]`` from stream pages ``pages: [..., P]`` of ``pool_bytes``
         (``uint8 [num_blocks, page_bytes]``). Rows with fewer records read padding: mask them."""
-        buffer = pool_bytes[pages]  # [..., P, page_bytes]
+        # index_select copies whole rows; advanced indexing (pool_bytes[pages]) runs ~10x slower on CPU for uint8 rows
+        buffer = pool_bytes.index_select(0, pages.reshape(-1))  # [prod(...) * P, page_bytes]
         flat = buffer.reshape(*pages.shape[:-1], -1)[..., :num_records * self.record_bytes]
         return flat.reshape(*pages.shape[:-1], num_records, self.record_bytes)
 

@@ -219,6 +219,9 @@ def test_engine_refuses_what_it_cannot_store():
                           ("kvquant:bits=5", "kvquant:bits must be one of 2, 3, 4, 8, 16"),
                           ("kvquant:bits=8,group=8,outliers=0.45", "lower kvquant:outliers or kvquant:bits"),
                           ("kivi:bits=2,group=1,residual=8", "raise kivi:group"),
+                          ("shadowkv:rank=31,chunk=1", "raise shadowkv:chunk or set shadowkv:budget=0"),
+                          ("shadowkv:chunk=0", r"shadowkv:chunk must be an integer in \[1, 4096\]"),
+                          ("shadowkv:budget=-1", "shadowkv:budget must be an integer >= 0"),
                           ("kvquant:outliers=0.5", r"kvquant:outliers must be a number in \[0, 0.5\)")]:
         with pytest.raises(ValueError, match=message):
             llm.generate(PROMPT, SamplingParams(max_tokens=2), kv_compression=spec)

@@ -261,8 +261,8 @@ def _stored_bytes(policies: list[CompressionPolicy], layers: list[Layer]) -> int
         elif storage.name == "think":
             per_layer[layer_idx] = storage.prune(keys, layers[layer_idx].queries).nbytes() + dense(values)
         elif storage.name == "shadowkv":
-            factors = storage.factorize(keys)
-            per_layer[layer_idx] = (dense(keys) if factors is None else factors.nbytes()) + dense(values)
+            stored = storage.store(keys, values, keys)  # (the keys stand for their post-RoPE selves: bytes only)
+            per_layer[layer_idx] = dense(keys) + dense(values) if stored is None else stored.nbytes()
     if storage is not None and storage.name == "minicache":
         for a, b in storage.layer_pairs(NUM_LAYERS):
             pair = storage.merge(*kept[a], *kept[b])

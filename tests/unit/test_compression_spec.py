@@ -180,7 +180,10 @@ KV_BYTES = [  # tiny config: 2 layers, 2 KV heads, head_dim 16, 100 tokens, bf16
     ("kvquant:bits=16", 25600),
     ("think:channels=0.5", 2 * (2 * 100 * (8 + 16) * 2 + 2 * 8 * 8)),
     ("think:channels=1", 25600),
-    ("shadowkv:rank=8", 2 * (8 * (100 + 32) * 2 + 2 * 100 * 16 * 2)),
+    # 12 records of 8 tokens (landmark [2, 16] + 2 flags + 8 x (8 coefficients + values [2, 16])), the basis
+    # [8, 32], the last 4 tokens dense; all bf16
+    ("shadowkv:rank=8", 2 * (12 * (34 + 8 * (8 + 32)) * 2 + 8 * 32 * 2 + 2 * 2 * 4 * 16 * 2)),
+    ("shadowkv:rank=8,budget=0", 2 * (12 * 8 * (8 + 32) * 2 + 8 * 32 * 2 + 2 * 2 * 4 * 16 * 2)),
     ("shadowkv:rank=32", 25600),  # rank >= Hkv * D: stored dense
     # minicache, per group of G tokens: directions 2*G*2*16*2 (layer 0); norms 4*G*2*2, 2-byte offsets and exact K, V
     # of both layers for floor(retain*G) tokens per head (layer 1); the tokens after the last group dense in both

@@ -57,22 +57,29 @@ def test_record_size_for_smollm2_shape() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_shadowkv_records_hold_the_projection_onto_the_prompt_basis(dtype: torch.dtype) -> None:
-    """Records of r coefficients + exact values; the decoded keys are the policy's rank-r reconstruction, bytes
-    equal the planner's (basis beside the pages), batched rows with their own bases decode independently."""
+    """Records of 8-token chunks: a landmark and outlier flags, then r coefficients + exact values per token; the
+    decoded keys are the policy's rank-r reconstruction, bytes equal the planner's (basis beside the pages), batched
+    rows with their own bases decode independently."""
     from longfit.compression.shadowkv import factorize_keys, key_basis
     from longfit.compression.storage import kv_bytes, stored_layout
     from longfit.config import ModelConfig
 
-    rank, width = 5, NUM_KV_HEADS * HEAD_DIM
-    stage = make_stage("shadowkv", rank=rank)
+    rank, width, chunk = 5, NUM_KV_HEADS * HEAD_DIM, 8
+    stage = make_stage("shadowkv", rank=rank, outliers=2)
     cache_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
     fmt = PageQuantFormat.from_stage(stage, NUM_KV_HEADS, HEAD_DIM, cache_dtype)
-    assert fmt.pre_rope and fmt.has_side and fmt.record_bytes == (rank + width) * dtype.itemsize
+    assert fmt.pre_rope and fmt.has_side and fmt.record_tokens == fmt.flush_tokens == chunk
+    assert fmt.record_bytes == (width + NUM_KV_HEADS + chunk * (rank + width)) * dtype.itemsize
+    plain = PageQuantFormat.from_stage(make_stage("shadowkv", rank=rank, budget=0), NUM_KV_HEADS, HEAD_DIM,
+                                       cache_dtype)
+    assert plain.select_chunks == 0 and plain.record_bytes == chunk * (rank + width) * dtype.itemsize
+    assert fmt.select_chunks == 2048 // 8 + 2 + 4  # budget / chunk + outliers + local
     assert PageQuantFormat.from_stage(make_stage("shadowkv", rank=width), NUM_KV_HEADS, HEAD_DIM) is None
     keys, values = _layer(dtype, 40)
+    rotated = torch.randn(40, NUM_KV_HEADS, HEAD_DIM).to(dtype)  # stands for the post-RoPE keys
     basis = key_basis(keys.reshape(40, -1), rank).to(dtype)  # [r, Hkv*D]
-    records = fmt.encode(keys, values, basis)
-    assert records.shape == (40, fmt.record_bytes)
+    records = fmt.encode(keys, values, basis, rotated, prompt=True)
+    assert records.shape == (5, fmt.record_bytes)
     got_k, got_v = fmt.decode(records, basis)
     assert torch.equal(got_v, values.float())
     ref = factorize_keys(keys.transpose(0, 1), rank)  # the tensor-level policy: [Hkv, T, D]
@@ -80,11 +87,23 @@ def test_shadowkv_records_hold_the_projection_onto_the_prompt_basis(dtype: torch
                           else 1e-5)
     error = (got_k - keys.float()).norm() / keys.float().norm()
     assert 0.01 < error < 0.9  # really rank 5 of 48, better than nothing
-    layout = stored_layout(stage, NUM_KV_HEADS, 40, HEAD_DIM, dtype.itemsize)
-    assert layout == (40, fmt.stream_bytes(40), fmt.side_bytes)
+    # landmarks: each chunk's mean post-RoPE key; outliers: per head the 2 chunks whose least similar key is least
+    # similar to the landmark (a loop over heads and chunks)
+    landmarks, outlier, _, _ = fmt.shadowkv_fields(records)
+    chunks = rotated.float().view(5, chunk, NUM_KV_HEADS, HEAD_DIM)
+    assert torch.allclose(landmarks, chunks.mean(1).to(dtype).float())
+    for head in range(NUM_KV_HEADS):
+        worst = [min(torch.nn.functional.cosine_similarity(chunks[c, t, head], chunks[c, :, head].mean(0), dim=0)
+                     for t in range(chunk)) for c in range(5)]
+        assert outlier[:, head].tolist() == [c in sorted(range(5), key=lambda c: worst[c])[:2] for c in range(5)]
+    assert not fmt.shadowkv_fields(fmt.encode(keys, values, basis, rotated))[1].any()  # generated: no outliers
+    layout = stored_layout(stage, NUM_KV_HEADS, 43, HEAD_DIM, dtype.itemsize)
+    assert layout == (40, fmt.stream_bytes(40), fmt.side_bytes)  # 3 tokens stay dense
     config = ModelConfig.tiny(num_layers=1, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, num_heads=NUM_KV_HEADS)
-    assert kv_bytes("shadowkv:rank=5", config, 40, dtype.itemsize) == fmt.stream_bytes(40) + fmt.side_bytes
+    dense_tail = 2 * 3 * width * dtype.itemsize
+    assert kv_bytes("shadowkv:rank=5", config, 43, dtype.itemsize) == fmt.stream_bytes(40) + fmt.side_bytes + dense_tail
     other = key_basis(torch.randn(40, width), rank).to(dtype)
-    batch_k, _ = fmt.decode(torch.stack([records, fmt.encode(keys, values, other)]), torch.stack([basis, other]))
+    batch_k, _ = fmt.decode(torch.stack([records, fmt.encode(keys, values, other, rotated)]),
+                            torch.stack([basis, other]))
     assert torch.equal(batch_k[0], got_k)
-    assert torch.allclose(batch_k[1], fmt.decode(fmt.encode(keys, values, other), other)[0])
+    assert torch.allclose(batch_k[1], fmt.decode(fmt.encode(keys, values, other, rotated), other)[0])
