@@ -22,6 +22,7 @@ from longfit.kv.manager import KVCacheManager
 from longfit.models.loader import load_model
 from longfit.outputs import RequestOutput
 from longfit.runtime.compactor import validate_engine_spec
+from longfit.runtime.host_memory import configure_host_allocator
 from longfit.runtime.kv_store import resolve_kv_spec
 from longfit.runtime.model_runner import ModelRunner
 from longfit.sampling_params import SamplingParams
@@ -30,7 +31,9 @@ logger = logging.getLogger("longfit")
 
 
 def configure_threads(num_threads: int | None) -> int:
-    """Set torch's intra-op threads once (physical cores by default; LONGFIT_NUM_THREADS overrides)."""
+    """Set torch's intra-op threads once (physical cores by default; LONGFIT_NUM_THREADS overrides), and the host
+    allocator's thresholds (``runtime.host_memory``: freed temporaries stay in the heap)."""
+    configure_host_allocator()
     count = num_threads or env_num_threads() or max(1, (os.cpu_count() or 2))
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)

@@ -12,7 +12,11 @@ so the scale folds into the (small) query per group and into the (small) probabi
 meet them in batched matmuls. The general path (``attention.read_streams``: dequantize the whole stream to fp32,
 concatenate it with the full-precision tail, one masked SDPA) writes and re-reads every K/V element several times
 more; this one unpacks the codes once, heads first, and multiplies them. The KIVI paper's own CUDA kernels fuse
-the unpacking into the matmul as well; eager PyTorch cannot, so the unpack stays the largest cost.
+the unpacking into the matmul as well; eager PyTorch cannot. What it can do is unpack with one shift and mask per
+code plane on 4-byte words (``quant_pages.unpack_codes_grouped``), which leaves the channels permuted inside each
+value group: the query is permuted to match, and the values' output permuted back, both ``[.., D]``. All value
+groups go through one matmul (the codes read once). Even so the fp32 codes are twice the bytes of a bf16 full
+cache, so on a CPU this path approaches, not beats, full-cache decode speed (docs/COMPRESSION.md).
 
 The result equals dequantize + softmax attention up to fp32 rounding (``tests/model/test_quant_decode.py``
 compares it with that slow path, padding records of garbage bytes included).
@@ -20,13 +24,21 @@ compares it with that slow path, padding records of garbage bytes included).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from longfit.compression.shadowkv import select_chunks
 from longfit.models.layers import RotaryEmbedding
-from longfit.runtime.quant_pages import PageQuantFormat
+from longfit.runtime.quant_pages import PageQuantFormat, grouped_code_order
+
+
+@functools.lru_cache(maxsize=16)
+def _code_order(bits: int, dim: int, span: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``grouped_code_order`` as int64 index tensors on ``device`` (built once, not per layer and step)."""
+    return tuple(torch.tensor(x, device=device) for x in grouped_code_order(bits, dim, span))
 
 
 def kivi_decode_attention(q: Tensor, records: Tensor, fmt: PageQuantFormat, stream_valid: Tensor,
@@ -57,8 +69,11 @@ def kivi_decode_attention(q: Tensor, records: Tensor, fmt: PageQuantFormat, stre
     token_ok = ~stream_valid[:, None, :, None]  # [B, 1, T, 1]
     v_scale, v_zero = v_scale.masked_fill(token_ok, 0.0), v_zero.masked_fill(token_ok, 0.0)  # [B, Hkv, T, D/vg]
 
+    # The codes come with the channels permuted inside each value group (grouped_code_order): permute the query
+    # to match for the scores, and the stream's output back (both [.., D], tiny next to the codes).
+    order, inverse = _code_order(fmt.bits, dim, fmt.value_group, q.device)
     qg = q.float().view(batch, 1, hkv, group, dim)  # [B, 1, Hkv, g, D]
-    qs = qg * k_scale.unsqueeze(3)  # [B, n, Hkv, g, D]: the query with each key group's channel scales folded in
+    qs = (qg * k_scale.unsqueeze(3)).index_select(-1, order)  # [B, n, Hkv, g, D]: each key group's scales folded in
     bias = (qg * k_zero.unsqueeze(3)).sum(-1, keepdim=True)  # [B, n, Hkv, g, 1]
     stream_scores = torch.matmul(qs, k_codes.transpose(-1, -2)).add_(bias)  # [B, n, Hkv, g, G]
     num_stream = stream_scores.shape[1] * fmt.record_tokens
@@ -70,13 +85,18 @@ def kivi_decode_attention(q: Tensor, records: Tensor, fmt: PageQuantFormat, stre
     probs = torch.softmax(scores, dim=-1)  # [B, Hkv, g, T + S]
     p_stream, p_tail = probs[..., :num_stream], probs[..., num_stream:]
 
+    width, num_groups = fmt.value_group, dim // fmt.value_group
+    # One pass over the value codes for all channel groups: row (j, i) of the weights is p_t s_{t,j} for query head
+    # i, multiplied with every channel, and only group j's channels of its result are kept (num_groups x the
+    # products of a matmul per group, but the codes are read once and contiguously).
+    weights = p_stream.unsqueeze(2) * v_scale.permute(0, 1, 3, 2).unsqueeze(3)  # [B, Hkv, D/vg, g, T]
+    full = torch.matmul(weights.reshape(batch, hkv, num_groups * group, -1), v_codes)  # [B, Hkv, D/vg * g, D]
+    blocks = full.view(batch, hkv, num_groups, group, num_groups, width).diagonal(dim1=2, dim2=4)  # [.., g, vg, D/vg]
+    stream = blocks.permute(0, 1, 2, 4, 3).reshape(batch, hkv, group, dim)  # permuted channels
     out = torch.matmul(p_tail, tail_values)  # [B, Hkv, g, D]
-    width = fmt.value_group
+    out += stream.index_select(-1, inverse)
     zeros = torch.matmul(p_stream, v_zero)  # [B, Hkv, g, D/vg]: Σ_t p_t z_{t,j}
     out += zeros.repeat_interleave(width, dim=-1)
-    for j in range(dim // width):  # D / vg channel groups (2 for D = 64, vg = 32)
-        weights = p_stream * v_scale[..., j].unsqueeze(2)  # [B, Hkv, g, T]: p_t s_{t,j}
-        out[..., j * width:(j + 1) * width] += torch.matmul(weights, v_codes[..., j * width:(j + 1) * width])
     return out.view(batch, num_heads, dim)
 
 

@@ -107,6 +107,47 @@ def _unpack_codes(packed: Tensor, bits: int, head_dim: int) -> Tensor:
     return unpack_bits(packed, bits, head_dim).float()
 
 
+_UNITS = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+@functools.lru_cache(maxsize=16)
+def grouped_code_order(bits: int, head_dim: int, span: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The channel order ``unpack_codes_grouped`` returns, and its inverse.
+
+    Position ``f = j * span + i * (span / k) + b`` (``k = 8 / bits`` codes per byte; channel group ``j`` of ``span``
+    channels, code ``i`` of byte ``b`` of that group) holds channel ``j * span + k * b + i``: every channel group
+    stays contiguous, only the channels inside it are permuted. Returns ``(order, inverse)``: ``out[..., f]`` is
+    channel ``order[f]``; ``out[..., inverse]`` puts the channels back in order."""
+    k = 8 // bits
+    if span % k:  # groups narrower than a byte's codes: unpack_codes_grouped keeps the natural order
+        return tuple(range(head_dim)), tuple(range(head_dim))
+    order = [j * span + k * b + i for j in range(head_dim // span) for i in range(k) for b in range(span // k)]
+    inverse = [0] * head_dim
+    for f, d in enumerate(order):
+        inverse[d] = f
+    return tuple(order), tuple(inverse)
+
+
+def unpack_codes_grouped(packed: Tensor, bits: int, head_dim: int, span: int) -> Tensor:
+    """``uint8 [..., D * bits / 8]`` (``pack_bits`` order, little-endian) → float32 codes ``[..., D]`` in the channel
+    order of ``grouped_code_order(bits, D, span)`` (natural when ``span`` is not a multiple of ``8 / bits``).
+
+    Why not ``_unpack_codes``: extracting code ``i`` of every byte at once needs one shift and one mask on 4-byte
+    words (mask ``0x03030303`` for 2 bits), not a broadcast over single bytes, and writing the ``k`` results side by
+    side (no interleave) is what permutes the channels; the caller permutes its small query or output instead. On
+    the 2-core EPYC this takes ~1/4 of the time of ``_unpack_codes`` for a 2-bit [3, 7936, 64] head stream."""
+    k = 8 // bits
+    if k == 1 or span % k:
+        return _unpack_codes(packed, bits, head_dim)
+    group_bytes = span // k
+    unit = next(u for u in (4, 2, 1) if group_bytes % u == 0)
+    lead = packed.shape[:-1]
+    words = packed.contiguous().view(_UNITS[unit]).view(*lead, head_dim // span, group_bytes // unit)
+    mask = int.from_bytes(bytes([(1 << bits) - 1]) * unit, "little")
+    parts = torch.stack([(words >> (bits * i)) & mask for i in range(k)], dim=-2)  # [..., D / span, k, units]
+    return parts.view(torch.uint8).reshape(*lead, head_dim).float()
+
+
 def _outlier_bytes(q: QuantizedTensor, records: int, dtype: torch.dtype) -> list[Tensor]:
     """A quantizer's outliers ``[Hkv, N, K]`` as record fields: offsets then values, ``uint8 [records, ...]``
     each, blocks-major (``[N / records, Hkv, K]`` per record)."""
@@ -419,8 +460,11 @@ class PageQuantFormat:
     def kivi_operands(self, records: Tensor) -> tuple[Tensor, ...]:
         """KIVI ``records: uint8 [B, n, record_bytes]`` → the affine parts ``models.quant_decode`` multiplies, fp32:
         key scale, zero ``[B, n, Hkv, D]`` (per record and channel), key codes ``[B, n, Hkv, G, D]``, value scale,
-        zero ``[B, Hkv, n * G, D / vg]`` (per token and channel group), value codes ``[B, Hkv, n * G, D]``; the
-        packed bytes are put heads-first before unpacking (a quarter or half of the codes' fp32 bytes to move)."""
+        zero ``[B, Hkv, n * G, D / vg]`` (per token and channel group), value codes ``[B, Hkv, n * G, D]``.
+
+        Both code tensors come in the channel order of ``grouped_code_order(bits, D, vg)`` (value groups stay
+        contiguous; the scales and zeros are in the natural order). The packed bytes are put heads-first before
+        unpacking: a quarter or half of the codes' fp32 bytes to move."""
         if self.method != "kivi":
             raise ValueError(f"kivi_operands needs a kivi format, got {self.method}")
         batch, n = records.shape[:2]
@@ -431,10 +475,10 @@ class PageQuantFormat:
         k_sz = records[..., :o1].contiguous().view(torch.float16).float().view(batch, n, 2, h, d)
         v_sz = records[..., o1:o2].contiguous().view(torch.float16).float().view(batch, n, g, 2, h, d // vg)
         v_sz = v_sz.permute(3, 0, 4, 1, 2, 5).reshape(2, batch, h, n * g, d // vg)
-        k_packed = records[..., o2:o3].reshape(batch, n, g, h, width).transpose(2, 3).contiguous()
-        v_packed = records[..., o3:o3 + vc_b].reshape(batch, n, g, h, width).permute(0, 3, 1, 2, 4).contiguous()
-        k_codes = _unpack_codes(k_packed, self.bits, d)  # [B, n, Hkv, G, D]
-        v_codes = _unpack_codes(v_packed, self.bits, d).view(batch, h, n * g, d)
+        k_packed = records[..., o2:o3].reshape(batch, n, g, h, width).transpose(2, 3)
+        v_packed = records[..., o3:o3 + vc_b].reshape(batch, n, g, h, width).permute(0, 3, 1, 2, 4)
+        k_codes = unpack_codes_grouped(k_packed, self.bits, d, vg)  # [B, n, Hkv, G, D]
+        v_codes = unpack_codes_grouped(v_packed, self.bits, d, vg).view(batch, h, n * g, d)
         return k_sz[:, :, 0], k_sz[:, :, 1], k_codes, v_sz[0], v_sz[1], v_codes
 
     # ------------------------------------------------------------------ paged stream

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longfit.compression.kv_quant import KVQuantPolicy
+from longfit.compression.kv_quant import KVQuantPolicy, pack_bits
 from longfit.compression.spec import make_stage
 from longfit.compression.storage import quantized_bytes
-from longfit.runtime.quant_pages import PageQuantFormat
+from longfit.runtime.quant_pages import PageQuantFormat, _unpack_codes, grouped_code_order, unpack_codes_grouped
 
 NUM_KV_HEADS, HEAD_DIM, GROUP = 3, 16, 8
 
@@ -107,3 +107,24 @@ def test_shadowkv_records_hold_the_projection_onto_the_prompt_basis(dtype: torch
                             torch.stack([basis, other]))
     assert torch.equal(batch_k[0], got_k)
     assert torch.allclose(batch_k[1], fmt.decode(fmt.encode(keys, values, other, rotated), other)[0])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("span", [2, 8, 16, 32])
+def test_grouped_unpack_is_a_permutation_of_the_natural_unpack(bits: int, span: int) -> None:
+    """The fast unpack (one shift and mask per code plane) returns the natural unpack's channels in the order
+    ``grouped_code_order`` states, each value group kept contiguous; the inverse order restores them."""
+    head_dim = 64
+    codes = torch.randint(0, 1 << bits, (2, 5, 3, head_dim), generator=torch.Generator().manual_seed(bits + span))
+    packed = pack_bits(codes.to(torch.uint8), bits)
+    natural = _unpack_codes(packed, bits, head_dim)
+    assert torch.equal(natural, codes.float())
+    order, inverse = grouped_code_order(bits, head_dim, span)
+    assert sorted(order) == list(range(head_dim))
+    for j in range(head_dim // span):  # channels never leave their value group
+        assert {d // span for d in order[j * span:(j + 1) * span]} == {j}
+    grouped = unpack_codes_grouped(packed.transpose(1, 2), bits, head_dim, span)  # a non-contiguous input too
+    assert torch.equal(grouped, natural.transpose(1, 2)[..., list(order)])
+    assert torch.equal(grouped[..., list(inverse)], natural.transpose(1, 2))
+    if span % (8 // bits) or bits == 8:
+        assert order == tuple(range(head_dim))
