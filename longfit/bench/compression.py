@@ -140,7 +140,6 @@ def add_compression_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_compression_bench(args: argparse.Namespace, llm: LLM) -> int:
     """Validate the flags, run :func:`bench_compression`, print the markdown table (and write --json)."""
-    from longfit.runtime.compactor import validate_engine_spec
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
@@ -157,7 +156,7 @@ def run_compression_bench(args: argparse.Namespace, llm: LLM) -> int:
     specs = list(args.spec) if args.spec else list(DEFAULT_SPECS)
     for spec in specs:
         if spec != FULL:  # a spec the engine cannot apply fails before anything runs, naming the problem
-            validate_engine_spec(spec, llm.engine.config.cache.block_size)
+            llm.engine.check_kv_compression(spec)
     print(f"model {llm.engine.config.model}, {args.decode_tokens} decode tokens, median of {args.repeats} runs")
 
     def report(result: CompressionBenchResult, context: int) -> None:

@@ -271,18 +271,19 @@ class KIVIPolicy(QuantizationPolicy):
 
     name: ClassVar[str] = "kivi"
     bits: int = 2
+    key_bits: int | None = None  # None: bits (KIVI's k_bits / v_bits are separate settings in its reference)
     group: int = 32
     residual: int = 128
 
     def __post_init__(self) -> None:
-        make_stage(self.name, bits=self.bits, group=self.group, residual=self.residual)
+        make_stage(self.name, bits=self.bits, key_bits=self.key_bits, group=self.group, residual=self.residual)
 
     def quantize(self, keys: Tensor, values: Tensor) -> QuantizedKV:
         num_tokens, head_dim = keys.shape[1], keys.shape[2]
         if self.bits == 16:
             return QuantizedKV(None, None, keys, values, num_tokens)
         qk, qv = kivi_split(num_tokens, self.group, self.residual)
-        kq = quantize_keys_per_channel(keys[:, :qk], self.bits, self.group) if qk else None
+        kq = quantize_keys_per_channel(keys[:, :qk], self.key_bits or self.bits, self.group) if qk else None
         vq = quantize_values_per_token(values[:, :qv], self.bits, value_group(self.group, head_dim)) if qv else None
         return QuantizedKV(kq, vq, keys[:, qk:].contiguous(), values[:, qv:].contiguous(), num_tokens)
 

@@ -166,6 +166,8 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("kivi", "quantize", "keys per channel over G-token groups, values per token, fp residual window",
                "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
                (ParamSpec("bits", int, 2, _BITS16, choices=(2, 4, 16)),
+                ParamSpec("key_bits", int, None, "key code width when it differs from bits (KIVI's k_bits; values "
+                          "keep bits)", choices=(2, 4)),
                 ParamSpec("group", int, 32, "tokens per key group / channels per value group", 1),
                 ParamSpec("residual", int, 128, "full-precision recent tokens (a multiple of group)", 1)),
                identity=(("bits", 16),)),
@@ -262,6 +264,8 @@ def _check_stage(name: str, p: dict[str, Any]) -> None:
         raise ValueError(f"{where}:kernel must be an odd integer >= 1, got {p['kernel']}")
     if name == "pyramidkv" and p["budget"] is not None and p["budget"] <= p["window"]:
         raise ValueError(f"{where}:budget must be greater than window={p['window']}, got {p['budget']}")
+    if name == "kivi" and p["key_bits"] is not None and p["bits"] == 16:
+        raise ValueError(f"{where}:key_bits needs bits=2 or bits=4 (bits=16 stores the model dtype unchanged)")
     if name == "kivi" and p["residual"] % p["group"]:
         raise ValueError(f"{where}:residual must be a multiple of group={p['group']}, got {p['residual']}")
 

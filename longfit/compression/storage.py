@@ -78,7 +78,7 @@ def quantized_bytes(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_d
     if stage.name == "kivi":
         qk, qv = kivi_split(n, p["group"], p["residual"])
         gv = value_group(p["group"], d)
-        codes = h * (qk + qv) * d * bits // 8
+        codes = h * (qk * (p["key_bits"] or bits) + qv * bits) * d // 8
         scales = 2 * SCALE_BYTES * h * (qk // p["group"] * d + qv * d // gv)
         return codes + scales + h * ((n - qk) + (n - qv)) * d * dtype_bytes
     g = p["group"]  # kvquant: whole groups of g tokens quantized (keys per channel, values per token), rest exact

@@ -80,6 +80,12 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
         return list(prompt)
 
+    def check_kv_compression(self, spec: str) -> str:
+        """The canonical text of a spec this engine can apply to its pages (block size, KV heads, head dim, cache
+        dtype), "" for no compression; ValueError naming the problem otherwise."""
+        return validate_engine_spec(spec, self.kv_spec.block_size, self.model_config.head_dim,
+                                    self.kv_spec.dtype_bytes, self.model_config.num_kv_heads)
+
     def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
                     kv_compression: str | None = None) -> str:
         """Queue a request (``params.n`` completions). Raises ValueError for input it could never serve."""
@@ -95,9 +101,7 @@ class LLMEngine:
             raise ValueError("prompt is empty: it must contain at least one token")
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
         spec = kv_compression if kv_compression is not None else params.kv_compression or self.config.kv_compression
-        if spec:
-            spec = validate_engine_spec(spec, self.kv_spec.block_size, self.model_config.head_dim,
-                                        self.kv_spec.dtype_bytes, self.model_config.num_kv_heads) or None
+        spec = self.check_kv_compression(spec) if spec else None
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, token_ids, params)
         children = []
         for index in range(params.n):

@@ -222,10 +222,8 @@ def unsupported_reason(llm: Any, spec: str) -> str | None:
     """The engine's refusal message for a spec it parses but does not apply (quantization, ...), else None."""
     if spec == FULL:
         return None
-    from longfit.runtime.compactor import validate_engine_spec
-
     try:
-        validate_engine_spec(spec)
+        llm.engine.check_kv_compression(spec)
     except ValueError as error:
         return str(error)
     return None

@@ -71,7 +71,8 @@ def kivi_decode_attention(q: Tensor, records: Tensor, fmt: PageQuantFormat, stre
 
     # The codes come with the channels permuted inside each value group (grouped_code_order): permute the query
     # to match for the scores, and the stream's output back (both [.., D], tiny next to the codes).
-    order, inverse = _code_order(fmt.bits, dim, fmt.value_group, q.device)
+    order = _code_order(fmt.kbits, dim, fmt.value_group, q.device)[0]
+    inverse = _code_order(fmt.bits, dim, fmt.value_group, q.device)[1]
     qg = q.float().view(batch, 1, hkv, group, dim)  # [B, 1, Hkv, g, D]
     qs = (qg * k_scale.unsqueeze(3)).index_select(-1, order)  # [B, n, Hkv, g, D]: each key group's scales folded in
     bias = (qg * k_zero.unsqueeze(3)).sum(-1, keepdim=True)  # [B, n, Hkv, g, 1]

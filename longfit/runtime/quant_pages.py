@@ -15,10 +15,11 @@ the tail reaches ``flush_tokens``, the runner quantizes whole flush units into n
 stream, moves the remaining tail tokens after it, and the manager frees the pages left over. Everything is done in
 place: the stream of ``m`` tokens never takes more bytes than the same ``m`` tokens in the model dtype.
 
-KIVI record (``G`` tokens, ``Hkv`` heads, ``D`` channels, ``b`` bits, value groups of ``gv`` channels):
-    key scale, key zero   float16 [Hkv, D]            (per channel over the G tokens)
-    value scale, zero     float16 [G, Hkv, D / gv]    (per token over gv channels)
-    key codes             uint8   [G, Hkv, D * b / 8] (packed along channels, little-endian)
+KIVI record (``G`` tokens, ``Hkv`` heads, ``D`` channels, ``b`` bits, ``bk`` key bits (``key_bits``, else ``b``),
+value groups of ``gv`` channels):
+    key scale, key zero   float16 [Hkv, D]             (per channel over the G tokens)
+    value scale, zero     float16 [G, Hkv, D / gv]     (per token over gv channels)
+    key codes             uint8   [G, Hkv, D * bk / 8] (packed along channels, little-endian)
     value codes           uint8   [G, Hkv, D * b / 8]
 KVQuant record (``G`` tokens, the key group; the flush unit too): the KIVI fields with ``gv = D`` (one value scale
 and zero per token and head), ``b`` in 2, 3, 4, 8, then the dense-and-sparse outliers, a fixed count per record
@@ -181,7 +182,8 @@ class PageQuantFormat:
 
     Attributes:
         method: "kivi", "int8", "think", "kvquant" or "shadowkv".
-        bits: code width (ThinK, ShadowKV: the cache dtype's width).
+        bits: code width (ThinK, ShadowKV: the cache dtype's width); KIVI: of the values.
+        key_bits: KIVI's key code width when it differs from ``bits`` (0: ``bits``); ``kbits`` resolves it.
         record_tokens: tokens per record (KIVI, KVQuant: the key group G; int8, ThinK, ShadowKV: 1).
         flush_tokens: tail tokens stored at once (KIVI: the residual R, a multiple of G; KVQuant: G; others: 1).
         value_group: channels sharing one value scale (KIVI; KVQuant: D).
@@ -212,6 +214,7 @@ class PageQuantFormat:
     retain: float = 0.0
     pair: tuple[int, int] = (0, 0)
     role: int = 0
+    key_bits: int = 0
 
     @staticmethod
     def from_stage(stage: StageSpec, num_kv_heads: int, head_dim: int,
@@ -237,7 +240,7 @@ class PageQuantFormat:
         if stage.name == "kivi":
             group = stage.get("group")
             return PageQuantFormat("kivi", bits, group, stage.get("residual"), num_kv_heads, head_dim,
-                                   value_group(group, head_dim))
+                                   value_group(group, head_dim), key_bits=stage.get("key_bits") or 0)
         if stage.name == "int8":
             return PageQuantFormat("int8", 8, 1, 1, num_kv_heads, head_dim)
         if stage.name == "kvquant":
@@ -249,6 +252,11 @@ class PageQuantFormat:
                          f"(engine quantizers: {', '.join(ENGINE_QUANT_METHODS)})")
 
     # ------------------------------------------------------------------ sizes
+    @property
+    def kbits(self) -> int:
+        """The key codes' width (KIVI's ``key_bits`` where set, else ``bits``)."""
+        return self.key_bits or self.bits
+
     @property
     def pre_rope(self) -> bool:
         """Keys are stored un-rotated (KVQuant, ShadowKV): rotate them to their positions after ``decode``."""
@@ -279,10 +287,10 @@ class PageQuantFormat:
         if self.method == "shadowkv":  # the landmark and flags take the first field (``shadowkv_record_bytes``)
             width = self.bits // 8
             return (h * d + h) * width * bool(self.select_chunks), 0, g * self.rank * width, g * h * d * width, 0, 0
-        codes = g * h * d * self.bits // 8
         pair = OUTLIER_INDEX_BYTES + _DTYPES[self.dtype].itemsize
         key_outliers, value_outliers = self.outlier_counts
-        return (4 * h * d, 4 * g * h * (d // self.value_group), codes, codes, h * key_outliers * pair,
+        return (4 * h * d, 4 * g * h * (d // self.value_group), g * h * d * self.kbits // 8, g * h * d * self.bits // 8,
+                h * key_outliers * pair,
                 g * h * value_outliers * pair)
 
     @property
@@ -347,7 +355,7 @@ class PageQuantFormat:
             parts = [kq.scale.transpose(0, 1).reshape(n, -1), vq.scale.transpose(0, 1).reshape(n, -1)]
             codes = [kq.codes.transpose(0, 1).reshape(n, -1), vq.codes.transpose(0, 1).reshape(n, -1)]
         else:  # KIVI, KVQuant (keys pre-RoPE: the caller un-rotates them)
-            kq = quantize_keys_per_channel(k, self.bits, g, self.outliers)  # scale/zero [Hkv, n, D]
+            kq = quantize_keys_per_channel(k, self.kbits, g, self.outliers)  # scale/zero [Hkv, n, D]
             vq = quantize_values_per_token(v, self.bits, self.value_group, self.outliers)  # [Hkv, T, D/gv]
             assert kq.zero is not None and vq.zero is not None
             parts = [torch.stack([kq.scale, kq.zero]).permute(2, 0, 1, 3).reshape(n, -1),  # [n, 2*Hkv*D]
@@ -395,11 +403,11 @@ class PageQuantFormat:
             k_codes = records[..., o2:o3].contiguous().view(torch.int8).reshape(*lead, n, h, d)
             v_codes = records[..., o3:].contiguous().view(torch.int8).reshape(*lead, n, h, d)
             return k_codes.float() * k_scale, v_codes.float() * v_scale
-        width = d * self.bits // 8
+        k_width, v_width = d * self.kbits // 8, d * self.bits // 8
         k_sz = f16(0, o1).reshape(*lead, n, 1, 2, h, d)
         v_sz = f16(o1, o2).reshape(*lead, n, g, 2, h, d // self.value_group, 1)
-        k_codes = _unpack_codes(records[..., o2:o3].reshape(*lead, n, g, h, width), self.bits, d)
-        v_codes = _unpack_codes(records[..., o3:o4].reshape(*lead, n, g, h, width), self.bits, d)
+        k_codes = _unpack_codes(records[..., o2:o3].reshape(*lead, n, g, h, k_width), self.kbits, d)
+        v_codes = _unpack_codes(records[..., o3:o4].reshape(*lead, n, g, h, v_width), self.bits, d)
         v_codes = v_codes.reshape(*lead, n, g, h, d // self.value_group, self.value_group)
         keys = torch.addcmul(k_sz[..., 1, :, :], k_codes, k_sz[..., 0, :, :])  # zero + codes * scale [.., n, g, h, d]
         values = torch.addcmul(v_sz[..., 1, :, :, :], v_codes, v_sz[..., 0, :, :, :]).reshape(*lead, n, g, h, d)
@@ -462,8 +470,9 @@ class PageQuantFormat:
         key scale, zero ``[B, n, Hkv, D]`` (per record and channel), key codes ``[B, n, Hkv, G, D]``, value scale,
         zero ``[B, Hkv, n * G, D / vg]`` (per token and channel group), value codes ``[B, Hkv, n * G, D]``.
 
-        Both code tensors come in the channel order of ``grouped_code_order(bits, D, vg)`` (value groups stay
-        contiguous; the scales and zeros are in the natural order). The packed bytes are put heads-first before
+        The key codes come in the channel order of ``grouped_code_order(kbits, D, vg)``, the value codes in that of
+        ``grouped_code_order(bits, D, vg)`` (value groups stay contiguous; the scales and zeros are in the natural
+        order). The packed bytes are put heads-first before
         unpacking: a quarter or half of the codes' fp32 bytes to move."""
         if self.method != "kivi":
             raise ValueError(f"kivi_operands needs a kivi format, got {self.method}")
@@ -471,13 +480,13 @@ class PageQuantFormat:
         h, d, g, vg = self.num_kv_heads, self.head_dim, self.record_tokens, self.value_group
         ks_b, vs_b, kc_b, vc_b, _, _ = self._field_bytes
         o1, o2, o3 = ks_b, ks_b + vs_b, ks_b + vs_b + kc_b
-        width = d * self.bits // 8
+        k_width, v_width = d * self.kbits // 8, d * self.bits // 8
         k_sz = records[..., :o1].contiguous().view(torch.float16).float().view(batch, n, 2, h, d)
         v_sz = records[..., o1:o2].contiguous().view(torch.float16).float().view(batch, n, g, 2, h, d // vg)
         v_sz = v_sz.permute(3, 0, 4, 1, 2, 5).reshape(2, batch, h, n * g, d // vg)
-        k_packed = records[..., o2:o3].reshape(batch, n, g, h, width).transpose(2, 3)
-        v_packed = records[..., o3:o3 + vc_b].reshape(batch, n, g, h, width).permute(0, 3, 1, 2, 4)
-        k_codes = unpack_codes_grouped(k_packed, self.bits, d, vg)  # [B, n, Hkv, G, D]
+        k_packed = records[..., o2:o3].reshape(batch, n, g, h, k_width).transpose(2, 3)
+        v_packed = records[..., o3:o3 + vc_b].reshape(batch, n, g, h, v_width).permute(0, 3, 1, 2, 4)
+        k_codes = unpack_codes_grouped(k_packed, self.kbits, d, vg)  # [B, n, Hkv, G, D]
         v_codes = unpack_codes_grouped(v_packed, self.bits, d, vg).view(batch, h, n * g, d)
         return k_sz[:, :, 0], k_sz[:, :, 1], k_codes, v_sz[0], v_sz[1], v_codes
 

@@ -169,3 +169,14 @@ def test_bad_input_is_a_value_error(tmp_path):
     (tmp_path / "results.json").write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="not a longfit eval results file"):
         ResultStore(tmp_path / "results.json")
+
+
+def test_specs_refused_for_this_engines_pages_are_unsupported(llm):
+    """The engine's own geometry decides (block size, head dim, dtype), not only the spec's syntax: a flush unit
+    that is not a multiple of the page size is recorded as unsupported before any sample runs."""
+    from longfit.eval.harness import unsupported_reason
+
+    block = llm.engine.kv_spec.block_size
+    assert unsupported_reason(llm, f"kvquant:bits=2,group={block // 2}") is not None
+    assert "multiple of the KV block size" in unsupported_reason(llm, f"kvquant:bits=2,group={block // 2}")
+    assert unsupported_reason(llm, f"kvquant:bits=2,group={block}") is None

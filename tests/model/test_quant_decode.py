@@ -11,11 +11,14 @@ from longfit.models.quant_decode import kivi_decode_attention
 from longfit.runtime.quant_pages import PageQuantFormat
 
 
-@pytest.mark.parametrize("bits,group,dim", [(2, 8, 64), (4, 16, 64), (2, 32, 64), (4, 8, 32)])
-def test_attention_from_codes_equals_dequantized_attention(bits: int, group: int, dim: int) -> None:
+@pytest.mark.parametrize("bits,key_bits,group,dim", [(2, None, 8, 64), (4, None, 16, 64), (2, None, 32, 64),
+                                                     (4, None, 8, 32), (2, 4, 32, 64), (4, 2, 8, 32)])
+def test_attention_from_codes_equals_dequantized_attention(bits: int, key_bits: int | None, group: int,
+                                                           dim: int) -> None:
     gen = torch.Generator().manual_seed(bits * 100 + group)
     hkv, hq, batch, tail = 2, 6, 3, 5
-    fmt = PageQuantFormat.from_stage(make_stage("kivi", bits=bits, group=group, residual=2 * group), hkv, dim)
+    stage = make_stage("kivi", bits=bits, key_bits=key_bits, group=group, residual=2 * group)
+    fmt = PageQuantFormat.from_stage(stage, hkv, dim)
     records_per_row = [4, 1, 3]
     n = max(records_per_row)
     rows = []

@@ -18,7 +18,8 @@ from tests.model.reference import apply_rope, reference_logits
 
 PROMPT = "the quick brown fox jumps over the lazy dog; " * 6  # 270 byte tokens
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1)
-QUANT_SPECS = ["kivi:bits=2,group=8,residual=16", "kivi:bits=4,group=16,residual=32", "int8", "think:channels=0.5",
+QUANT_SPECS = ["kivi:bits=2,group=8,residual=16", "kivi:bits=4,group=16,residual=32",
+               "kivi:bits=2,key_bits=4,group=8,residual=16", "int8", "think:channels=0.5",
                "kvquant:bits=4,group=8", "kvquant:bits=2,group=16,outliers=0.05", "kvquant:bits=4,group=8,outliers=0",
                "shadowkv:rank=8"]
 

@@ -33,7 +33,7 @@ CASES: dict[str, tuple[str, str]] = {
     "shadowkv": ("rank=8", "rank=1"),
     "minicache": ("start=0.5,retain=0.1", "start=0,retain=0"),
     "quest": ("budget=64", "budget=1,page=8,dense_layers=0"),
-    "kivi": ("bits=4,group=16,residual=32", "bits=2,group=8,residual=8"),
+    "kivi": ("bits=4,group=16,residual=32", "bits=2,key_bits=4,group=8,residual=8"),
     "int8": ("bits=8", ""),
     "kvquant": ("bits=4", "bits=3,group=8,outliers=0.1"),
 }

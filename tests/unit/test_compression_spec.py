@@ -60,7 +60,7 @@ def test_values_are_typed_and_defaults_filled() -> None:
     assert params == {"keep": 1.0, "budget": None, "window": 32, "kernel": 5, "pool": "avg", "every": 0}
     assert isinstance(params["keep"], float) and isinstance(params["window"], int)
     kivi = parse_spec("kivi").stages[0].as_dict()
-    assert kivi == {"bits": 2, "group": 32, "residual": 128}
+    assert kivi == {"bits": 2, "key_bits": None, "group": 32, "residual": 128}
 
 
 INVALID = [
@@ -72,6 +72,8 @@ INVALID = [
     ("snapkv:keep=abc", "snapkv:keep must be a number"),
     ("snapkv:keep=nan", "snapkv:keep must be a number"),
     ("kivi:bits=3", "kivi:bits must be one of 2, 4, 16, got '3'"),
+    ("kivi:key_bits=8", "kivi:key_bits must be one of 2, 4, got '8'"),
+    ("kivi:bits=16,key_bits=2", "kivi:key_bits needs bits=2 or bits=4"),
     ("int8:bits=4", "int8:bits must be one of 8, 16"),
     ("snapkv:kep=0.5", "snapkv does not accept 'kep'; accepted parameters: keep, budget, window, kernel, pool"),
     ("snapkv:keep", "bad syntax 'keep'"),
@@ -171,6 +173,8 @@ KV_BYTES = [  # tiny config: 2 layers, 2 KV heads, head_dim 16, 100 tokens, bf16
     # fp 2*8*16*2=512
     ("kivi:bits=2,group=16,residual=32", 2 * (1536 + 1536 + 512)),
     ("kivi:bits=4,group=16,residual=32", 2 * (3072 + 1536 + 512)),
+    # 4-bit keys, 2-bit values: key codes 2*96*16*4/8=1536, value codes 768, same scales and fp tail
+    ("kivi:bits=2,key_bits=4,group=16,residual=32", 2 * (1536 + 768 + 1536 + 512)),
     ("int8", 2 * 2 * 2 * 100 * (16 + 2)),
     # kvquant 4-bit G32: 96 tokens quantized, 4 fp. Keys codes 1536 + scales 384 + 5 outliers/group 120 + fp 256;
     # values codes 1536 + per-token scales 768 (round(0.01 * 16) = 0 outliers per vector) + fp 256

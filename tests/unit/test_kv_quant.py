@@ -187,6 +187,8 @@ def test_sixteen_bits_is_the_identity(policy) -> None:
     (KVQuantPolicy(bits=3, group=16, outliers=0.02), make_stage("kvquant", bits=3, group=16, outliers=0.02)),
     (KVQuantPolicy(bits=2, group=32, outliers=0.0), make_stage("kvquant", bits=2, group=32, outliers=0.0)),
     (KIVIPolicy(bits=4, group=16, residual=32), make_stage("kivi", bits=4, group=16, residual=32)),
+    (KIVIPolicy(bits=2, key_bits=4, group=16, residual=32), make_stage("kivi", bits=2, key_bits=4, group=16,
+                                                                        residual=32)),
 ])
 def test_policy_bytes_equal_the_spec_formula(policy, spec) -> None:
     for num_tokens in (5, 40, 64):

@@ -273,6 +273,8 @@ def test_quantized_specs_include_scales_and_kivi_residual() -> None:
         assert footprint.exact_bytes == layers * (codes + scales + residual), (prompt, output)
         page = 32 * 2 * h * d * 2  # the engine packs the quantized records into pages, then the fp tail's pages
         assert footprint.paged_bytes == layers * (-(-(codes + scales) // page) + -(-(n - qk) // 32)) * page
+        mixed = kv_footprint(SMOLLM2, "kivi:bits=2,key_bits=4", prompt, output)  # 4-bit keys, 2-bit values
+        assert mixed.exact_bytes == layers * (h * (4 * qk + 2 * qv) * d // 8 + scales + residual), (prompt, output)
         int8 = kv_footprint(SMOLLM2, "int8", prompt, output)
         assert int8.exact_bytes == layers * 2 * h * n * (d + 2)  # int8 codes + one fp16 scale per token and head
 
