@@ -54,8 +54,8 @@ class CompressionBenchResult:
 
     def markdown(self, context: int | None = None) -> str:
         """The table; only ``context``'s rows when given (printed as each context finishes)."""
-        out = ["| context | spec | KV bytes/token (stored) | KV bytes/token (pages held) | compression | "
-               "decode tok/s | decode vs full | prefill s | prefill overhead |",
+        out = [("| context | spec | KV bytes/token (stored) | KV bytes/token (pages held) | compression | "
+                "decode tok/s | decode vs full | prefill s | prefill overhead |"),
                "|---|---|---|---|---|---|---|---|---|"]
         full = {r.context: r for r in self.rows if r.spec == FULL}
         for r in self.rows:

@@ -123,7 +123,8 @@ def stored_layout(stage: StageSpec, num_kv_heads: int, num_tokens: int, head_dim
 def dequant_format(stage: StageSpec) -> str:
     """The name of a storage stage's paged format whose expansion cost the planner calibrates: ``kivi:bits=2``,
     ``int8``, ``kvquant:bits=4``, ``think``, ``shadowkv``, ``minicache`` (cost per element depends on the method and
-    code width only; ShadowKV's also on its rank)."""
+    code width only; ShadowKV's also on its rank). KIVI with its own ``key_bits`` is costed as its value width: the
+    unpack and matmuls are the same operations on a few more key bytes."""
     if stage.name in ("int8", "think", "shadowkv", "minicache"):
         return stage.name
     return f"{stage.name}:bits={stage.get('bits')}"

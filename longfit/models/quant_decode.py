@@ -24,21 +24,13 @@ compares it with that slow path, padding records of garbage bytes included).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from longfit.compression.shadowkv import select_chunks
 from longfit.models.layers import RotaryEmbedding
-from longfit.runtime.quant_pages import PageQuantFormat, grouped_code_order
-
-
-@functools.lru_cache(maxsize=16)
-def _code_order(bits: int, dim: int, span: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``grouped_code_order`` as int64 index tensors on ``device`` (built once, not per layer and step)."""
-    return tuple(torch.tensor(x, device=device) for x in grouped_code_order(bits, dim, span))
+from longfit.runtime.quant_pages import PageQuantFormat, from_code_order, to_code_order
 
 
 def kivi_decode_attention(q: Tensor, records: Tensor, fmt: PageQuantFormat, stream_valid: Tensor,
@@ -66,15 +58,15 @@ def kivi_decode_attention(q: Tensor, records: Tensor, fmt: PageQuantFormat, stre
     record_ok = stream_valid.view(batch, -1, fmt.record_tokens)[..., 0]  # [B, n]
     k_scale = k_scale.masked_fill(~record_ok[..., None, None], 0.0)  # [B, n, Hkv, D]
     k_zero = k_zero.masked_fill(~record_ok[..., None, None], 0.0)
-    token_ok = ~stream_valid[:, None, :, None]  # [B, 1, T, 1]
-    v_scale, v_zero = v_scale.masked_fill(token_ok, 0.0), v_zero.masked_fill(token_ok, 0.0)  # [B, Hkv, T, D/vg]
+    token_ok = ~stream_valid[:, None, None, :]  # [B, 1, 1, T]
+    v_scale, v_zero = v_scale.masked_fill(token_ok, 0.0), v_zero.masked_fill(token_ok, 0.0)  # [B, Hkv, D/vg, T]
 
     # The codes come with the channels permuted inside each value group (grouped_code_order): permute the query
-    # to match for the scores, and the stream's output back (both [.., D], tiny next to the codes).
-    order = _code_order(fmt.kbits, dim, fmt.value_group, q.device)[0]
-    inverse = _code_order(fmt.bits, dim, fmt.value_group, q.device)[1]
+    # and the key scales to match for the scores, and the stream's output back (all tiny next to the codes).
+    vg = fmt.value_group
     qg = q.float().view(batch, 1, hkv, group, dim)  # [B, 1, Hkv, g, D]
-    qs = (qg * k_scale.unsqueeze(3)).index_select(-1, order)  # [B, n, Hkv, g, D]: each key group's scales folded in
+    # [B, n, Hkv, g, D]: the query with each key group's channel scales folded in, in the key codes' order
+    qs = to_code_order(qg, fmt.kbits, vg) * to_code_order(k_scale, fmt.kbits, vg).unsqueeze(3)
     bias = (qg * k_zero.unsqueeze(3)).sum(-1, keepdim=True)  # [B, n, Hkv, g, 1]
     stream_scores = torch.matmul(qs, k_codes.transpose(-1, -2)).add_(bias)  # [B, n, Hkv, g, G]
     num_stream = stream_scores.shape[1] * fmt.record_tokens
@@ -90,13 +82,13 @@ def kivi_decode_attention(q: Tensor, records: Tensor, fmt: PageQuantFormat, stre
     # One pass over the value codes for all channel groups: row (j, i) of the weights is p_t s_{t,j} for query head
     # i, multiplied with every channel, and only group j's channels of its result are kept (num_groups x the
     # products of a matmul per group, but the codes are read once and contiguously).
-    weights = p_stream.unsqueeze(2) * v_scale.permute(0, 1, 3, 2).unsqueeze(3)  # [B, Hkv, D/vg, g, T]
+    weights = p_stream.unsqueeze(2) * v_scale.unsqueeze(3)  # [B, Hkv, D/vg, g, T]
     full = torch.matmul(weights.reshape(batch, hkv, num_groups * group, -1), v_codes)  # [B, Hkv, D/vg * g, D]
     blocks = full.view(batch, hkv, num_groups, group, num_groups, width).diagonal(dim1=2, dim2=4)  # [.., g, vg, D/vg]
     stream = blocks.permute(0, 1, 2, 4, 3).reshape(batch, hkv, group, dim)  # permuted channels
     out = torch.matmul(p_tail, tail_values)  # [B, Hkv, g, D]
-    out += stream.index_select(-1, inverse)
-    zeros = torch.matmul(p_stream, v_zero)  # [B, Hkv, g, D/vg]: Σ_t p_t z_{t,j}
+    out += from_code_order(stream, fmt.bits, vg)
+    zeros = torch.matmul(p_stream, v_zero.transpose(-1, -2))  # [B, Hkv, g, D/vg]: Σ_t p_t z_{t,j}
     out += zeros.repeat_interleave(width, dim=-1)
     return out.view(batch, num_heads, dim)
 

@@ -129,6 +129,30 @@ def grouped_code_order(bits: int, head_dim: int, span: int) -> tuple[tuple[int, 
     return tuple(order), tuple(inverse)
 
 
+def to_code_order(x: Tensor, bits: int, span: int) -> Tensor:
+    """``x: [..., D]`` in the natural channel order → the order of ``grouped_code_order(bits, D, span)``: a view
+    ``[.., D / span, span / k, k]`` transposed (a strided copy; ``index_select`` on the last dim is several times
+    slower on CPU)."""
+    k = 8 // bits
+    if k == 1 or span % k:
+        return x
+    return x.unflatten(-1, (x.shape[-1] // span, span // k, k)).transpose(-1, -2).flatten(-3)
+
+
+def from_code_order(x: Tensor, bits: int, span: int) -> Tensor:
+    """The inverse of ``to_code_order``: ``x: [..., D]`` in code order → the natural channel order."""
+    k = 8 // bits
+    if k == 1 or span % k:
+        return x
+    return x.unflatten(-1, (x.shape[-1] // span, k, span // k)).transpose(-1, -2).flatten(-3)
+
+
+@functools.lru_cache(maxsize=16)
+def _plane_shifts(bits: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[8 / bits, 1]`` right shifts of each code plane, in the packed words' dtype."""
+    return (torch.arange(8 // bits, dtype=dtype) * bits).unsqueeze(1).to(device)
+
+
 def unpack_codes_grouped(packed: Tensor, bits: int, head_dim: int, span: int) -> Tensor:
     """``uint8 [..., D * bits / 8]`` (``pack_bits`` order, little-endian) → float32 codes ``[..., D]`` in the channel
     order of ``grouped_code_order(bits, D, span)`` (natural when ``span`` is not a multiple of ``8 / bits``).
@@ -145,8 +169,8 @@ def unpack_codes_grouped(packed: Tensor, bits: int, head_dim: int, span: int) ->
     lead = packed.shape[:-1]
     words = packed.contiguous().view(_UNITS[unit]).view(*lead, head_dim // span, group_bytes // unit)
     mask = int.from_bytes(bytes([(1 << bits) - 1]) * unit, "little")
-    parts = torch.stack([(words >> (bits * i)) & mask for i in range(k)], dim=-2)  # [..., D / span, k, units]
-    return parts.view(torch.uint8).reshape(*lead, head_dim).float()
+    planes = (words.unsqueeze(-2) >> _plane_shifts(bits, words.dtype, words.device)) & mask  # [.., D/span, k, u]
+    return planes.view(torch.uint8).reshape(*lead, head_dim).float()
 
 
 def _outlier_bytes(q: QuantizedTensor, records: int, dtype: torch.dtype) -> list[Tensor]:
@@ -468,7 +492,7 @@ class PageQuantFormat:
     def kivi_operands(self, records: Tensor) -> tuple[Tensor, ...]:
         """KIVI ``records: uint8 [B, n, record_bytes]`` → the affine parts ``models.quant_decode`` multiplies, fp32:
         key scale, zero ``[B, n, Hkv, D]`` (per record and channel), key codes ``[B, n, Hkv, G, D]``, value scale,
-        zero ``[B, Hkv, n * G, D / vg]`` (per token and channel group), value codes ``[B, Hkv, n * G, D]``.
+        zero ``[B, Hkv, D / vg, n * G]`` (per channel group and token), value codes ``[B, Hkv, n * G, D]``.
 
         The key codes come in the channel order of ``grouped_code_order(kbits, D, vg)``, the value codes in that of
         ``grouped_code_order(bits, D, vg)`` (value groups stay contiguous; the scales and zeros are in the natural
@@ -483,7 +507,7 @@ class PageQuantFormat:
         k_width, v_width = d * self.kbits // 8, d * self.bits // 8
         k_sz = records[..., :o1].contiguous().view(torch.float16).float().view(batch, n, 2, h, d)
         v_sz = records[..., o1:o2].contiguous().view(torch.float16).float().view(batch, n, g, 2, h, d // vg)
-        v_sz = v_sz.permute(3, 0, 4, 1, 2, 5).reshape(2, batch, h, n * g, d // vg)
+        v_sz = v_sz.permute(3, 0, 4, 5, 1, 2).reshape(2, batch, h, d // vg, n * g)
         k_packed = records[..., o2:o3].reshape(batch, n, g, h, k_width).transpose(2, 3)
         v_packed = records[..., o3:o3 + vc_b].reshape(batch, n, g, h, v_width).permute(0, 3, 1, 2, 4)
         k_codes = unpack_codes_grouped(k_packed, self.kbits, d, vg)  # [B, n, Hkv, G, D]

@@ -34,7 +34,7 @@ def _summary(store, kind, spec):
 
 
 def test_end_to_end_writes_files_and_resumes(llm, tmp_path):
-    store = evaluate(_options(tmp_path, perplexity=True, agreement=True), llm=llm, show_progress=False)
+    evaluate(_options(tmp_path, perplexity=True, agreement=True), llm=llm, show_progress=False)
     for name in ("results.json", "results.md", "results.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,14 @@ import torch
 from longfit.compression.kv_quant import KVQuantPolicy, pack_bits
 from longfit.compression.spec import make_stage
 from longfit.compression.storage import quantized_bytes
-from longfit.runtime.quant_pages import PageQuantFormat, _unpack_codes, grouped_code_order, unpack_codes_grouped
+from longfit.runtime.quant_pages import (
+    PageQuantFormat,
+    _unpack_codes,
+    from_code_order,
+    grouped_code_order,
+    to_code_order,
+    unpack_codes_grouped,
+)
 
 NUM_KV_HEADS, HEAD_DIM, GROUP = 3, 16, 8
 
@@ -126,5 +133,8 @@ def test_grouped_unpack_is_a_permutation_of_the_natural_unpack(bits: int, span: 
     grouped = unpack_codes_grouped(packed.transpose(1, 2), bits, head_dim, span)  # a non-contiguous input too
     assert torch.equal(grouped, natural.transpose(1, 2)[..., list(order)])
     assert torch.equal(grouped[..., list(inverse)], natural.transpose(1, 2))
+    # the strided views the decode path uses are the same permutations
+    assert torch.equal(to_code_order(natural, bits, span), natural[..., list(order)])
+    assert torch.equal(from_code_order(to_code_order(natural, bits, span), bits, span), natural)
     if span % (8 // bits) or bits == 8:
         assert order == tuple(range(head_dim))
