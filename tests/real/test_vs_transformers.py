@@ -92,7 +92,8 @@ def test_bf16_top1_agreement(pair):
     top2 = ref_logits[:-1].topk(2, dim=-1)
     ref_top1, gaps = top2.indices[:, 0].tolist(), (top2.values[:, 0] - top2.values[:, 1]).tolist()
     ours_top1 = [max(entry.items(), key=lambda kv: kv[1].logprob)[0] for entry in out.prompt_logprobs[1:]]
-    wrong = [(pos, round(gap, 3)) for pos, (a, b, gap) in enumerate(zip(ours_top1, ref_top1, gaps)) if a != b]
+    wrong = [(pos, gap) for pos, (a, b, gap) in enumerate(zip(ours_top1, ref_top1, gaps)) if a != b]
+    shown = [(pos, round(gap, 4)) for pos, gap in wrong]  # rounded for the message only: 0.0998 is not a clear lead
     agreement = 1 - len(wrong) / len(ref_top1)
-    assert agreement >= 0.98, f"{name}: bf16 top-1 agreement {agreement:.3f}, (position, gap): {wrong}"
-    assert all(gap < 0.1 for _, gap in wrong), f"{name}: clear leaders missed, (position, gap): {wrong}"
+    assert agreement >= 0.98, f"{name}: bf16 top-1 agreement {agreement:.3f}, (position, gap): {shown}"
+    assert all(gap < 0.1 for _, gap in wrong), f"{name}: clear leaders missed, (position, gap): {shown}"
