@@ -1,8 +1,8 @@
 """Torch-profiler table of longfit decode steps at a context depth (docs/PERFORMANCE.md, "What bounds it").
 
-    python scripts/profile_decode.py --depth 8000 --weights auto --num-threads 1 [--kv-compression SPEC]
+    python scripts/profile_decode.py --depth 8000 --weights auto --num-threads 1 [--kv-compression SPEC] [--batch N]
 
-One request with a random-token prompt of ``--depth`` tokens is prefilled, three decode steps warm up, then
+``--batch`` requests (default 1) with random-token prompts of ``--depth`` tokens are prefilled, three decode steps warm up, then
 ``--steps`` decode steps run under the profiler; prints ms per step and the ops by self CPU time.
 """
 
@@ -26,14 +26,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--kv-compression", default=None)
+    parser.add_argument("--batch", type=int, default=1, help="requests decoding together")
     parser.add_argument("--rows", type=int, default=18, help="ops shown")
     args = parser.parse_args()
 
-    llm = LLM(args.model, weights=args.weights, num_threads=args.num_threads)
+    llm = LLM(args.model, weights=args.weights, num_threads=args.num_threads, max_num_seqs=max(args.batch, 1))
     engine = llm.engine
     params = SamplingParams(max_tokens=args.steps + 8, temperature=0, ignore_eos=True)
-    engine.add_request(None, random_ids(1, args.depth, engine.model_config.vocab_size), params,
-                       kv_compression=args.kv_compression)
+    for seed in range(1, args.batch + 1):
+        engine.add_request(None, random_ids(seed, args.depth, engine.model_config.vocab_size), params,
+                           kv_compression=args.kv_compression)
     step_until_decoding(engine)
     for _ in range(3):
         engine.step()

@@ -264,7 +264,7 @@ def bf16_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     matmul.reset_probe()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16, DEQUANTIZE_MIN_ROWS + 3])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, DEQUANTIZE_MIN_ROWS + 3])
 def test_dense_matmul_either_bf16_mode_matches_fp32(bf16_mode: str, rows: int) -> None:
     """``matmul.linear`` over a bf16 weight: the fp32 product (slow-bf16 CPUs, FP32_MIN_ROWS rows on) or the bf16 one;
     either is within the bf16 product's rounding of an fp64 reference, in the activations' dtype."""
@@ -296,3 +296,35 @@ def test_bf16_matmul_mode_rejects_unknown_values(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv(matmul.ENV_VAR)
     matmul.reset_probe()
     assert matmul.bf16_matmul_fast() in (True, False)  # the probe answers
+
+
+@pytest.mark.parametrize("block_bytes", [4 * K * 16, 4 * K * 40, 1 << 30])
+def test_fp32_linear_by_blocks_equals_one_product(block_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``matmul.fp32_linear`` converts a bf16 weight a block of rows at a time (16 rows, 40 rows with a last partial
+    block, or whole): every split gives the fp32 product of the whole weight, bias included."""
+    from longfit.quant import matmul
+
+    monkeypatch.setattr(matmul, "CONVERT_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(100, K, generator=gen).bfloat16()
+    bias = torch.randn(100, generator=gen).bfloat16()
+    x = torch.randn(7, K, generator=gen).bfloat16()
+    out = matmul.fp32_linear(x, weight, bias)
+    assert out.dtype == torch.float32 and out.shape == (7, 100) and out.is_contiguous()
+    exact = x.double() @ weight.double().T + bias.double()
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_large_weights_switch_to_fp32_at_fewer_rows(bf16_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weight larger than the last-level cache takes the fp32 path from FP32_MIN_ROWS_LARGE rows, others from
+    FP32_MIN_ROWS; only where bf16 is slow, and never for one row."""
+    from longfit.quant import matmul
+
+    small = torch.zeros(48, K, dtype=torch.bfloat16)
+    large = torch.zeros(96, K, dtype=torch.bfloat16)
+    monkeypatch.setattr(matmul, "LARGE_WEIGHT_BYTES", large.numel() * 2)
+    slow = bf16_mode == "slow"
+    assert [matmul.uses_fp32(large, rows) for rows in (1, matmul.FP32_MIN_ROWS_LARGE)] == [False, slow]
+    assert [matmul.uses_fp32(small, rows) for rows in (matmul.FP32_MIN_ROWS_LARGE, matmul.FP32_MIN_ROWS)] == [
+        False, slow]
+    assert not matmul.uses_fp32(large.float(), 64)
