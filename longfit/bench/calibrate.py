@@ -50,13 +50,15 @@ ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (30, 1, 2048), (30, 1, 8192
                  (12, 1, 32), (12, 4, 32), (12, 8, 32))
 # (layers, batch, depth, spec): decode steps over quantized streams, which the engine expands whole at every step. Per
 # storage format, the time beyond the fitted model above is split into a cost per stream layer and one per expanded
-# element (two depths per format separate them; on the 2-core EPYC, 1 thread, SmolLM2 shape at 2k, the element
-# costs were 4-7 ns and a 512-token stream layer cost far more per element than a 2k one).
+# element (on the 2-core EPYC, 1 thread, SmolLM2 shape at 2k, the element costs were 4-7 ns and a 512-token stream
+# layer cost far more per element than a 2k one). Three depths per format, not two: with two the fit solves exactly
+# and every bit of timing noise lands in the two costs (one format's element cost moved 3x between calibrations,
+# int8 1.4-4.3 ns, and an 8k prediction missed by 2.25x; docs/PLANNING.md §6).
 # One spec per storage format the planner prices (``compression.storage.dequant_format``); ShadowKV's rank 48 (its
 # per-element cost grows with the rank), below its default budget here, so every stored key is rebuilt.
 DEQUANT_POINTS = tuple((30, 1, depth, spec) for spec in ("kivi:bits=2", "kivi:bits=4", "int8", "kvquant:bits=4",
                                                          "think:channels=0.5", "shadowkv:rank=48", "minicache")
-                       for depth in (512, 2048))
+                       for depth in (512, 2048, 4096))
 ENGINE_FLUSH_BYTES = 128 << 20  # read between timed steps (see measure_engine_steps): 4x a 32 MiB L3
 
 
@@ -223,7 +225,8 @@ def engine_samples(records: Sequence[dict[str, Any]], base: ModelConfig,
 
 
 def _nonnegative_fit2(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
-    """``(a, b) >= 0`` minimising ``Σ (a·x + b·y − r)²`` over rows ``(x, y, r)`` (a 2-column NNLS)."""
+    """``(a, b) >= 0`` minimising ``Σ (a·x + b·y − r)²`` over rows ``(x, y, r)`` (a 2-column NNLS). A weighted
+    fit passes its rows pre-scaled (``fit_dequant`` divides each by its measured step time)."""
     sxx = sum(x * x for x, _, _ in rows)
     syy = sum(y * y for _, y, _ in rows)
     sxy = sum(x * y for x, y, _ in rows)
@@ -248,7 +251,9 @@ def fit_dequant(records: Sequence[dict[str, Any]], base: ModelConfig, profile: H
     """Per storage format, ``(kv_stream_layer_s, kv_dequant_s_per_element)`` from quantized-stream records
     (``measure_engine_steps`` with a spec): the non-negative least-squares fit of each step's time beyond
     ``profile``'s estimate (its other overheads already fitted) to the stream layers and the K/V elements the
-    planner says it expands. Adds ``estimate_without_dequant_s``, ``stream_layers``, ``dequant_elements`` and
+    planner says it expands. Each row is divided by its measured step time, so the fit minimises the relative
+    error of the step estimate (the planner is judged by it) rather than letting the deepest, slowest point
+    decide both costs. Adds ``estimate_without_dequant_s``, ``stream_layers``, ``dequant_elements`` and
     ``dequant_format`` to every record."""
     from longfit.plan.planner import kv_footprint
 
@@ -267,8 +272,9 @@ def fit_dequant(records: Sequence[dict[str, Any]], base: ModelConfig, profile: H
         layers, elements = record["batch"] * footprint.streams.layers, record["batch"] * footprint.streams.elements
         record.update(estimate_without_dequant_s=estimate, stream_layers=layers, dequant_elements=elements,
                       dequant_format=footprint.streams.fmt)
-        rows.setdefault(footprint.streams.fmt, []).append((float(layers), float(elements),
-                                                           record["measured_s"] - estimate))
+        measured = record["measured_s"]
+        rows.setdefault(footprint.streams.fmt, []).append((layers / measured, elements / measured,
+                                                           (measured - estimate) / measured))
     fits = {name: _nonnegative_fit2(points) for name, points in rows.items()}
     return {name: a for name, (a, _) in fits.items()}, {name: b for name, (_, b) in fits.items()}
 
@@ -277,17 +283,24 @@ def calibrate_engine(profile: HardwareProfile, points: Sequence[tuple[int, int, 
                      base: ModelConfig = ENGINE_MODEL, steps: int = 8, rounds: int = 3,
                      num_threads: int | None = None, flush_bytes: int = ENGINE_FLUSH_BYTES,
                      dequant_points: Sequence[tuple[int, int, int, str]] = DEQUANT_POINTS,
+                     dequant_steps: int = 16, dequant_rounds: int = 1,
                      ) -> tuple[HardwareProfile, dict[str, Any]]:
     """``profile`` with its engine-overhead fields fitted to longfit's decode steps (``measure_engine_steps``,
     whose arguments these are; ``dequant_points``, may be empty, fit ``kv_dequant_s_per_element``), and the raw
-    points with their bounds and fit errors."""
-    records = measure_engine_steps([*points, *dequant_points], base, steps, rounds, num_threads, flush_bytes)
-    records, quantized = records[:len(points)], records[len(points):]
+    points with their bounds and fit errors.
+
+    The quantized-stream points run ``dequant_rounds`` rounds of ``dequant_steps`` steps: a compressed request
+    bypasses the prefix cache, so every round prefills its prompt again (three rounds of the 21 default points
+    were 2/3 of a 25-minute calibration on the 2-core EPYC); one round's median over 16 steps is as robust to a
+    short disturbance as the fastest of three 8-step medians."""
+    records = measure_engine_steps(points, base, steps, rounds, num_threads, flush_bytes)
+    quantized = (measure_engine_steps(dequant_points, base, dequant_steps, dequant_rounds, num_threads, flush_bytes)
+                 if dequant_points else [])
     fit = fit_overheads(engine_samples(records, base, profile), profile.memory_bandwidth)
     for record, error in zip(records, fit.relative_errors):
         record["fit_relative_error"] = error
     fitted = dataclasses.replace(profile, **fit.coefficients)
-    per_layer, per_element = fit_dequant(quantized, base, fitted, steps)
+    per_layer, per_element = fit_dequant(quantized, base, fitted, dequant_steps)
     for record in quantized:
         name = record["dequant_format"]
         estimate = (record["estimate_without_dequant_s"] + per_layer[name] * record["stream_layers"]
@@ -296,6 +309,7 @@ def calibrate_engine(profile: HardwareProfile, points: Sequence[tuple[int, int, 
     shape = {k: getattr(base, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_heads",
                                            "num_kv_heads", "head_dim", "tie_word_embeddings")}
     raw = {"model": shape, "weights": "bf16", "dtype": "bfloat16", "steps_per_point": steps, "rounds": rounds,
+           "steps_per_dequant_point": dequant_steps, "dequant_rounds": dequant_rounds,
            "flush_bytes": flush_bytes,
            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "points": records,
            "fit": {**fit.coefficients, "kv_stream_layer_s": per_layer, "kv_dequant_s_per_element": per_element},

@@ -516,10 +516,11 @@ def test_engine_step_measurement_fits_finite_overheads() -> None:
     profile = cm.HardwareProfile("this", "cpu", 20e9, 1e11, 5e10, measured=True)
     dequant_points = ((1, 1, 200, "kivi:bits=2"), (3, 1, 300, "kivi:bits=2"))
     fitted, raw = calibrate_engine(profile, points, base, steps=3, rounds=1, flush_bytes=1 << 20,
-                                   dequant_points=dequant_points)
+                                   dequant_points=dequant_points, dequant_steps=4)
     assert [(p["num_layers"], p["batch"], p["depth"]) for p in raw["points"]] == list(points)
     assert [(p["num_layers"], p["batch"], p["depth"], p["spec"]) for p in raw["dequant_points"]] == list(dequant_points)
     assert all(p["dequant_elements"] > 0 and math.isfinite(p["fit_relative_error"]) for p in raw["dequant_points"])
+    assert all(len(p["step_times_s"]) == 1 and len(p["step_times_s"][0]) == 4 for p in raw["dequant_points"])
     for name in cm.STREAM_COST_FIELDS:
         costs = dict(getattr(fitted, name))
         assert list(costs) == ["kivi:bits=2"] and math.isfinite(costs["kivi:bits=2"]) and costs["kivi:bits=2"] >= 0
