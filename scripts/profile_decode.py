@@ -2,8 +2,8 @@
 
     python scripts/profile_decode.py --depth 8000 --weights auto --num-threads 1 [--kv-compression SPEC] [--batch N]
 
-``--batch`` requests (default 1) with random-token prompts of ``--depth`` tokens are prefilled, three decode steps warm up, then
-``--steps`` decode steps run under the profiler; prints ms per step and the ops by self CPU time.
+``--batch`` requests (default 1) with random-token prompts of ``--depth`` tokens are prefilled, three decode steps
+warm up, then ``--steps`` decode steps run under the profiler; prints ms per step and the ops by self CPU time.
 """
 
 from __future__ import annotations
