@@ -8,8 +8,9 @@ that multiplies ``FP32_MIN_ROWS`` rows or more is converted to fp32 for the prod
 activations' dtype. Fewer rows stay in bf16: a one-row product (LM head: 7.3 ms) costs less than the conversion.
 
 The conversion is done a block of weight rows at a time (``CONVERT_BLOCK_BYTES`` of fp32), each block multiplied
-while it is still in cache: converting a whole out-of-cache weight costs ~3.6 ns per weight, a cache-sized block
-0.23 ns. Measured on that EPYC, 1 thread, weights out of cache, ms for 1 / 4 / 8 / 16 rows:
+while it is still in cache (a one-off timing: ~3.6 ns per weight for a whole out-of-cache weight, 0.23 ns for a
+cache-sized block). Measured on that EPYC with ``scripts/matmul_blocks.py``, 1 thread, weights out of cache, ms for
+1 / 4 / 8 / 16 rows (a rerun gave the same crossovers):
 
 | weight | slow bf16 product | fp32 by blocks | (int8 kernel) |
 |---|---|---|---|

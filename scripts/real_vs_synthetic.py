@@ -1,0 +1,70 @@
+"""The real SmolLM2 against the calibration's random-weight model of the same shape: decode step times in one
+process, alternated (docs/PLANNING.md §6, run D).
+
+    taskset -c 1 python scripts/real_vs_synthetic.py [--depth 2048] [--rounds 3] [--profile]
+
+Both engines use bf16 weights, 1 thread and a 1 GiB KV pool; each round times one request of ``--depth`` random
+tokens on each (median of 12 decode steps). ``--profile`` adds a torch-profiler table of 6 steps for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def main() -> None:
+    from longfit import LLM, SamplingParams
+    from longfit.bench.calibrate import ENGINE_MODEL, _with_layers
+    from longfit.bench.decode import step_until_decoding
+    from longfit.bench.peers import prompt_ids
+    from longfit.models.loader import synthetic_config
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depth", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    config = _with_layers(ENGINE_MODEL, 30)
+    with synthetic_config("tiny-llama", config) as name:
+        synthetic = LLM(name, dtype="bfloat16", weights="bf16", block_size=32, memory_bytes=1 << 30, num_threads=1)
+    real = LLM("smollm2-135m", weights="bf16", memory_bytes=1 << 30, num_threads=1)
+    prompt = prompt_ids(0, 1, args.depth, config.vocab_size)[0]
+
+    def start(llm, steps: int):
+        engine = llm.engine
+        engine.kv_manager.reset_prefix_cache()
+        engine.add_request(None, prompt, SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True))
+        step_until_decoding(engine)
+        return engine
+
+    def step_ms(llm, steps: int = 12) -> float:
+        engine = start(llm, steps)
+        times = []
+        while engine.has_unfinished_requests():
+            begin = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - begin)
+        return statistics.median(times[:steps]) * 1e3
+
+    for _ in range(args.rounds):
+        print(f"depth {args.depth}: synthetic {step_ms(synthetic):.1f} ms, real {step_ms(real):.1f} ms per step",
+              flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for label, llm in (("synthetic", synthetic), ("real", real)):
+            engine = start(llm, 8)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(6):
+                    engine.step()
+            print(label)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+            while engine.has_unfinished_requests():
+                engine.step()
+
+
+if __name__ == "__main__":
+    main()
