@@ -51,14 +51,16 @@ ENGINE_POINTS = ((1, 1, 32), (1, 4, 32), (1, 8, 32), (30, 1, 2048), (30, 1, 8192
 # (layers, batch, depth, spec): decode steps over quantized streams, which the engine expands whole at every step. Per
 # storage format, the time beyond the fitted model above is split into a cost per stream layer and one per expanded
 # element (on the 2-core EPYC, 1 thread, SmolLM2 shape at 2k, the element costs were 4-7 ns and a 512-token stream
-# layer cost far more per element than a 2k one). Three depths per format, not two: with two the fit solves exactly
+# layer cost far more per element than a 2k one). Four depths per format, not two: with two the fit solves exactly
 # and every bit of timing noise lands in the two costs (one format's element cost moved 3x between calibrations,
-# int8 1.4-4.3 ns, and an 8k prediction missed by 2.25x; docs/PLANNING.md §6).
+# int8 1.4-4.3 ns, and an 8k prediction missed by 2.25x; docs/PLANNING.md §6). And an 8k depth: fitted on 512-4096
+# only, KIVI-2 and KVQuant-4 streams at 8000 tokens took 1.6x the predicted step (run D), deeper streams costing
+# more per element than the 4096-token points showed.
 # One spec per storage format the planner prices (``compression.storage.dequant_format``); ShadowKV's rank 48 (its
 # per-element cost grows with the rank), below its default budget here, so every stored key is rebuilt.
 DEQUANT_POINTS = tuple((30, 1, depth, spec) for spec in ("kivi:bits=2", "kivi:bits=4", "int8", "kvquant:bits=4",
                                                          "think:channels=0.5", "shadowkv:rank=48", "minicache")
-                       for depth in (512, 2048, 4096))
+                       for depth in (512, 2048, 4096, 8192))
 ENGINE_FLUSH_BYTES = 128 << 20  # read between timed steps (see measure_engine_steps): 4x a 32 MiB L3
 
 

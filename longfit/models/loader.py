@@ -14,6 +14,7 @@ from longfit.models.base import DecoderModel
 from longfit.models.layers import WeightSource, random_weights
 from longfit.models.registry import build_model
 from longfit.models.tiny import TINY_PRESETS, ByteTokenizer, tiny_model_config
+from longfit.quant.linear import prepack_dense_layers
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -72,5 +73,6 @@ def load_model(name: str, runtime: RuntimeConfig) -> LoadedModel:
         tokenizer = Tokenizer.from_checkpoint(checkpoint)
     with torch.inference_mode():
         model = build_model(config, source).to(runtime.device)
+        prepack_dense_layers(model)  # CPU bf16 layers only (quant.matmul.should_prepack)
     model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path)

@@ -34,7 +34,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from longfit.quant import matmul
 from longfit.quant.gguf_repack import GGUF_BLOCK_SIZE, GGUF_INT4_TYPES, unpack_q4_rows
@@ -100,23 +100,75 @@ class Linear(torch.nn.Module):
         """Bytes held by this layer's buffers (weights, scales, zeros, bias)."""
         return sum(buf.numel() * buf.element_size() for buf in self.buffers())
 
+    def read_nbytes(self) -> int:
+        """Bytes one product reads (``weight_nbytes`` unless the layer holds a second form of its weight)."""
+        return self.weight_nbytes()
+
     def extra_repr(self) -> str:
         reason = f", fallback_reason={self.fallback_reason!r}" if self.fallback_reason else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{reason}"
 
 
 class DenseLinear(Linear):
-    """``F.linear`` over a float weight ``[N, K]`` (bf16 or fp32); inputs of another dtype are cast to it and back."""
+    """``F.linear`` over a float weight ``[N, K]`` (bf16 or fp32); inputs of another dtype are cast to it and back.
+
+    ``prepack()`` (the loader calls it for a model's CPU layers) replaces the plain bf16 ``weight`` buffer by
+    oneDNN's blocked layout, ``packed`` (``matmul.prepack``): same results, no per-call reorder. ``weight`` is then
+    None; ``dense_weight()`` rebuilds the plain one.
+    """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         if weight.dim() != 2 or not weight.is_floating_point():
             raise ValueError(f"weight must be a 2-D float [out, in] tensor, got {weight.dtype} {tuple(weight.shape)}")
         super().__init__(weight.shape[1], weight.shape[0], bias, weight.dtype)
-        self.weight: Tensor
+        self.weight: Tensor | None
         self.register_buffer("weight", weight.detach().contiguous())
+        self.packed: Tensor | None = None  # an mkldnn tensor: not a buffer (Module.to/state_dict can't move it)
+
+    def prepack(self, keep_plain: bool = False) -> bool:
+        """Swap the plain weight for its prepacked form when ``matmul.should_prepack`` says it pays. Returns
+        whether the layer is now prepacked. The plain tensor is freed unless something else holds it or
+        ``keep_plain`` (then both are held: the LM head, whose plain rows serve lookups and rescoring)."""
+        if self.packed is not None:
+            return True
+        weight = self.weight
+        if weight is None or not matmul.should_prepack(weight):
+            return False
+        self.packed = matmul.prepack(weight)
+        if not keep_plain:
+            self.weight = None
+        return True
+
+    def dense_weight(self) -> Tensor:
+        """The plain ``[N, K]`` weight (rebuilt from the packed form if prepacked)."""
+        return self.weight if self.packed is None else self.packed.to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return matmul.packed_linear(x, self.packed, self.bias)
         return matmul.linear(x, self.weight, self.bias)  # fp32 product where this CPU's bf16 GEMM is slow
+
+    def weight_nbytes(self) -> int:
+        packed = 0 if self.packed is None else self.packed.numel() * self.packed.element_size()
+        return super().weight_nbytes() + packed
+
+    def read_nbytes(self) -> int:
+        if self.packed is None:
+            return self.weight_nbytes()
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.packed.numel() * self.packed.element_size() + bias  # the plain copy (a head's) is not read
+
+
+def prepack_dense_layers(model: nn.Module, keep_plain: tuple[str, ...] = ("lm_head",)) -> int:
+    """``DenseLinear.prepack()`` on every dense layer of ``model``; the modules named in ``keep_plain`` hold their
+    plain weight as well (the LM head: its plain weight is the embedding table, or the rows its leading logits are
+    rescored from). Returns how many layers were prepacked.
+
+    The head's second copy costs its bytes (SmolLM2: 56 MB) and halves its product: measured on the project's
+    EPYC, 1 thread, 49152×576 bf16 at 1 / 4 / 16 rows, 15.0 / 16.8 / 22.5 ms plain, 8.1 / 7.5 / 14.3 prepacked.
+    """
+    return sum(module.prepack(keep_plain=name in keep_plain) for name, module in model.named_modules()
+               if isinstance(module, DenseLinear))
 
 
 class Int8Linear(Linear):

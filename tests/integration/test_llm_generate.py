@@ -211,3 +211,27 @@ def test_second_chat_turn_reuses_the_first_turn_from_the_prefix_cache():
     history += [{"role": "assistant", "content": first.outputs[0].text}, {"role": "user", "content": "and next?"}]
     second = llm.chat(history, GREEDY)[0]
     assert second.metrics.num_cached_prompt_tokens >= len(first.prompt_token_ids) // 8 * 8 - 8
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
+def test_prepacked_bf16_layers_generate_the_same_tokens(model, monkeypatch):
+    """bf16 models with every dense layer prepacked for oneDNN (``LONGFIT_PREPACK=force``, on any CPU) decode exactly
+    what plain weights decode, batched and alone, prefill chunks included."""
+    from longfit.quant import matmul
+    from longfit.quant.linear import DenseLinear
+
+    if not matmul.prepack_available():
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    prompts = ["the quick brown fox", "a" * 150, "hello"]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    outputs = {}
+    for mode in ("0", "force"):
+        monkeypatch.setenv(matmul.PREPACK_ENV_VAR, mode)
+        llm = make_tiny_llm(model, dtype="bfloat16")
+        layers = {name: m for name, m in llm.engine.runner.model.named_modules() if isinstance(m, DenseLinear)}
+        assert layers and all((m.packed is not None) == (mode == "force") for m in layers.values())
+        # The head keeps its plain weight too: the embedding table and the rows its leaders are rescored from.
+        assert all((m.weight is None) == (mode == "force" and name != "lm_head") for name, m in layers.items())
+        outputs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert_no_leak(llm)
+    assert outputs["force"] == outputs["0"]

@@ -6,10 +6,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from longfit.models.weights import RawWeight
+from longfit.quant import matmul as dense_matmul
 from longfit.quant.gguf_repack import unpack_q4_rows
 from longfit.quant.linear import DEQUANTIZE_MIN_ROWS, DenseLinear, Int4Linear, Int8Linear, Linear, build_linear
 from longfit.quant.rtn import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
@@ -328,3 +330,58 @@ def test_large_weights_switch_to_fp32_at_fewer_rows(bf16_mode: str, monkeypatch:
     assert [matmul.uses_fp32(small, rows) for rows in (matmul.FP32_MIN_ROWS_LARGE, matmul.FP32_MIN_ROWS)] == [
         False, slow]
     assert not matmul.uses_fp32(large.float(), 64)
+
+
+prepack_ops = pytest.mark.skipif(not dense_matmul.prepack_available(), reason="this torch has no oneDNN prepacked linear")
+
+
+@prepack_ops
+def test_prepacked_dense_layer_equals_plain_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prepacked bf16 layer (oneDNN's blocked weight, no per-call reorder) gives exactly ``F.linear``'s result for
+    every input shape and dtype the model feeds it, frees its plain weight and can rebuild it."""
+    from longfit.quant import matmul
+
+    monkeypatch.setenv(matmul.PREPACK_ENV_VAR, "force")  # also on CPUs where the bf16 GEMM is slow
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(96, K, generator=gen).bfloat16()
+    bias = torch.randn(96, generator=gen).bfloat16()
+    packed, plain = DenseLinear(weight.clone(), bias), DenseLinear(weight.clone(), bias)
+    nbytes = plain.weight_nbytes()
+    assert packed.prepack() and packed.weight is None and packed.packed is not None
+    assert packed.prepack()  # idempotent
+    assert torch.equal(packed.dense_weight(), weight)
+    assert packed.weight_nbytes() >= nbytes and packed.read_nbytes() == packed.weight_nbytes()
+    head = DenseLinear(weight.clone())
+    assert head.prepack(keep_plain=True) and head.weight is not None  # both forms held, one read
+    assert head.weight_nbytes() >= 2 * head.read_nbytes() > 0
+    for x in (torch.randn(1, K, generator=gen), torch.randn(7, K, generator=gen), torch.randn(2, 3, K, generator=gen),
+              torch.randn(K, 5, generator=gen).T, torch.randn(0, K, generator=gen)):
+        for dtype in (torch.bfloat16, torch.float32):
+            xd = x.to(dtype)
+            out = packed(xd)
+            expected = F.linear(xd.bfloat16(), weight, bias).to(dtype)
+            assert out.dtype == dtype and out.shape == expected.shape
+            assert torch.equal(out, expected)
+
+
+def test_prepack_declines_what_it_cannot_speed_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 weights, ``LONGFIT_PREPACK=0`` and, without ``force``, CPUs whose bf16 GEMM is slow keep plain weights;
+    an unknown value of the variable is a clear error."""
+    from longfit.quant import matmul
+
+    weight = torch.randn(32, K).bfloat16()
+    assert not DenseLinear(weight.float()).prepack()
+    monkeypatch.setenv(matmul.PREPACK_ENV_VAR, "0")
+    assert not DenseLinear(weight).prepack()
+    monkeypatch.setenv(matmul.PREPACK_ENV_VAR, "1")
+    monkeypatch.setenv(matmul.ENV_VAR, "slow")
+    matmul.reset_probe()
+    try:
+        layer = DenseLinear(weight)
+        assert not layer.prepack() and layer.weight is not None
+    finally:
+        monkeypatch.delenv(matmul.ENV_VAR)
+        matmul.reset_probe()
+    monkeypatch.setenv(matmul.PREPACK_ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="LONGFIT_PREPACK"):
+        matmul.should_prepack(weight)
