@@ -332,7 +332,8 @@ def test_large_weights_switch_to_fp32_at_fewer_rows(bf16_mode: str, monkeypatch:
     assert not matmul.uses_fp32(large.float(), 64)
 
 
-prepack_ops = pytest.mark.skipif(not dense_matmul.prepack_available(), reason="this torch has no oneDNN prepacked linear")
+prepack_ops = pytest.mark.skipif(not dense_matmul.prepack_available(),
+                                 reason="this torch or CPU has no oneDNN prepacked bf16 linear")
 
 
 @prepack_ops
