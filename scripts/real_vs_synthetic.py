@@ -4,19 +4,18 @@ process, alternated (docs/PLANNING.md §6, run D).
     taskset -c 1 python scripts/real_vs_synthetic.py [--depth 2048] [--rounds 3] [--profile]
 
 Both engines use bf16 weights, 1 thread and a 1 GiB KV pool; each round times one request of ``--depth`` random
-tokens on each (median of 12 decode steps). ``--profile`` adds a torch-profiler table of 6 steps for each.
+tokens on each (median of 12 decode steps, timed by the calibration's own ``_time_decode``). ``--profile`` adds a torch-profiler table of 6 steps for each.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 
 def main() -> None:
     from longfit import LLM, SamplingParams
-    from longfit.bench.calibrate import ENGINE_MODEL, _with_layers
+    from longfit.bench.calibrate import ENGINE_MODEL, _time_decode, _with_layers
     from longfit.bench.decode import step_until_decoding
     from longfit.bench.peers import prompt_ids
     from longfit.models.loader import synthetic_config
@@ -40,14 +39,8 @@ def main() -> None:
         step_until_decoding(engine)
         return engine
 
-    def step_ms(llm, steps: int = 12) -> float:
-        engine = start(llm, steps)
-        times = []
-        while engine.has_unfinished_requests():
-            begin = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - begin)
-        return statistics.median(times[:steps]) * 1e3
+    def step_ms(llm, steps: int = 12) -> float:  # timed as the calibration times its points
+        return statistics.median(_time_decode(llm.engine, 1, args.depth, steps, config.vocab_size)) * 1e3
 
     for _ in range(args.rounds):
         print(f"depth {args.depth}: synthetic {step_ms(synthetic):.1f} ms, real {step_ms(real):.1f} ms per step",

@@ -340,9 +340,7 @@ prepack_ops = pytest.mark.skipif(not dense_matmul.prepack_available(),
 def test_prepacked_dense_layer_equals_plain_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """A prepacked bf16 layer (oneDNN's blocked weight, no per-call reorder) gives exactly ``F.linear``'s result for
     every input shape and dtype the model feeds it, frees its plain weight and can rebuild it."""
-    from longfit.quant import matmul
-
-    monkeypatch.setenv(matmul.PREPACK_ENV_VAR, "force")  # also on CPUs where the bf16 GEMM is slow
+    monkeypatch.setenv(dense_matmul.PREPACK_ENV_VAR, "force")  # also on CPUs where the bf16 GEMM is slow
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(96, K, generator=gen).bfloat16()
     bias = torch.randn(96, generator=gen).bfloat16()
@@ -365,24 +363,17 @@ def test_prepacked_dense_layer_equals_plain_one(monkeypatch: pytest.MonkeyPatch)
             assert torch.equal(out, expected)
 
 
-def test_prepack_declines_what_it_cannot_speed_up(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bf16_mode", ["slow"], indirect=True)
+def test_prepack_declines_what_it_cannot_speed_up(bf16_mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """fp32 weights, ``LONGFIT_PREPACK=0`` and, without ``force``, CPUs whose bf16 GEMM is slow keep plain weights;
     an unknown value of the variable is a clear error."""
-    from longfit.quant import matmul
-
     weight = torch.randn(32, K).bfloat16()
     assert not DenseLinear(weight.float()).prepack()
-    monkeypatch.setenv(matmul.PREPACK_ENV_VAR, "0")
+    monkeypatch.setenv(dense_matmul.PREPACK_ENV_VAR, "0")
     assert not DenseLinear(weight).prepack()
-    monkeypatch.setenv(matmul.PREPACK_ENV_VAR, "1")
-    monkeypatch.setenv(matmul.ENV_VAR, "slow")
-    matmul.reset_probe()
-    try:
-        layer = DenseLinear(weight)
-        assert not layer.prepack() and layer.weight is not None
-    finally:
-        monkeypatch.delenv(matmul.ENV_VAR)
-        matmul.reset_probe()
-    monkeypatch.setenv(matmul.PREPACK_ENV_VAR, "sometimes")
+    monkeypatch.setenv(dense_matmul.PREPACK_ENV_VAR, "1")  # bf16 slow here (the fixture): not worth it
+    layer = DenseLinear(weight)
+    assert not layer.prepack() and layer.weight is not None
+    monkeypatch.setenv(dense_matmul.PREPACK_ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match="LONGFIT_PREPACK"):
-        matmul.should_prepack(weight)
+        dense_matmul.should_prepack(weight)
