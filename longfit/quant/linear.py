@@ -164,8 +164,9 @@ def prepack_dense_layers(model: nn.Module, keep_plain: tuple[str, ...] = ("lm_he
     plain weight as well (the LM head: its plain weight is the embedding table, or the rows its leading logits are
     rescored from). Returns how many layers were prepacked.
 
-    The head's second copy costs its bytes (SmolLM2: 56 MB) and halves its product: measured on the project's
-    EPYC, 1 thread, 49152×576 bf16 at 1 / 4 / 16 rows, 15.0 / 16.8 / 22.5 ms plain, 8.1 / 7.5 / 14.3 prepacked.
+    The head's second copy costs its bytes (SmolLM2: 56 MB) and nearly halves its product: measured on the
+    project's EPYC, 1 thread (``scripts/matmul_blocks.py``), 49152×576 bf16 at 1 / 4 / 16 rows, 7.2 / 7.5 / 10.7 ms
+    plain, 4.2 / 3.6 / 6.3 prepacked.
     """
     return sum(module.prepack(keep_plain=name in keep_plain) for name, module in model.named_modules()
                if isinstance(module, DenseLinear))

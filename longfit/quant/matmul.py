@@ -143,9 +143,10 @@ def should_prepack(weight: Tensor) -> bool:
     for tests).
 
     ``F.linear`` on a plain bf16 weight reorders it into oneDNN's blocked layout on every call, a read and a write
-    of the whole weight before the product. Measured on the project's 2-core EPYC (AVX-512 bf16), 1 thread, a
-    3072×576 weight: 0.147 → 0.070 ms at 1 row, 0.366 → 0.273 at 16, 12.5 → 9.4 at 300, identical results; SmolLM2
-    bf16 decode 1.4-1.5× faster at batch 1 to 16 (docs/PERFORMANCE.md).
+    of the whole weight before the product. Measured on the project's 2-core EPYC (AVX-512 bf16), 1 thread, weights
+    from DRAM (``scripts/matmul_blocks.py``): a 3072×576 weight 0.65 → 0.45 ms at 1 row, 0.86 → 0.67 at 16, the
+    49152×576 LM head 7.2 → 4.2 and 10.7 → 6.3; identical results; SmolLM2 bf16 decode 1.4-1.5× faster at batch 1
+    to 16 (docs/PERFORMANCE.md).
     """
     mode = os.environ.get(PREPACK_ENV_VAR, "").strip().lower()
     if mode not in ("", "0", "1", "force"):
