@@ -2,7 +2,8 @@
 
 For each context and spec, one request with a random-token prompt runs alone in longfit's engine: its prefill, then
 ``--decode-tokens`` timed decode steps (median step time; with ``--rounds N`` the fastest of N such runs, as the
-calibration keeps its points). The engine's KV bytes are the pages the request holds
+calibration keeps its points; the rounds go over all rows in turn, alternately reversed, so machine drift lands on
+different rows each round, and every round's figure is printed). The engine's KV bytes are the pages the request holds
 at the end (whole pages, as the pool sees them) and the exact bytes stored; the engine's maximum users is how many
 such requests its idle pool holds at once, one of them still prefilling (its whole uncompressed prompt resident:
 the pages of the full-cache run's prompt, so ``none`` must come first). The planner gets the same
@@ -51,52 +52,66 @@ def main(argv: list[str] | None = None) -> int:
     idle_free = manager.num_free_blocks
     print(f"model {args.model}, weights {args.weights}, KV pool {memory} bytes ({idle_free} free pages), "
           f"{args.decode_tokens} decode tokens, hardware {hardware.name!r}: {hardware.source}")
+    specs = args.spec or ["none", "snapkv:keep=0.25", "kivi:bits=2"]
+    if specs[0] != "none":
+        raise SystemExit("--spec: the first spec must be none (its prompt pages are the prefill peak)")
+    contexts = [parse_tokens(c.strip(), "--contexts") for c in args.contexts.split(",")]
+    rows = [(context, spec) for context in contexts for spec in specs]
+    prompts = {context: random_ids(context, context, engine.model_config.vocab_size) for context in contexts}
+    prompt_pages: dict[int, int] = {}
+    round_medians: dict[tuple[int, str], list[float]] = {row: [] for row in rows}
+    held: dict[tuple[int, str], tuple[int, int]] = {}
+
+    def measure(context: int, spec: str) -> None:
+        manager.reset_prefix_cache()
+        params = SamplingParams(max_tokens=args.decode_tokens + 1, temperature=0, ignore_eos=True)
+        request_id = engine.add_request(None, prompts[context], params, kv_compression=None if spec == "none" else spec)
+        engine_id = child_id(request_id, 0)
+        step_until_decoding(engine)
+        if spec == "none":  # the whole prompt's pages: what a compressing request holds until its policy runs
+            prompt_pages[context] = manager.request_bytes(engine_id) // manager.spec.page_bytes
+        times = []
+        while True:
+            start = time.perf_counter()
+            engine.step()
+            if not engine.has_unfinished_requests():
+                break  # the last step also frees the pages: not timed, nothing left to measure
+            times.append(time.perf_counter() - start)
+            held[context, spec] = manager.request_bytes(engine_id), manager.stored_bytes(engine_id)
+        round_medians[context, spec].append(statistics.median(times))
+
+    # Rounds run over all rows in turn, every other round in reverse (as the calibration's points do), so a slow
+    # stretch of the machine lands on different rows in different rounds. Round 1 runs in the given order: each
+    # context's "none" row first, for its prompt pages.
+    for index in range(args.rounds):
+        for context, spec in rows if index % 2 == 0 else rows[::-1]:
+            measure(context, spec)
+            print(f"round {index + 1}/{args.rounds} {context} {spec}: {1 / round_medians[context, spec][-1]:.1f} "
+                  "tok/s", file=sys.stderr)
+
     print("| model / context / spec | predicted tok/s (b=1) | measured | ratio | predicted max users | "
-          "engine max users | predicted KV bytes | engine KV bytes (pages held) | engine KV bytes (stored) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for context in [parse_tokens(c.strip(), "--contexts") for c in args.contexts.split(",")]:
-        prompt = random_ids(context, context, engine.model_config.vocab_size)
-        prompt_pages = 0
-        specs = args.spec or ["none", "snapkv:keep=0.25", "kivi:bits=2"]
-        if specs[0] != "none":
-            raise SystemExit("--spec: the first spec must be none (its prompt pages are the prefill peak)")
-        for spec in specs:
-            round_medians = []
-            for _ in range(args.rounds):
-                manager.reset_prefix_cache()
-                params = SamplingParams(max_tokens=args.decode_tokens + 1, temperature=0, ignore_eos=True)
-                request_id = engine.add_request(None, prompt, params,
-                                                kv_compression=None if spec == "none" else spec)
-                engine_id = child_id(request_id, 0)
-                step_until_decoding(engine)
-                if spec == "none":  # the whole prompt's pages: what a compressing request holds until its policy runs
-                    prompt_pages = manager.request_bytes(engine_id) // manager.spec.page_bytes
-                times = []
-                while True:
-                    start = time.perf_counter()
-                    engine.step()
-                    if not engine.has_unfinished_requests():
-                        break  # the last step also frees the pages: not timed, nothing left to measure
-                    times.append(time.perf_counter() - start)
-                    pages_bytes, stored = manager.request_bytes(engine_id), manager.stored_bytes(engine_id)
-                round_medians.append(statistics.median(times))
-            # The fastest round's median, as the calibration keeps its points: a foreign process slowing one round
-            # does not count.
-            measured = 1.0 / min(round_medians)
-            pages_per_request = pages_bytes // manager.spec.page_bytes
-            # As the planner counts: every request at its steady size, but the one being prefilled holds its whole
-            # uncompressed prompt until its policy runs.
-            peak = max(pages_per_request, prompt_pages)
-            engine_users = 1 + (idle_free - peak) // pages_per_request
-            result = plan(engine.model_config, context=context, users=1, output_tokens=args.decode_tokens + 1,
-                          memory_bytes=None, weights=args.weights, specs=[spec], hardware=hardware,
-                          kv_memory_bytes=memory, block_size=manager.spec.block_size)
-            sp = result.specs[0]
-            predicted = sp.throughput_batch1
-            print(f"| {args.model} {context} {spec} | {predicted:.1f} | {measured:.1f} | {predicted / measured:.2f} | "
-                  f"{sp.max_users} | {engine_users} | {sp.kv_bytes_per_request_paged:,} | {pages_bytes:,} | "
-                  f"{stored:,} |")
-            sys.stdout.flush()
+          "engine max users | predicted KV bytes | engine KV bytes (pages held) | engine KV bytes (stored) | "
+          "rounds (tok/s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for context, spec in rows:
+        # The fastest round's median, as the calibration keeps its points: a foreign process slowing one round
+        # does not count.
+        measured = 1.0 / min(round_medians[context, spec])
+        pages_bytes, stored = held[context, spec]
+        pages_per_request = pages_bytes // manager.spec.page_bytes
+        # As the planner counts: every request at its steady size, but the one being prefilled holds its whole
+        # uncompressed prompt until its policy runs.
+        peak = max(pages_per_request, prompt_pages[context])
+        engine_users = 1 + (idle_free - peak) // pages_per_request
+        result = plan(engine.model_config, context=context, users=1, output_tokens=args.decode_tokens + 1,
+                      memory_bytes=None, weights=args.weights, specs=[spec], hardware=hardware,
+                      kv_memory_bytes=memory, block_size=manager.spec.block_size)
+        sp = result.specs[0]
+        predicted = sp.throughput_batch1
+        rounds = " / ".join(f"{1 / m:.1f}" for m in round_medians[context, spec])
+        print(f"| {args.model} {context} {spec} | {predicted:.1f} | {measured:.1f} | {predicted / measured:.2f} | "
+              f"{sp.max_users} | {engine_users} | {sp.kv_bytes_per_request_paged:,} | {pages_bytes:,} | "
+              f"{stored:,} | {rounds} |")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The real SmolLM2 against the calibration's random-weight model of the same shape: decode step times in one
 process, alternated (docs/PLANNING.md §6, run D).
 
-    taskset -c 1 python scripts/real_vs_synthetic.py [--depth 2048] [--rounds 3] [--profile]
+    taskset -c 1 python scripts/real_vs_synthetic.py [--depth 2048] [--rounds 3] [--profile] [--flush]
 
 Both engines use bf16 weights, 1 thread and a 1 GiB KV pool; each round times one request of ``--depth`` random
 tokens on each (median of 12 decode steps, timed by the calibration's own ``_time_decode``). ``--profile`` adds a torch-profiler table of 6 steps for each.
@@ -15,7 +15,9 @@ import statistics
 
 def main() -> None:
     from longfit import LLM, SamplingParams
-    from longfit.bench.calibrate import ENGINE_MODEL, _time_decode, _with_layers
+    import torch
+
+    from longfit.bench.calibrate import ENGINE_FLUSH_BYTES, ENGINE_MODEL, _time_decode, _with_layers
     from longfit.bench.decode import step_until_decoding
     from longfit.bench.peers import prompt_ids
     from longfit.models.loader import synthetic_config
@@ -24,6 +26,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--flush", action="store_true",
+                        help="also time each engine with the calibration's cache flush before every step")
     args = parser.parse_args()
 
     config = _with_layers(ENGINE_MODEL, 30)
@@ -39,12 +43,17 @@ def main() -> None:
         step_until_decoding(engine)
         return engine
 
-    def step_ms(llm, steps: int = 12) -> float:  # timed as the calibration times its points
-        return statistics.median(_time_decode(llm.engine, 1, args.depth, steps, config.vocab_size)) * 1e3
+    flush = torch.ones(ENGINE_FLUSH_BYTES // 4, dtype=torch.float32) if args.flush else None
+
+    def step_ms(llm, steps: int = 12, flush=None) -> float:  # timed as the calibration times its points
+        return statistics.median(_time_decode(llm.engine, 1, args.depth, steps, config.vocab_size, flush)) * 1e3
 
     for _ in range(args.rounds):
-        print(f"depth {args.depth}: synthetic {step_ms(synthetic):.1f} ms, real {step_ms(real):.1f} ms per step",
-              flush=True)
+        line = f"depth {args.depth}: synthetic {step_ms(synthetic):.1f} ms, real {step_ms(real):.1f} ms per step"
+        if flush is not None:
+            line += (f"; with the flush: synthetic {step_ms(synthetic, flush=flush):.1f} ms, "
+                     f"real {step_ms(real, flush=flush):.1f} ms")
+        print(line, flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

@@ -62,6 +62,9 @@ DEQUANT_POINTS = tuple((30, 1, depth, spec) for spec in ("kivi:bits=2", "kivi:bi
                                                          "think:channels=0.5", "shadowkv:rank=48", "minicache")
                        for depth in (512, 2048, 4096, 8192))
 ENGINE_FLUSH_BYTES = 128 << 20  # read between timed steps (see measure_engine_steps): 4x a 32 MiB L3
+# Speed change during a calibration (bandwidth start to end, engine rounds apart) beyond which it warns: a ±25%
+# prediction has little room left for the cost model's own error.
+STEADY_LIMIT = 0.15
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
@@ -285,7 +288,7 @@ def calibrate_engine(profile: HardwareProfile, points: Sequence[tuple[int, int, 
                      base: ModelConfig = ENGINE_MODEL, steps: int = 8, rounds: int = 3,
                      num_threads: int | None = None, flush_bytes: int = ENGINE_FLUSH_BYTES,
                      dequant_points: Sequence[tuple[int, int, int, str]] = DEQUANT_POINTS,
-                     dequant_steps: int = 16, dequant_rounds: int = 1,
+                     dequant_steps: int = 16, dequant_rounds: int = 2,
                      ) -> tuple[HardwareProfile, dict[str, Any]]:
     """``profile`` with its engine-overhead fields fitted to longfit's decode steps (``measure_engine_steps``,
     whose arguments these are; ``dequant_points``, may be empty, fit ``kv_dequant_s_per_element``), and the raw
@@ -293,8 +296,9 @@ def calibrate_engine(profile: HardwareProfile, points: Sequence[tuple[int, int, 
 
     The quantized-stream points run ``dequant_rounds`` rounds of ``dequant_steps`` steps: a compressed request
     bypasses the prefix cache, so every round prefills its prompt again (three rounds of the 21 default points
-    were 2/3 of a 25-minute calibration on the 2-core EPYC); one round's median over 16 steps is as robust to a
-    short disturbance as the fastest of three 8-step medians."""
+    were 2/3 of a 25-minute calibration on the 2-core EPYC). Two rounds, not one: they are interleaved over all
+    points, minutes apart, and a virtual machine whose speed moves by 1.4x for minutes at a time (docs/PLANNING.md
+    §6, run F) otherwise leaves whole formats fitted to its slow stretch."""
     records = measure_engine_steps(points, base, steps, rounds, num_threads, flush_bytes)
     quantized = (measure_engine_steps(dequant_points, base, dequant_steps, dequant_rounds, num_threads, flush_bytes)
                  if dequant_points else [])
@@ -317,6 +321,35 @@ def calibrate_engine(profile: HardwareProfile, points: Sequence[tuple[int, int, 
            "fit": {**fit.coefficients, "kv_stream_layer_s": per_layer, "kv_dequant_s_per_element": per_element},
            "rms_relative_error": fit.rms_relative_error, "dequant_points": quantized}
     return dataclasses.replace(fitted, kv_stream_layer_s=per_layer, kv_dequant_s_per_element=per_element), raw
+
+
+def round_spread(records: Sequence[dict[str, Any]]) -> list[float]:
+    """Per point with at least two rounds: slowest round's median step / fastest round's, minus 1.
+
+    The rounds of ``measure_engine_steps`` are interleaved over all points, minutes apart, so this is how much the
+    machine's speed moved during the calibration (0.0 on a steady machine). A virtual machine that slows 2x for a
+    few minutes (docs/PLANNING.md §6, run E) shows up here as spreads near 1.0.
+    """
+    spreads = []
+    for record in records:
+        medians = [statistics.median(times) for times in record["step_times_s"] if times]
+        if len(medians) >= 2:
+            spreads.append(max(medians) / min(medians) - 1.0)
+    return spreads
+
+
+def stability(bandwidth_start: float, bandwidth_end: float, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How steady the machine was while it was calibrated: the read bandwidth at the end against the start
+    (``bandwidth_drift``, end / start - 1) and the engine points' round-to-round spread (``round_spread_median``,
+    ``round_spread_max``; None without repeated rounds). ``steady`` is False when either drift exceeds
+    ``STEADY_LIMIT``: the fitted costs then describe whichever speed the fastest rounds caught."""
+    spreads = round_spread(records)
+    median = statistics.median(spreads) if spreads else None
+    drift = bandwidth_end / bandwidth_start - 1.0
+    steady = abs(drift) <= STEADY_LIMIT and (median is None or median <= STEADY_LIMIT)
+    return {"bandwidth_start_bytes_per_s": bandwidth_start, "bandwidth_end_bytes_per_s": bandwidth_end,
+            "bandwidth_drift": drift, "round_spread_median": median,
+            "round_spread_max": max(spreads) if spreads else None, "steady": steady}
 
 
 def _cpu_name() -> str:
@@ -394,6 +427,11 @@ def calibrate(num_threads: int | None = None, bandwidth_bytes: int = 1 << 30, ma
         measurements["engine_overheads"]["seconds"] = time.perf_counter() - started
         profile = dataclasses.replace(profile, source=profile.source + "; decode overheads fitted to longfit's "
                                       "engine (bf16 weights, SmolLM2-135M layer shapes)")
+        with torch.inference_mode():  # a second bandwidth reading, minutes later: did the machine's speed move?
+            end = measure_bandwidth(bandwidth_bytes, repeats)["read_bytes_per_s"]
+        overheads = measurements["engine_overheads"]
+        measurements["stability"] = stability(bandwidth["read_bytes_per_s"], end,
+                                              overheads["points"] + overheads["dequant_points"])
     return profile, measurements
 
 
@@ -437,6 +475,14 @@ def main(argv: list[str] | None = None) -> int:
         if fit["rms_relative_error"] > 0.1:  # 1-4% on the project machine with 1 thread, even while shared
             print("longfit calibrate: warning: the decode points fit poorly (noisy machine?); rerun when it is quiet",
                   file=sys.stderr)
+        steady = measurements["stability"]
+        spread = steady["round_spread_median"]
+        print(f"stability: read bandwidth {steady['bandwidth_drift']:+.0%} from start to end, engine rounds "
+              + ("-" if spread is None else f"{spread:.0%} apart (median; max {steady['round_spread_max']:.0%})"))
+        if not steady["steady"]:
+            print(f"longfit calibrate: warning: this machine's speed moved by more than {STEADY_LIMIT:.0%} while it "
+                  "was calibrated; decode estimates from this profile are no better than that. Rerun when it is "
+                  "steady", file=sys.stderr)
     return 0
 
 

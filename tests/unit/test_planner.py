@@ -520,7 +520,7 @@ def test_engine_step_measurement_fits_finite_overheads() -> None:
     assert [(p["num_layers"], p["batch"], p["depth"]) for p in raw["points"]] == list(points)
     assert [(p["num_layers"], p["batch"], p["depth"], p["spec"]) for p in raw["dequant_points"]] == list(dequant_points)
     assert all(p["dequant_elements"] > 0 and math.isfinite(p["fit_relative_error"]) for p in raw["dequant_points"])
-    assert all(len(p["step_times_s"]) == 1 and len(p["step_times_s"][0]) == 4 for p in raw["dequant_points"])
+    assert all(len(p["step_times_s"]) == 2 and len(p["step_times_s"][0]) == 4 for p in raw["dequant_points"])
     for name in cm.STREAM_COST_FIELDS:
         costs = dict(getattr(fitted, name))
         assert list(costs) == ["kivi:bits=2"] and math.isfinite(costs["kivi:bits=2"]) and costs["kivi:bits=2"] >= 0
@@ -582,3 +582,20 @@ def test_stream_cost_fit_recovers_both_costs_and_stays_nonnegative() -> None:
     # a longer stream that costs less than a shorter one: no negative element cost, the per-layer one takes it all
     a, b = _nonnegative_fit2([(30.0, 5e6, 0.02), (30.0, 2e7, 0.01)])
     assert b == 0.0 and a == pytest.approx(0.015 / 30)
+
+
+def test_calibration_stability_flags_a_machine_whose_speed_moved() -> None:
+    """Round spread = slowest round's median / fastest's - 1 per point; a 2x swing or a bandwidth drop is unsteady."""
+    from longfit.bench.calibrate import STEADY_LIMIT, round_spread, stability
+
+    steady_points = [{"step_times_s": [[0.010, 0.011, 0.012], [0.0105, 0.011, 0.0115]]},
+                     {"step_times_s": [[0.020, 0.020], [0.021, 0.022]]},
+                     {"step_times_s": [[0.030]]}]  # one round: no spread
+    assert round_spread(steady_points) == pytest.approx([0.0, 0.075])
+    result = stability(20e9, 19e9, steady_points)
+    assert result["steady"] and result["bandwidth_drift"] == pytest.approx(-0.05)
+    assert result["round_spread_median"] == pytest.approx(0.0375) and result["round_spread_max"] == pytest.approx(0.075)
+    moved = [{"step_times_s": [[0.050, 0.051], [0.100, 0.104]]}, {"step_times_s": [[0.020], [0.041]]}]
+    assert not stability(20e9, 20e9, moved)["steady"]  # rounds 2x apart
+    assert not stability(28e9, 15e9, steady_points)["steady"]  # bandwidth fell by 46%
+    assert stability(20e9, 20e9 * (1 + STEADY_LIMIT / 2), [])["round_spread_median"] is None
