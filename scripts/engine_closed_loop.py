@@ -3,11 +3,11 @@
     taskset -c 1 python scripts/engine_closed_loop.py [--weights bf16] [--max-num-batched-tokens 512]
 
 The same requests as ``longfit bench serve --num-requests 48 --concurrency 16 --prompt-len 128:512 --output-len 128``
-(same generator, seed and split: the first 2 are the warm-up), kept 16 at a time in one ``LLMEngine`` like the closed-loop load
-generator keeps 16 HTTP requests in flight, greedy with ``ignore_eos``. Prints the wall time, output tokens/s, and
-the steps split into those that prefilled prompt tokens ("mixed": decodes plus a prompt chunk) and pure decode
-steps, with their mean time. Compared with the server's figure for the same workload, the difference is what HTTP,
-SSE and the asyncio side cost (docs/SERVING.md, "Where the time goes").
+(same generator, seed and split: the first 2 are the warm-up), kept 16 at a time in one ``LLMEngine`` like the
+closed-loop load generator keeps 16 HTTP requests in flight, greedy with ``ignore_eos``. Prints the wall time,
+output tokens/s, and the steps split into those that prefilled prompt tokens ("mixed": decodes plus a prompt chunk)
+and pure decode steps, with their mean time. Compared with the server's figure for the same workload, the
+difference is what HTTP, SSE and the asyncio side cost (docs/SERVING.md, "Where the time goes").
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 
 For the LM head (49152×576) and two SmolLM2 layer shapes, at 1-16 rows, 1 thread: the bf16 product, the fp32 product
 by cache-sized blocks (``matmul.fp32_linear``), the int8 kernel and, where oneDNN has it, the bf16 product over the
-prepacked weight (``matmul.packed_linear``, docs/PERFORMANCE.md "Prepacked bf16 weights"). A 256 MiB buffer is read before every timed
-call so each one starts from DRAM; each figure is the median of 9 calls, in ms.
+prepacked weight (``matmul.packed_linear``, docs/PERFORMANCE.md "Prepacked bf16 weights"). A 256 MiB buffer is read
+before every timed call so each one starts from DRAM; each figure is the median of 9 calls, in ms.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ process, alternated (docs/PLANNING.md §6, run D).
     taskset -c 1 python scripts/real_vs_synthetic.py [--depth 2048] [--rounds 3] [--profile] [--flush]
 
 Both engines use bf16 weights, 1 thread and a 1 GiB KV pool; each round times one request of ``--depth`` random
-tokens on each (median of 12 decode steps, timed by the calibration's own ``_time_decode``). ``--profile`` adds a torch-profiler table of 6 steps for each.
+tokens on each (median of 12 decode steps, timed by the calibration's own ``_time_decode``). ``--profile`` adds a
+torch-profiler table of 6 steps for each; ``--flush`` also times both with the calibration's cache flush.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import statistics
 
 
 def main() -> None:
-    from longfit import LLM, SamplingParams
     import torch
 
+    from longfit import LLM, SamplingParams
     from longfit.bench.calibrate import ENGINE_FLUSH_BYTES, ENGINE_MODEL, _time_decode, _with_layers
     from longfit.bench.decode import step_until_decoding
     from longfit.bench.peers import prompt_ids
