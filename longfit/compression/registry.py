@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from longfit.compression.base import CompressionPolicy
+from longfit.compression.chunkkv import ChunkKVPolicy
 from longfit.compression.duo_attention import DuoAttentionPolicy
 from longfit.compression.h2o import H2OPolicy
 from longfit.compression.knorm import KnormPolicy
@@ -21,7 +22,7 @@ from longfit.compression.think import ThinKPolicy
 from longfit.compression.tova import TOVAPolicy
 
 _POLICIES: dict[str, type[CompressionPolicy]] = {cls.name: cls for cls in (
-    StreamingLLMPolicy, H2OPolicy, SnapKVPolicy, PyramidKVPolicy, TOVAPolicy, KnormPolicy, DuoAttentionPolicy,
+    StreamingLLMPolicy, H2OPolicy, SnapKVPolicy, ChunkKVPolicy, PyramidKVPolicy, TOVAPolicy, KnormPolicy, DuoAttentionPolicy,
     ThinKPolicy, ShadowKVPolicy, MiniCachePolicy, QuestPolicy, KIVIPolicy, Int8Policy, KVQuantPolicy,
 )}
 assert set(_POLICIES) == set(METHODS), "every spec method needs a policy class and vice versa"

@@ -114,6 +114,12 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("snapkv", "evict", "observation-window attention, pooled, per KV head",
                "SnapKV: LLM Knows What You are Looking for Before Generation",
                (_KEEP, _BUDGET, _OBS_WINDOW, _KERNEL, _POOL, _EVERY), identity=(("keep", 1.0),)),
+    MethodSpec("chunkkv", "evict", "observation-window attention per chunk of consecutive tokens; whole chunks kept, "
+               "the same for every KV head",
+               "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context LLM Inference",
+               (_KEEP, _BUDGET, _OBS_WINDOW,
+                ParamSpec("chunk", int, 10, "consecutive tokens scored and kept together", 1, 4096), _EVERY),
+               aliases=("chunk_kv",), identity=(("keep", 1.0),)),
     MethodSpec("pyramidkv", "evict", "SnapKV scores with budgets decreasing linearly with depth",
                "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",
                (_KEEP, _BUDGET, _OBS_WINDOW, _KERNEL, _POOL,
@@ -427,7 +433,7 @@ def stage_kept_tokens(stage: StageSpec, layer_idx: int, num_layers: int, num_tok
     p = stage.as_dict()
     if stage.name == "streaming_llm":
         return streaming_kept(num_tokens, p["sinks"], p["window"], p["keep"], p["budget"])
-    if stage.name in ("snapkv", "tova"):
+    if stage.name in ("snapkv", "chunkkv", "tova"):
         return window_kept(num_tokens, p["keep"], p["budget"], p.get("window", 1))
     if stage.name == "h2o":
         return window_kept(num_tokens, p["keep"], p["budget"], p["observe"])
@@ -479,7 +485,8 @@ def decode_budgets(spec: str | CompressionSpec | None, num_layers: int, num_prom
         return [None] * num_layers
     huge = 1 << 40
     absolute = params.get("budget") is not None or evict.name == "streaming_llm" and params["window"] is not None
-    guard = {"snapkv": params.get("window"), "tova": 1, "h2o": params.get("observe")}.get(evict.name, 0)
+    guard = {"snapkv": params.get("window"), "chunkkv": params.get("window"), "tova": 1,
+             "h2o": params.get("observe")}.get(evict.name, 0)
     budgets: list[tuple[int, int] | None] = []
     for layer in range(num_layers):
         window = layer_windows[layer] if layer_windows is not None else None

@@ -10,8 +10,10 @@ prefill), prefill the question uncompressed, decode greedily.
 Spec → press, at the *same* ratio: kvpress's ``compression_ratio`` is the fraction of context KV removed, so per
 sample ``cr = 1 - mean_layer(kept tokens) / context tokens`` with longfit's own counting
 (``kept_tokens_per_layer``): snapkv → SnapKVPress(window_size, kernel_size), streaming → StreamingLLMPress(n_sink),
-knorm → KnormPress, tova → TOVAPress, pyramidkv → PyramidKVPress(window_size, kernel_size). Specs without a kvpress
-counterpart are skipped. Rows get ``engine="kvpress"``; the full-cache row runs without a press.
+knorm → KnormPress, tova → TOVAPress, pyramidkv → PyramidKVPress(window_size, kernel_size), chunkkv →
+ChunkKVPress(SnapKVPress(window_size), chunk_length) (not the same selection: kvpress ranks chunks by SnapKV's
+pooled scores, window included, and keeps ``int(C * keep)`` whole chunks). Specs without a kvpress counterpart are
+skipped. Rows get ``engine="kvpress"``; the full-cache row runs without a press.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from longfit.compression.spec import kept_tokens_per_layer, parse_spec
 
 ENGINE = "kvpress"
 _PRESSES = {"snapkv": "SnapKVPress", "streaming_llm": "StreamingLLMPress", "knorm": "KnormPress",
-            "tova": "TOVAPress", "pyramidkv": "PyramidKVPress"}
+            "tova": "TOVAPress", "pyramidkv": "PyramidKVPress", "chunkkv": "ChunkKVPress"}
 
 
 def missing_packages() -> list[str]:
@@ -46,6 +48,9 @@ def press_for(spec: str, context_tokens: int, num_layers: int) -> Any | None:
     params = stage.as_dict()
     if stage.name in ("snapkv", "pyramidkv"):
         return press_class(compression_ratio=ratio, window_size=params["window"], kernel_size=params["kernel"])
+    if stage.name == "chunkkv":
+        return press_class(press=kvpress.SnapKVPress(compression_ratio=ratio, window_size=params["window"]),
+                           chunk_length=params["chunk"])
     if stage.name == "streaming_llm":
         return press_class(compression_ratio=ratio, n_sink=params["sinks"])
     return press_class(compression_ratio=ratio)

@@ -13,7 +13,7 @@ from tests.conftest import make_tiny_llm
 
 PROMPT = "the quick brown fox jumps over the lazy dog; " * 6  # 270 byte tokens
 EVICTION_SPECS = ["snapkv:keep=0.25", "streaming:sinks=4,window=64", "knorm:keep=0.5", "tova:keep=0.3",
-                  "h2o:keep=0.25,observe=32", "pyramidkv:keep=0.3"]
+                  "h2o:keep=0.25,observe=32", "pyramidkv:keep=0.3", "chunkkv:keep=0.3,chunk=7"]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 

@@ -22,7 +22,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, logprobs=
 # (knorm skips layer 0: a repeated token has the very same key norm there, RoPE keeps norms, and the choice among
 # exact ties would hang on float rounding)
 SPECS = ["streaming:sinks=4,window=32,every=16", "knorm:budget=40,skip_layers=1,every=4",
-         "snapkv:budget=64,window=16,every=8", "h2o:budget=48,observe=16,every=8", "tova:budget=48,every=1"]
+         "snapkv:budget=64,window=16,every=8", "h2o:budget=48,observe=16,every=8", "tova:budget=48,every=1",
+         "chunkkv:budget=64,window=16,chunk=8,every=8"]
 
 
 def _replay(spec: str, num_prompt: int, num_layers: int, layer_windows, scale: float):

@@ -1,5 +1,5 @@
-"""SnapKV / StreamingLLM / Knorm / TOVA / PyramidKV / ThinK select exactly what kvpress's presses select on the same
-tensors. kvpress's score functions are driven directly through a minimal stand-in attention module (skipped when
+"""SnapKV / StreamingLLM / Knorm / TOVA / PyramidKV / ThinK (and ChunkKV where the two definitions coincide) select
+exactly what kvpress's presses select on the same tensors. kvpress's score functions are driven directly through a minimal stand-in attention module (skipped when
 kvpress is not installed; importing it, with transformers, is most of this file's run time)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.unit.compression_tensors import layer_tensors
+from longfit.compression.chunkkv import ChunkKVPolicy
 from longfit.compression.knorm import KnormPolicy
 from longfit.compression.pyramidkv import PyramidKVPolicy
 from longfit.compression.snapkv import SnapKVPolicy
@@ -109,3 +110,19 @@ def test_think_channels_equal_kvpress() -> None:
     kwargs = {"position_embeddings": (torch.ones(1, 40, 16), torch.zeros(1, 40, 16)), "hidden_states": hidden}
     zeroed, _ = press.compress(_module(4, 2, 16), hidden, keys[None].clone(), values[None], None, kwargs)
     assert torch.equal(pruned.restore(), zeroed[0])  # same channels kept, the rest zero
+
+
+@pytest.mark.parametrize("num_tokens, chunk, keep, groups", [(120, 8, 0.4, 2), (200, 10, 0.25, 3), (96, 16, 0.5, 1)])
+def test_chunkkv_equals_kvpress_where_they_coincide(num_tokens: int, chunk: int, keep: float, groups: int) -> None:
+    """kvpress's ChunkKVPress over SnapKVPress without pooling ranks chunks as longfit does (its window tokens score
+    the maximum, so the window's chunk always wins). With the window one whole chunk and ``int(C * keep)`` chunks
+    equal to longfit's token count, both keep the same whole chunks."""
+    from kvpress.presses.chunkkv_press import ChunkKVPress
+    from kvpress.presses.snapkv_press import SnapKVPress
+
+    assert num_tokens % chunk == 0 and int(num_tokens * keep) == int(num_tokens // chunk * keep) * chunk
+    keys, values, queries = _tensors(2, groups, num_tokens, 16, seed=17)
+    press = ChunkKVPress(press=SnapKVPress(compression_ratio=1 - keep, window_size=chunk, kernel_size=1),
+                         chunk_length=chunk)
+    ours = ChunkKVPolicy(keep=keep, window=chunk, chunk=chunk).plan(0, 1, keys, values, queries)
+    assert ours.kept_indices.tolist() == _kvpress_kept(press, keys, values, queries)

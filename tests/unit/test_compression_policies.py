@@ -25,6 +25,7 @@ CASES: dict[str, tuple[str, str]] = {
     "streaming_llm": ("window=32", "sinks=8,budget=5"),
     "h2o": ("keep=0.5,observe=32", "budget=7,recent_ratio=0,observe=5"),
     "snapkv": ("keep=0.5,window=8", "budget=3,window=8,kernel=1,pool=max"),
+    "chunkkv": ("keep=0.3,window=8", "budget=13,window=4,chunk=7"),
     "pyramidkv": ("keep=0.3,window=8,beta=2", "budget=40,window=8,beta=2,kernel=3,pool=max"),
     "tova": ("keep=0.5", "budget=1"),
     "knorm": ("keep=0.5", "budget=5,skip_layers=1"),
@@ -104,8 +105,8 @@ def test_spec_parses_and_builds(case: PolicyCase, heads_file: str) -> None:
     policy = build_one(spec.text)
     assert isinstance(policy, policy_class(case.name)) and policy.kind == METHODS[case.name].kind
     assert policy.when == ("decode" if policy.kind == "select" else "prefill")
-    assert policy.window_size >= 0 and (policy.window_size > 0) == (case.name in ("h2o", "snapkv", "pyramidkv", "tova",
-                                                                                  "think"))
+    assert policy.window_size >= 0 and (policy.window_size > 0) == (case.name in ("h2o", "snapkv", "chunkkv",
+                                                                                  "pyramidkv", "tova", "think"))
 
 
 @pytest.mark.parametrize("name", registered_policies())
@@ -148,7 +149,7 @@ def _promised(policy: CompressionPolicy, num_kept: int) -> set[int]:
     t, name = NUM_TOKENS, policy.name
     if name == "streaming_llm":
         return set(range(min(policy.sinks, num_kept))) | set(range(t - max(0, num_kept - policy.sinks), t))
-    if name in ("snapkv", "pyramidkv"):
+    if name in ("snapkv", "chunkkv", "pyramidkv"):
         return set(range(t - min(policy.window, num_kept), t))
     if name == "h2o":
         return set(range(t - policy.num_recent(t), t))

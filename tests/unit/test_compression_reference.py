@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from longfit.compression.chunkkv import ChunkKVPolicy
 from longfit.compression.duo_attention import DuoAttentionPolicy
 from longfit.compression.h2o import H2OPolicy
 from longfit.compression.knorm import KnormPolicy
@@ -91,6 +92,47 @@ def test_snapkv_matches_reference(num_kept: int, window: int, kernel: int, pool:
     policy = SnapKVPolicy(budget=num_kept, window=window, kernel=kernel, pool=pool)
     plan = policy.plan(0, 1, keys, values, queries)
     assert plan.kept_indices.tolist() == ref_snapkv(keys, queries, num_kept, window, kernel, pool)
+
+
+def ref_chunkkv(keys, queries, num_kept, window, chunk) -> list[int]:
+    """Window kept; then whole chunks of past tokens by mean attention (summed over heads and window queries), ties
+    to the earlier chunk; the chunk at the budget's edge keeps its best tokens (ties to the earlier token)."""
+    num_tokens = keys.shape[1]
+    rows = ref_attention_rows(keys, queries, window)
+    past = num_tokens - window
+    token = [sum(rows[h][i][j] for h in range(queries.shape[0]) for i in range(window)) for j in range(past)]
+    chunks = [list(range(start, min(start + chunk, past))) for start in range(0, past, chunk)]
+    ranked = sorted(range(len(chunks)), key=lambda c: (-sum(token[j] for j in chunks[c]) / len(chunks[c]), c))
+    kept = list(range(past, num_tokens))[-num_kept:]
+    for c in ranked:
+        room = num_kept - len(kept)
+        if room <= 0:
+            break
+        kept += sorted(chunks[c], key=lambda j: (-token[j], j))[:room]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("num_kept, window, chunk, groups", [
+    (20, 8, 5, 2), (9, 8, 3, 1), (31, 4, 7, 3), (5, 8, 4, 2), (44, 4, 1, 2), (30, 6, 50, 1),
+])
+def test_chunkkv_matches_reference(num_kept: int, window: int, chunk: int, groups: int) -> None:
+    keys, values, queries = _tensors(2, groups, 48, 8, seed=5)
+    plan = ChunkKVPolicy(budget=num_kept, window=window, chunk=chunk).plan(0, 1, keys, values, queries)
+    expected = ref_chunkkv(keys, queries, num_kept, window, chunk)
+    assert plan.kept_indices.tolist() == [expected, expected]  # the same chunks for every KV head
+
+
+def test_chunkkv_keeps_whole_chunks() -> None:
+    """Kept past tokens form whole chunks but for at most one, the budget's edge."""
+    keys, values, queries = _tensors(3, 2, 300, 16, seed=6)
+    plan = ChunkKVPolicy(keep=0.25, window=16, chunk=10).plan(0, 1, keys, values, queries)
+    past = [j for j in plan.kept_indices[0].tolist() if j < 300 - 16]
+    counts = {}
+    for j in past:
+        counts[j // 10] = counts.get(j // 10, 0) + 1
+    sizes = sorted(counts.values())
+    assert plan.num_kept == 75 and len(past) == 75 - 16
+    assert sizes[1:] == [10] * (len(sizes) - 1) and sizes[0] == 59 % 10
 
 
 def test_pyramidkv_selects_like_snapkv_with_its_layer_budget() -> None:
