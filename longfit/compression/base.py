@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longfit.compression.spec import window_kept
+
 
 @dataclass(frozen=True, slots=True)
 class KeepPlan:
@@ -136,6 +138,23 @@ class ScoringPolicy(CompressionPolicy):
         recent = queries[:, queries.shape[1] - window:] if window and queries is not None else None
         scores = self.score(layer_idx, keys, values, recent)
         return KeepPlan.from_scores(scores.float(), num_kept)
+
+
+class WindowScoringPolicy(ScoringPolicy):
+    """A scoring policy whose last ``window`` prompt queries score and are always kept (SnapKV, ChunkKV): it keeps
+    ``keep`` / ``budget`` tokens per layer, none evicted when the prompt is not longer than the window."""
+
+    __slots__ = ()
+    window: int
+    keep: float | None
+    budget: int | None
+
+    @property
+    def window_size(self) -> int:
+        return self.window
+
+    def num_kept(self, layer_idx: int, num_layers: int, num_tokens: int) -> int:
+        return window_kept(num_tokens, self.keep, self.budget, self.window)
 
 
 class StoragePolicy(CompressionPolicy):

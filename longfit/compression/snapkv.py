@@ -7,8 +7,9 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from longfit.compression.base import ScoringPolicy, append_protected, group_mean, pool_scores, window_attention
-from longfit.compression.spec import make_stage, window_kept
+from longfit.compression.base import (WindowScoringPolicy, append_protected, group_mean, pool_scores,
+                                      window_attention)
+from longfit.compression.spec import make_stage
 
 
 def snapkv_scores(keys: Tensor, queries: Tensor, kernel: int, pool: str, scale: float | None) -> Tensor:
@@ -25,7 +26,7 @@ def snapkv_scores(keys: Tensor, queries: Tensor, kernel: int, pool: str, scale: 
 
 
 @dataclass(frozen=True, slots=True)
-class SnapKVPolicy(ScoringPolicy):
+class SnapKVPolicy(WindowScoringPolicy):
     """Keep the observation window plus the past tokens its queries attend to most, per KV head.
 
     Paper: "SnapKV: LLM Knows What You are Looking for Before Generation". Follows kvpress ``SnapKVPress``
@@ -49,13 +50,6 @@ class SnapKVPolicy(ScoringPolicy):
     def __post_init__(self) -> None:
         make_stage(self.name, keep=self.keep, budget=self.budget, window=self.window, kernel=self.kernel,
                    pool=self.pool, every=self.every)
-
-    @property
-    def window_size(self) -> int:
-        return self.window
-
-    def num_kept(self, layer_idx: int, num_layers: int, num_tokens: int) -> int:
-        return window_kept(num_tokens, self.keep, self.budget, self.window)
 
     def score(self, layer_idx: int, keys: Tensor, values: Tensor, queries: Tensor | None) -> Tensor:
         assert queries is not None

@@ -118,7 +118,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
                "the same for every KV head",
                "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context LLM Inference",
                (_KEEP, _BUDGET, _OBS_WINDOW,
-                ParamSpec("chunk", int, 10, "consecutive tokens scored and kept together", 1, 4096), _EVERY),
+                ParamSpec("chunk", int, 20, "consecutive tokens scored and kept together", 1, 4096), _EVERY),
                aliases=("chunk_kv",), identity=(("keep", 1.0),)),
     MethodSpec("pyramidkv", "evict", "SnapKV scores with budgets decreasing linearly with depth",
                "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling",

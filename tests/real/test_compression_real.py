@@ -5,7 +5,9 @@ three quarters of them. Each must still return the passkey, as the full cache do
 The prompt ends with the question, so SnapKV's observation window holds it (the paper's setting). NOTE: SnapKV runs
 with KVCache-Factory's settings (`window=8,kernel=7,pool=max`). With kvpress's defaults (window 64, avg pooling over
 5) it keeps only 3 of the key's 5 digit tokens on this 135M model (" 377." for 37663): 64 window queries average the
-question's attention away with the filler's. docs/FIDELITY.md compares the two settings.
+question's attention away with the filler's. docs/FIDELITY.md compares the two settings. ChunkKV keep=0.25 runs with
+kvpress's window (64) and chunks of 20 tokens: scoring whole chunks, it keeps the key's digits together where SnapKV
+does not.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ def smollm2():
 # window; int8 per token ≈ 1/2 + one scale per token and head.
 # SnapKV keep=0.25: a quarter of the prompt plus the 12 generated tokens, rounded up to whole pages.
 SNAPKV = "snapkv:keep=0.25,window=8,kernel=7,pool=max"
+CHUNKKV = "chunkkv:keep=0.25"
 MAX_FRACTION = {"kivi:bits=2": 1 / 3, "int8": 0.6, "kvquant:bits=4": 0.4,  # kvquant-4: 247.5 of 768 bytes per token
-                SNAPKV: 0.3}
+                SNAPKV: 0.3, CHUNKKV: 0.3}
 
 
-@pytest.mark.parametrize("spec", [None, "kivi:bits=2", "int8", "kvquant:bits=4", SNAPKV])
+@pytest.mark.parametrize("spec", [None, "kivi:bits=2", "int8", "kvquant:bits=4", SNAPKV, CHUNKKV])
 def test_passkey_survives_compression(smollm2, spec):
     llm, samples = smollm2
     params = SamplingParams(temperature=0, max_tokens=12)
