@@ -30,7 +30,8 @@ FULL = "none"
 # 1.6x), and one composition. DuoAttention needs a head profile (`longfit profile-heads`): pass it with
 # --spec duo:heads=PATH.
 DEFAULT_SPECS = ("streaming:keep=0.25", "h2o:keep=0.25", "snapkv:keep=0.25", "chunkkv:keep=0.25", "pyramidkv:keep=0.25",
-                 "tova:keep=0.25", "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=2,key_bits=4", "kivi:bits=4", "kvquant:bits=4", "int8",
+                 "tova:keep=0.25", "knorm:keep=0.25", "kivi:bits=2", "kivi:bits=2,key_bits=4", "kivi:bits=4",
+                 "kvquant:bits=4", "int8",
                  "think:channels=0.5", "shadowkv:rank=48", "minicache:start=0", "quest:budget=512,page=32",
                  "snapkv:keep=0.25+kivi:bits=2")
 

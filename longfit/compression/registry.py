@@ -22,8 +22,9 @@ from longfit.compression.think import ThinKPolicy
 from longfit.compression.tova import TOVAPolicy
 
 _POLICIES: dict[str, type[CompressionPolicy]] = {cls.name: cls for cls in (
-    StreamingLLMPolicy, H2OPolicy, SnapKVPolicy, ChunkKVPolicy, PyramidKVPolicy, TOVAPolicy, KnormPolicy, DuoAttentionPolicy,
-    ThinKPolicy, ShadowKVPolicy, MiniCachePolicy, QuestPolicy, KIVIPolicy, Int8Policy, KVQuantPolicy,
+    StreamingLLMPolicy, H2OPolicy, SnapKVPolicy, ChunkKVPolicy, PyramidKVPolicy, TOVAPolicy, KnormPolicy,
+    DuoAttentionPolicy, ThinKPolicy, ShadowKVPolicy, MiniCachePolicy, QuestPolicy, KIVIPolicy, Int8Policy,
+    KVQuantPolicy,
 )}
 assert set(_POLICIES) == set(METHODS), "every spec method needs a policy class and vice versa"
 

@@ -1,6 +1,7 @@
 """SnapKV / StreamingLLM / Knorm / TOVA / PyramidKV / ThinK (and ChunkKV where the two definitions coincide) select
-exactly what kvpress's presses select on the same tensors. kvpress's score functions are driven directly through a minimal stand-in attention module (skipped when
-kvpress is not installed; importing it, with transformers, is most of this file's run time)."""
+exactly what kvpress's presses select on the same tensors. kvpress's score functions are driven directly through a
+minimal stand-in attention module (skipped when kvpress is not installed; importing it, with transformers, is most
+of this file's run time)."""
 
 from __future__ import annotations
 
