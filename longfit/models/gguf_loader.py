@@ -110,8 +110,15 @@ def _raw_weight(gguf_file: GGUFFile, info: GGUFTensorInfo, name: str, rows: np.n
         tensor = torch.from_numpy(values)
         return tensor - norm_offset if norm_offset else tensor
 
+    def dequantize_rows(start: int, stop: int) -> torch.Tensor:
+        # Only the blocks of these rows are read and dequantized (a view of the map when no un-permutation).
+        values = np.asarray(gguf_dequantize(stored_rows()[start:stop], qtype), dtype=np.float32)  # [rows, in]
+        return torch.from_numpy(values if values.flags.writeable else values.copy())
+
     quant_rows = None if info.qtype in _FLOAT_TYPES else stored_rows
-    return RawWeight(name=name, shape=info.shape, qtype=info.qtype, _dequantize=dequantize, _quant_rows=quant_rows)
+    return RawWeight(name=name, shape=info.shape, qtype=info.qtype, _dequantize=dequantize, _quant_rows=quant_rows,
+                     _dequantize_rows=dequantize_rows if is_matrix and not norm_offset else None,
+                     _release=lambda: gguf_file.release(info.name))
 
 
 def check_weights(weights: dict[str, RawWeight], config: ModelConfig, path: str) -> None:

@@ -48,7 +48,12 @@ def _raw_weight(file: Path, stored_name: str, name: str, shape: tuple[int, ...],
         with safe_open(str(file), framework="pt") as handle:
             return handle.get_tensor(stored_name).to(torch.float32)
 
-    return RawWeight(name=name, shape=shape, qtype=dtype, _dequantize=dequantize)
+    def dequantize_rows(start: int, stop: int) -> torch.Tensor:
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_slice(stored_name)[start:stop].to(torch.float32)
+
+    return RawWeight(name=name, shape=shape, qtype=dtype, _dequantize=dequantize,
+                     _dequantize_rows=dequantize_rows if len(shape) >= 2 else None)
 
 
 def load_hf_dir(path: str | os.PathLike[str]) -> Checkpoint:

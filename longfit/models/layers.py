@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from longfit.config import ModelConfig, RopeScaling
-from longfit.models.weights import RawWeight
+from longfit.models.weights import DEQUANT_BLOCK_ROWS, RawWeight
 from longfit.quant.linear import Linear, build_linear
+from longfit.runtime.host_memory import LOADING_SLACK, release_free_heap
 
 
 class RMSNorm(nn.Module):
@@ -144,7 +145,10 @@ class WeightSource:
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         if name not in self.weights:
             raise ValueError(f"checkpoint is missing tensor {name!r}")
-        return self.weights[name].dequantize().to(dtype or self.dtype)
+        weight = self.weights[name]
+        value = weight.dequantize_to(dtype or self.dtype)
+        self._done([weight])
+        return value
 
     def linear(self, names: list[str], bias_names: list[str] | None = None, form: str | None = None) -> Linear:
         """One linear layer from weights fused along the output dim (e.g. q, k, v)."""
@@ -154,7 +158,20 @@ class WeightSource:
         bias = None
         if bias_names:
             bias = torch.cat([self.tensor(name, torch.float32) for name in bias_names]).to(self.dtype)
-        return build_linear([self.weights[name] for name in names], bias, form or self.form, self.dtype)
+        parts = [self.weights[name] for name in names]
+        layer = build_linear(parts, bias, form or self.form, self.dtype)
+        self._done(parts)
+        return layer
+
+    @staticmethod
+    def _done(parts: list[RawWeight]) -> None:
+        """The parts are converted: drop their file pages, and once the heap holds ``LOADING_SLACK`` of freed
+        temporaries, return them to the OS, so that the load's peak is about the model plus one layer's working
+        set, not the model plus every temporary freed beside it."""
+        for part in parts:
+            part.release()
+        if any(len(part.shape) >= 2 for part in parts):
+            release_free_heap(LOADING_SLACK)
 
 
 def random_weights(config: ModelConfig, seed: int = 0, std: float = 0.15) -> dict[str, RawWeight]:

@@ -15,6 +15,7 @@ from longfit.models.layers import WeightSource, random_weights
 from longfit.models.registry import build_model
 from longfit.models.tiny import TINY_PRESETS, ByteTokenizer, tiny_model_config
 from longfit.quant.linear import prepack_dense_layers
+from longfit.runtime.host_memory import LOADING_SLACK, release_free_heap
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -73,6 +74,7 @@ def load_model(name: str, runtime: RuntimeConfig) -> LoadedModel:
         tokenizer = Tokenizer.from_checkpoint(checkpoint)
     with torch.inference_mode():
         model = build_model(config, source).to(runtime.device)
-        prepack_dense_layers(model)  # CPU bf16 layers only (quant.matmul.should_prepack)
+        # CPU bf16 layers only (matmul.should_prepack); each freed plain weight leaves a hole the packed ones skip
+        prepack_dense_layers(model, after_each=lambda: release_free_heap(LOADING_SLACK))
     model.eval()
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path)

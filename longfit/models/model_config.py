@@ -75,6 +75,17 @@ class GGUFFile:
         data = np.frombuffer(self.buffer, dtype=np.uint8, count=info.num_bytes, offset=info.offset)
         return data.reshape(*info.shape[:-1], info.row_bytes)
 
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process's resident set once it has been converted: the map is read-only,
+        so ``madvise(MADV_DONTNEED)`` leaves them in the OS page cache, and a later read faults them back in. Without
+        it every byte of the file stays in the loader's RSS until the map closes (SmolLM2: +94 MiB at the peak)."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        info = self.tensors[name]
+        if advice is None or info.num_bytes == 0:
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE  # madvise needs a page-aligned start
+        self.buffer.madvise(advice, start, info.offset + info.num_bytes - start)
+
 
 class _Cursor:
     """Bounds-checked sequential reads from the file, so a truncated header fails with a clear message."""

@@ -160,6 +160,27 @@ def test_quant_rows_are_hf_ordered_gguf_blocks(llama_file: Path, hf_weights: dic
     assert checkpoint.weights["model.layers.0.mlp.down_proj.weight"].quant_rows() is None  # BF16
 
 
+@pytest.mark.parametrize("block_rows", [1, 3, 7, 1000])
+def test_row_blocks_and_release_read_the_same_values(llama_file: Path, block_rows: int) -> None:
+    """The loader's memory-light paths: row blocks (q rows un-permuted, every file type), ``dequantize_to`` built
+    from them, and the file pages dropped after a read all give exactly ``dequantize()``'s values."""
+    checkpoint = load_gguf(llama_file)
+    for name, raw in checkpoint.weights.items():
+        whole = raw.dequantize()
+        blocks = list(raw.row_blocks(block_rows))
+        if len(raw.shape) == 2:  # every matrix of this file reads by rows
+            assert len(blocks) == -(-raw.shape[0] // block_rows), name
+        torch.testing.assert_close(torch.cat(blocks) if len(raw.shape) == 2 else blocks[0], whole, rtol=0, atol=0)
+        for dtype in (torch.bfloat16, torch.float32):
+            built = raw.dequantize_to(dtype, block_rows)
+            assert built.dtype == dtype and built.shape == whole.shape, name
+            torch.testing.assert_close(built, whole.to(dtype), rtol=0, atol=0)
+        raw.release()  # the map stays readable: the pages fault back in
+        torch.testing.assert_close(raw.dequantize(), whole, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="block_rows"):
+        next(checkpoint.weights["model.embed_tokens.weight"].row_blocks(0))
+
+
 def test_k_quant_rows_permute_exactly(tmp_path: Path) -> None:
     """Q4_K / Q6_K (gguf cannot quantize them): permuting raw rows == permuting dequantized rows."""
     rng = np.random.default_rng(1)
@@ -318,6 +339,9 @@ def test_hf_dir_single_and_sharded(tmp_path: Path) -> None:
             assert raw.qtype == {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[tensor.dtype]
             assert not raw.is_quantized and raw.shape == tuple(tensor.shape)
             torch.testing.assert_close(raw.dequantize(), tensor.float(), rtol=0, atol=0)
+            if tensor.dim() == 2:  # read by row slices of the file
+                torch.testing.assert_close(torch.cat(list(raw.row_blocks(5))), tensor.float(), rtol=0, atol=0)
+                assert len(list(raw.row_blocks(5))) == -(-tensor.shape[0] // 5)
     with pytest.raises(ValueError, match="no config.json"):
         load_hf_dir(tmp_path)
 

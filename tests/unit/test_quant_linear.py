@@ -111,6 +111,31 @@ def test_fused_parts_and_bias(qtype: str, form: str) -> None:
         torch.testing.assert_close(fused(x.bfloat16()), torch.cat(pieces, dim=-1), rtol=2**-7, atol=1e-3)
 
 
+@pytest.mark.parametrize("form", ["bf16", "int8", "int4", "auto"])
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_layers_built_from_row_blocks_equal_whole_matrix_builds(qtype: str, form: str, monkeypatch) -> None:
+    """The loader quantizes and converts large matrices block by block (``RawWeight.row_blocks``, never the whole
+    fp32 matrix): the layer's buffers must be bit-identical to a build from the whole matrix."""
+    import longfit.models.weights as weights_module
+
+    def by_rows(raw: RawWeight) -> RawWeight:
+        whole = raw.dequantize()
+        return RawWeight(raw.name, raw.shape, raw.qtype, raw._dequantize, raw._quant_rows,
+                         _dequantize_rows=lambda start, stop: whole[start:stop].clone())
+
+    raw = [make_raw(random_weight(n, seed=i), qtype, f"p{i}") for i, n in enumerate((40, 24))]
+    expected = build_linear(raw, None, form, torch.bfloat16)
+    monkeypatch.setattr(weights_module, "DEQUANT_BLOCK_ROWS", 7)  # 6 + 4 blocks, the last ones partial
+    blocked = build_linear([by_rows(part) for part in raw], None, form, torch.bfloat16)
+    assert type(blocked) is type(expected)
+    state, want = blocked.state_dict(), expected.state_dict()
+    assert state.keys() == want.keys() and state
+    for key in want:
+        torch.testing.assert_close(state[key], want[key], rtol=0, atol=0, msg=key)
+    x = torch.randn(3, K).bfloat16()
+    torch.testing.assert_close(blocked(x), expected(x), rtol=0, atol=0)
+
+
 def test_mixed_gguf_types_fall_back() -> None:
     raw = [make_raw(random_weight(32, seed=0), "Q4_1", "a"), make_raw(random_weight(16, seed=1), "Q8_0", "b")]
     auto = build_linear(raw, None, "auto", torch.bfloat16)
