@@ -2,11 +2,11 @@
 
 from longfit.config import CacheConfig, EngineConfig, ModelConfig, RuntimeConfig, SchedulerConfig
 from longfit.outputs import CompletionOutput, RequestOutput
-from longfit.sampling_params import SamplingParams
+from longfit.sampling_params import SamplingParams, StructuredOutput
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "CacheConfig", "SchedulerConfig", "RuntimeConfig", "ModelConfig",
-           "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "EngineConfig", "CacheConfig", "SchedulerConfig",
+           "RuntimeConfig", "ModelConfig", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):

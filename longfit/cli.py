@@ -63,7 +63,27 @@ def _sampling(args: argparse.Namespace):
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=args.stop or None)
+                          seed=args.seed, stop=args.stop or None, structured_output=_structured(args))
+
+
+def _structured(args: argparse.Namespace):
+    """The ``--json-schema / --json / --regex / --choice / --grammar`` constraint, or None (``@path`` reads a file)."""
+    from longfit.sampling_params import StructuredOutput
+
+    def text(flag: str, value: str) -> str:
+        if not value.startswith("@"):
+            return value
+        try:
+            with open(value[1:], encoding="utf-8") as handle:
+                return handle.read()
+        except OSError as error:
+            raise ValueError(f"{flag}: cannot read {value[1:]}: {error.strerror}") from None
+
+    given = {"json_schema": args.json_schema and text("--json-schema", args.json_schema),
+             "json_object": args.json or False, "regex": args.regex, "choice": tuple(args.choice or ()) or None,
+             "grammar": args.grammar and text("--grammar", args.grammar)}
+    given = {name: value for name, value in given.items() if value not in (None, False)}
+    return StructuredOutput(**given) if given else None
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -76,6 +96,12 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int = 1
     group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     group.add_argument("--stop", action="append", help="stop string (repeatable)")
+    constrain = parser.add_argument_group("structured output (one of; needs llguidance, the serve extra)")
+    constrain.add_argument("--json-schema", help="JSON schema the output must follow (JSON text, or @file)")
+    constrain.add_argument("--json", action="store_true", default=None, help="any JSON object")
+    constrain.add_argument("--regex", help="regular expression the output must match")
+    constrain.add_argument("--choice", action="append", help="one allowed output (repeatable)")
+    constrain.add_argument("--grammar", help="Lark grammar of the output (text, or @file)")
 
 
 def _stream(llm, prompt, params) -> tuple[object, float, float, float]:

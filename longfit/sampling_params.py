@@ -2,8 +2,57 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+
+_STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """Constrains the generated text, as vLLM's structured outputs and OpenAI's ``response_format`` do: to a JSON
+    schema (``json_schema``, JSON text or a dict), to any JSON object (``json_object``), to a regular expression
+    (``regex``), to one of several strings (``choice``) or to a Lark grammar (``grammar``). Exactly one is set.
+    No torch: ``runtime.structured`` turns it into per-step token masks (llguidance).
+    """
+
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json_schema, dict):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        set_kinds = [kind for kind in _STRUCTURED_KINDS if getattr(self, kind) not in (None, False)]
+        if len(set_kinds) != 1:
+            raise ValueError(f"structured_output needs exactly one of {', '.join(_STRUCTURED_KINDS)}, "
+                             f"got {set_kinds or 'none'}")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema) if isinstance(self.json_schema, str) else None
+            except json.JSONDecodeError as error:
+                raise ValueError(f"structured_output.json_schema is not valid JSON: {error}") from None
+            if not isinstance(schema, dict):
+                raise ValueError("structured_output.json_schema must be a JSON object (a schema), "
+                                 f"got {self.json_schema!r:.80}")
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_output.json_object must be true or false, got {self.json_object!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_output.{name} must be a non-empty string, got {value!r:.80}")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"structured_output.choice must be a non-empty list of non-empty strings, "
+                             f"got {self.choice!r:.80}")
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in _STRUCTURED_KINDS if getattr(self, kind) not in (None, False))
 
 
 @dataclass(slots=True)
@@ -37,6 +86,8 @@ class SamplingParams:
     # Compress after this many prompt tokens (the context) and prefill the rest (the question) uncompressed,
     # as kvpress does; None compresses the whole prompt.
     kv_compression_boundary: int | None = None
+    # Constrained decoding (a JSON schema, a regex, choices, a grammar); None generates freely.
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,6 +123,11 @@ class SamplingParams:
             _int_range("prompt_logprobs", self.prompt_logprobs, 0, 20)
         if self.kv_compression_boundary is not None:
             _int_range("kv_compression_boundary", self.kv_compression_boundary, 1, None)
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                raise ValueError(f"structured_output must be a StructuredOutput, got {self.structured_output!r:.80}")
+            if self.min_tokens:  # the grammar may allow only the end of text before min_tokens: nothing to sample
+                raise ValueError("min_tokens must be 0 with structured_output")
         if self.kv_compression is not None and not isinstance(self.kv_compression, str):
             raise ValueError(f"kv_compression must be a spec string such as 'snapkv:keep=0.25', got {self.kv_compression!r}")
 

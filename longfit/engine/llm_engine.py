@@ -23,6 +23,7 @@ from longfit.models.loader import load_model
 from longfit.outputs import RequestOutput
 from longfit.runtime.compactor import validate_engine_spec
 from longfit.runtime.host_memory import configure_host_allocator, release_free_heap
+from longfit.runtime.structured import GrammarCompiler
 from longfit.runtime.kv_store import resolve_kv_spec
 from longfit.runtime.model_runner import ModelRunner
 from longfit.sampling_params import SamplingParams
@@ -65,6 +66,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.model_config, self.kv_spec, max_model_len, config.runtime.device)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(getattr(self.tokenizer, "eos_token_ids", ()))
+        self.runner.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
@@ -103,6 +105,8 @@ class LLMEngine:
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
         spec = kv_compression if kv_compression is not None else params.kv_compression or self.config.kv_compression
         spec = self.check_kv_compression(spec) if spec else None
+        if params.structured_output is not None:
+            self.runner.grammars.check(params.structured_output)
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, token_ids, params)
         children = []
         for index in range(params.n):

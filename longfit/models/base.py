@@ -86,8 +86,9 @@ class DecoderModel(nn.Module):
             h = layer(h, positions, meta)
         return self.norm(h)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [M, d] → logits [M, V] fp32.
+    def compute_logits(self, hidden: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [M, d] → logits [M, V] fp32; ``allowed`` (bool [M, V], structured output) sets the other logits
+        to -inf first, so the leading candidates rescored below are the best *allowed* ones.
 
         A bf16 matmul rounds its output to bf16 (steps of 0.125 at |logit| ≈ 20), enough to swap the top two
         tokens at ~2% of positions; an int8 head (requantized per channel) moves logits by up to ~0.5. The
@@ -104,6 +105,8 @@ class DecoderModel(nn.Module):
             row_error = None
         else:
             logits = self.lm_head(hidden).float()
+        if allowed is not None:
+            logits.masked_fill_(~allowed, float("-inf"))
         if rows_weight is not None and hidden.dtype != torch.float32:
             top = logits.amax(dim=-1, keepdim=True)  # [M, 1]
             rounding = top.abs() * 2.0**-6 + 0.05  # several bf16 output steps at that magnitude
@@ -122,4 +125,6 @@ class DecoderModel(nn.Module):
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
+            if allowed is not None:  # tanh maps -inf to -cap: masked again
+                logits.masked_fill_(~allowed, float("-inf"))
         return logits

@@ -4,7 +4,8 @@ Data flow: ``SchedulerOutput`` (which requests, which tokens, which new pages) �
 tokens first, then prompt chunks) + ``AttentionMetadata`` → ``DecoderModel`` → logits of the rows that
 sample (and of every prompt row when prompt logprobs are asked) → ``ModelRunnerOutput``. The runner owns
 every tensor that lives across steps: the KV pool, a mirror of each running request's page tables
-(updated from the scheduler's page diffs), and the seeded generators.
+(updated from the scheduler's page diffs), the seeded generators, and the grammar matchers of structured
+requests (``runtime/structured.py``: their token masks are applied to the logits before sampling).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from longfit.runtime.compactor import Compactor, QueryWindow
 from longfit.runtime.kv_store import allocate_kv_pool
 from longfit.runtime.quant_pages import PageQuantFormat
 from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_logprobs, sample
+from longfit.runtime.structured import GrammarCompiler, GrammarMatcher
 
 
 class RequestState:
     """Runner-side state of a running request: page tables mirror [L, max_pages] and its generator."""
 
     __slots__ = ("tables", "num_pages", "generator", "queries", "formats", "quant_tokens", "quant_pages", "quant_bytes",
-                 "side", "quest", "evict_spec", "budgets", "recent")
+                 "side", "quest", "evict_spec", "budgets", "recent", "grammar")
 
     def __init__(self, num_layers: int, max_pages: int, seed: int | None) -> None:
         self.tables = np.zeros((num_layers, max_pages), dtype=np.int64)
@@ -56,6 +58,7 @@ class RequestState:
         self.evict_spec: str | None = None
         self.budgets: list[tuple[int, int] | None] | None = None
         self.recent: QueryWindow | None = None
+        self.grammar: GrammarMatcher | None = None  # structured output: where the output is in its grammar
 
     def set_layout(self, result: CompactionResult, block_size: int) -> None:
         """Follow a compaction: the manager kept the stream pages plus the pages of the remaining tokens."""
@@ -102,6 +105,8 @@ class ModelRunner:
                                    [layer.attn.rope for layer in model.layers])
         # Quest: per-page key min / max [num_blocks, 2, Hkv, D], allocated when a request first selects pages.
         self.page_bounds: torch.Tensor | None = None
+        # Structured output: the engine sets it (it holds the tokenizer); None refuses structured requests.
+        self.grammars: GrammarCompiler | None = None
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -119,6 +124,12 @@ class ModelRunner:
                 state = RequestState(self.spec.num_layers, self.max_pages, item.sampling_params.seed)
                 self.states[item.request_id] = state
             state.append_pages(item.new_block_ids, item.reset_block_table)
+            structured = item.sampling_params.structured_output
+            if structured is not None and state.grammar is None:
+                if self.grammars is None:
+                    raise ValueError("structured_output: this runner has no tokenizer to build grammars with")
+                # A new state (first step, or resumed after a preemption): follow the output generated so far.
+                state.grammar = self.grammars.matcher(structured, item.output_token_ids)
 
         def is_decode(it: ScheduledRequest) -> bool:
             return len(it.token_ids) == 1 and it.sampling_params.prompt_logprobs is None and not it.kv_compression
@@ -173,9 +184,22 @@ class ModelRunner:
         for item, begin, end in prompt_rows:
             result.prompt_logprobs[item.request_id] = self._prompt_logprobs(item, hidden[begin:end])
         if sample_items:
-            logits = self.model.compute_logits(hidden[sample_rows])  # [B, V] fp32
+            allowed = self._allowed(sample_items)
+            logits = self.model.compute_logits(hidden[sample_rows], allowed)  # [B, V] fp32
             self._sample(logits, sample_items, result)
         return result
+
+    def _allowed(self, items: list[ScheduledRequest]) -> torch.Tensor | None:
+        """bool [B, V], the tokens each sampling row may take (structured output), or None when no row is
+        constrained. Every row's mask is computed before the logits, so the head's leaders are found among them."""
+        grammars = [self.states[it.request_id].grammar for it in items]
+        if all(g is None for g in grammars):
+            return None
+        allowed = torch.ones(len(items), self.config.vocab_size, dtype=torch.bool)
+        for row, grammar in enumerate(grammars):
+            if grammar is not None:
+                allowed[row] = grammar.allowed()
+        return allowed.to(self.device)
 
     def _clear_streams(self, state: RequestState) -> None:
         """Zero the stream pages of a request that leaves: as ordinary pages they may next hold tokens only in
@@ -455,3 +479,6 @@ class ModelRunner:
                 result.logprobs[items[row].request_id] = [entry]
         for item, token in zip(items, token_ids.tolist()):
             result.sampled_token_ids[item.request_id] = [token]
+            grammar = self.states[item.request_id].grammar
+            if grammar is not None:
+                grammar.consume(token)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from longfit.sampling_params import SamplingParams
+from longfit.sampling_params import SamplingParams, StructuredOutput
 
 
 class APIError(Exception):
@@ -41,6 +41,23 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    """``response_format.json_schema``: OpenAI's ``{"name", "schema", "strict", "description"}``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """``{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}`` (OpenAI)."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(_Strict):
     """Sampling fields shared by both endpoints (OpenAI names plus vLLM's extras)."""
 
@@ -66,6 +83,50 @@ class _SamplingFields(_Strict):
     best_of: int | None = None
     user: str | None = None
     kv_compression: str | None = None
+    # Structured output: OpenAI's response_format, or one of vLLM's guided_* fields.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_param(self) -> str | None:
+        """The field that carries the request's constraint (for errors the engine finds when compiling it)."""
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return next((name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                     if getattr(self, name) is not None), None)
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The request's constraint, or None; APIError(400) naming the field for a bad or doubled one."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            if fmt.type == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif fmt.type == "json_schema":
+                if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                    raise APIError(400, "response_format type 'json_schema' needs json_schema.schema",
+                                   param="response_format.json_schema")
+                given.append(("response_format", {"json_schema": fmt.json_schema.schema_}))
+            else:
+                raise APIError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got "
+                               f"{fmt.type!r}", param="response_format.type")
+        for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                given.append((name, {kind: value}))
+        if not given:
+            return None
+        if len(given) > 1:
+            raise APIError(400, f"only one of response_format and guided_* may constrain the output, got "
+                           f"{', '.join(name for name, _ in given)}", param=given[1][0])
+        name, fields = given[0]
+        try:
+            return StructuredOutput(**fields)
+        except ValueError as error:
+            raise APIError(400, f"{name}: {error}", param=name) from None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
@@ -89,7 +150,8 @@ class _SamplingFields(_Strict):
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_output=self.structured_output())
         except ValueError as error:
             raise APIError(400, str(error), param=_param_from_message(str(error))) from None
 
@@ -115,10 +177,6 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
-class ResponseFormat(_Strict):
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
@@ -127,7 +185,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 

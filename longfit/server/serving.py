@@ -126,8 +126,6 @@ class OpenAIServing:
             raise APIError(400, "tools (function calling) are not supported", param="tools")
         if request.tool_choice not in (None, "none", "auto"):
             raise APIError(400, "tool_choice is not supported", param="tool_choice")
-        if request.response_format is not None and request.response_format.type != "text":
-            raise APIError(400, "only response_format type 'text' is supported", param="response_format")
         messages = []
         for index, message in enumerate(request.messages):
             content = message.content
@@ -152,7 +150,7 @@ class OpenAIServing:
         return _Prompt(token_ids, None)
 
     async def _admit(self, base_id: str, prompts: list[_Prompt], params: SamplingParams,
-                     kv_compression: str | None) -> list[RequestStream]:
+                     kv_compression: str | None, structured_param: str | None = None) -> list[RequestStream]:
         """Add every prompt to the engine; on any refusal, abort those already added and raise APIError."""
         streams: list[RequestStream] = []
         try:
@@ -166,7 +164,9 @@ class OpenAIServing:
                 raise APIError(429, f"the server is busy: {error}; retry later", type="server_overloaded",
                                code="queue_full", headers={"Retry-After": "1"}) from None
             if isinstance(error, ValueError):
-                param = "kv_compression" if "kv_compression" in str(error) else "prompt"
+                message = str(error)
+                param = ("kv_compression" if "kv_compression" in message else
+                         structured_param if "structured_output" in message else "prompt")
                 raise APIError(400, str(error), param=param) from None
             if isinstance(error, EngineDeadError):
                 raise APIError(503, str(error), type="server_error", code="engine_dead") from None
@@ -240,7 +240,8 @@ class OpenAIServing:
             echo_logprobs = request.logprobs if request.echo else None
             # max_tokens=0 (echo-only scoring): the engine prefills, returns prompt logprobs and samples nothing.
             params = request.sampling_params(request.max_tokens, request.logprobs, prompt_logprobs=echo_logprobs)
-            streams = await self._admit(response_id, prompts, params, request.kv_compression)
+            streams = await self._admit(response_id, prompts, params, request.kv_compression,
+                                         request.structured_param())
             return streams, {"request": request, "prompts": prompts}
 
         def respond_json(outputs: list[RequestOutput], context: dict[str, Any]) -> dict[str, Any]:
@@ -383,7 +384,8 @@ class OpenAIServing:
             logprobs = (request.top_logprobs or 0) if request.logprobs else None
             params = request.sampling_params(max_tokens, logprobs)
             prompt = self._chat_prompt(request, max_tokens)
-            streams = await self._admit(response_id, [prompt], params, request.kv_compression)
+            streams = await self._admit(response_id, [prompt], params, request.kv_compression,
+                                         request.structured_param())
             return streams, {"request": request, "prompt": prompt}
 
         def respond_json(outputs: list[RequestOutput], context: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
@@ -32,7 +34,24 @@ def test_generate_tiny_prints_text_and_summary(capsys):
     assert "prompt 5 tok | generated 5 tok" in out and "tok/s" in out and "KV" in out
 
 
+def test_generate_with_structured_output(capsys, tmp_path):
+    pytest.importorskip("llguidance")
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], '
+                      '"additionalProperties": false}')
+    for flags, check in ((["--regex", "[0-9]{3}-[a-z]{2}"], lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2}", t)),
+                         (["--choice", "left", "--choice", "right"], lambda t: t in ("left", "right")),
+                         (["--json-schema", f"@{schema}"], lambda t: json.loads(t) in ({"ok": True}, {"ok": False}))):
+        assert main(["generate", "hello", "--model", "tiny-llama", "--raw", "--max-tokens", "20", *flags]) == 0
+        text, summary = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
+        assert check(text), (flags, text)
+        assert "finish stop" in summary
+
+
 @pytest.mark.parametrize("args,message", [
+    (["generate", "hi", "--model", "tiny-llama", "--regex", "a", "--json"], "exactly one of"),
+    (["generate", "hi", "--model", "tiny-llama", "--regex", "[a-"], "structured_output.regex"),
+    (["generate", "hi", "--model", "tiny-llama", "--grammar", "@/no/such/file"], "--grammar: cannot read"),
     (["generate", "hi", "--model", "no-such-model"], "smollm2-135m"),
     (["generate", "hi", "--model", "tiny-llama", "--temperature", "-1"], "temperature"),
     (["generate", "hi", "--model", "tiny-llama", "--block-size", "7"], "block_size"),

@@ -253,6 +253,31 @@ def test_openai_chat(client, reference):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
 
 
+def test_openai_structured_output(client):
+    """response_format (OpenAI) and guided_* (vLLM) through the openai client, streamed and not."""
+    schema = {"type": "object", "properties": {"kind": {"enum": ["page", "block"]}, "ok": {"type": "boolean"}},
+              "required": ["kind", "ok"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "state?"}],
+                                           max_tokens=60, temperature=0, response_format=fmt)
+    answer = json.loads(reply.choices[0].message.content)
+    assert set(answer) == {"kind", "ok"} and reply.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "state?"}],
+                                                 max_tokens=60, temperature=0, response_format=fmt, stream=True))
+    assert json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)) == answer
+    anything = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "json"}],
+                                              max_tokens=200, temperature=0.8, seed=3,
+                                              response_format={"type": "json_object"})
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    phone = client.completions.create(model=MODEL, prompt="Call", max_tokens=20, temperature=1.0, seed=1, n=3,
+                                      extra_body={"guided_regex": r"[0-9]{3}-[0-9]{4}"})
+    assert all(re.fullmatch(r"[0-9]{3}-[0-9]{4}", c.text) for c in phone.choices)
+    pick = client.completions.create(model=MODEL, prompt="Pick", max_tokens=20, temperature=0,
+                                     extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert pick.choices[0].text in ("red", "green", "blue")
+
+
 def test_sse_wire_format(server):
     body = {"model": MODEL, "prompt": "wire", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -445,7 +470,19 @@ BAD_REQUESTS = [
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
      "tools"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                          "response_format": {"type": "json_object"}}, 400, "response_format"),
+                          "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}, 400,
+     "response_format.json_schema.schema"),
+    ("completions", {"prompt": "x", "guided_regex": "[a-"}, 400, "guided_regex"),
+    ("completions", {"prompt": "x", "guided_regex": 5}, 400, "guided_regex"),
+    ("completions", {"prompt": "x", "guided_choice": []}, 400, "guided_choice"),
+    ("completions", {"prompt": "x", "guided_json": "{not json"}, 400, "guided_json"),
+    ("completions", {"prompt": "x", "guided_grammar": "start: missing_rule"}, 400, "guided_grammar"),
+    ("completions", {"prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}, 400, "guided_choice"),
+    ("completions", {"prompt": "x", "guided_regex": "a+", "min_tokens": 3}, 400, "min_tokens"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404, "model"),
 ]
 
@@ -593,6 +630,15 @@ def test_real_model_chat_and_scoring():
         unlikely = client.completions.create(model="smollm2-135m", prompt="The capital of France is soup",
                                              max_tokens=0, echo=True, logprobs=1)
         assert likely.choices[0].logprobs.token_logprobs[-1] > unlikely.choices[0].logprobs.token_logprobs[-1] + 3
+        # Structured output on the real tokenizer (byte-level BPE): a schema the free answer does not follow.
+        schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                                   "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+                  "required": ["name", "age"], "additionalProperties": False}
+        person = client.chat.completions.create(
+            model="smollm2-135m", max_tokens=40, temperature=0,
+            messages=[{"role": "user", "content": "Give a JSON object for a person named Alice who is 30."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+        assert json.loads(person.choices[0].message.content) == {"name": "Alice", "age": 30}
     finally:
         server.should_exit = True
         thread.join(10)

@@ -104,3 +104,29 @@ def test_int8_head_leaders_are_exact() -> None:
     for got in (small, logits):
         assert torch.equal(got.argmax(-1), top)
         torch.testing.assert_close(got[rows, top], exact[rows, top], rtol=1e-5, atol=1e-4)
+
+
+def test_int8_head_leaders_are_found_among_the_allowed_tokens() -> None:
+    """Structured output masks the logits (``allowed``): the rescored leaders must be the best *allowed* tokens.
+    Masking after the rescoring would leave the allowed tokens at their int8 values (off by up to ~0.5) and greedy
+    could pick another token than the exact weights; the masks here exclude every row's two exact leaders."""
+    model = _tied_model("int8")
+    gen = _gen(11)
+    pairs = torch.randint(0, 512, (400, 2), generator=gen)
+    mix = torch.rand(400, 1, generator=gen)
+    hidden = ((model.embed[pairs[:, 0]].float() * mix + model.embed[pairs[:, 1]].float() * (1 - mix)) * 4).bfloat16()
+    exact = hidden.float() @ model.embed.float().T  # [M, V]
+    allowed = torch.rand(exact.shape, generator=gen) < 0.3
+    allowed[torch.arange(400)[:, None], exact.topk(2, dim=-1).indices] = False
+    best = exact.masked_fill(~allowed, float("-inf")).argmax(-1)
+    with torch.inference_mode():
+        naive = model.compute_logits(hidden).masked_fill(~allowed, float("-inf"))
+        small = torch.cat([model.compute_logits(h, a) for h, a in zip(hidden.split(PACKED_HEAD_MAX_ROWS - 1),
+                                                                        allowed.split(PACKED_HEAD_MAX_ROWS - 1))])
+        logits = model.compute_logits(hidden, allowed)
+    assert (naive.argmax(-1) != best).any(), "the test needs rows where masking after the rescoring is wrong"
+    rows = torch.arange(400)
+    for got in (small, logits):
+        assert torch.isinf(got[~allowed]).all() and torch.isfinite(got[allowed]).all()
+        assert torch.equal(got.argmax(-1), best)
+        torch.testing.assert_close(got[rows, best], exact[rows, best], rtol=1e-5, atol=1e-4)
