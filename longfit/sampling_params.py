@@ -88,6 +88,8 @@ class SamplingParams:
     kv_compression_boundary: int | None = None
     # Constrained decoding (a JSON schema, a regex, choices, a grammar); None generates freely.
     structured_output: StructuredOutput | None = None
+    # OpenAI's logit_bias: token id → value in [-100, 100] added to its logit before sampling (-100 bans it).
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -128,6 +130,14 @@ class SamplingParams:
                 raise ValueError(f"structured_output must be a StructuredOutput, got {self.structured_output!r:.80}")
             if self.min_tokens:  # the grammar may allow only the end of text before min_tokens: nothing to sample
                 raise ValueError("min_tokens must be 0 with structured_output")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r:.80}")
+            for token, value in self.logit_bias.items():
+                if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                    raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+                if not -100.0 <= _finite("logit_bias", value) <= 100.0:
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
         if self.kv_compression is not None and not isinstance(self.kv_compression, str):
             raise ValueError(f"kv_compression must be a spec string such as 'snapkv:keep=0.25', got {self.kv_compression!r}")
 

@@ -107,6 +107,10 @@ class LLMEngine:
         spec = self.check_kv_compression(spec) if spec else None
         if params.structured_output is not None:
             self.runner.grammars.check(params.structured_output)
+        vocab = self.model_config.vocab_size
+        outside = [token for token in params.logit_bias or () if token >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})")
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, token_ids, params)
         children = []
         for index in range(params.n):

@@ -86,9 +86,10 @@ class DecoderModel(nn.Module):
             h = layer(h, positions, meta)
         return self.norm(h)
 
-    def compute_logits(self, hidden: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden: [M, d] → logits [M, V] fp32; ``allowed`` (bool [M, V], structured output) sets the other logits
-        to -inf first, so the leading candidates rescored below are the best *allowed* ones.
+    def compute_logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [M, d] → logits [M, V] fp32; ``bias`` (fp32 [M, V]: a request's logit_bias, -inf for the tokens
+        a structured request's grammar forbids) is added first, so the leading candidates rescored below are the
+        best ones as biased.
 
         A bf16 matmul rounds its output to bf16 (steps of 0.125 at |logit| ≈ 20), enough to swap the top two
         tokens at ~2% of positions; an int8 head (requantized per channel) moves logits by up to ~0.5. The
@@ -105,8 +106,8 @@ class DecoderModel(nn.Module):
             row_error = None
         else:
             logits = self.lm_head(hidden).float()
-        if allowed is not None:
-            logits.masked_fill_(~allowed, float("-inf"))
+        if bias is not None:
+            logits.add_(bias)
         if rows_weight is not None and hidden.dtype != torch.float32:
             top = logits.amax(dim=-1, keepdim=True)  # [M, 1]
             rounding = top.abs() * 2.0**-6 + 0.05  # several bf16 output steps at that magnitude
@@ -120,11 +121,15 @@ class DecoderModel(nn.Module):
                 leaders = err.add_(logits) >= best_lower  # upper ends, in place: one [M, V] temporary less
             rows, cols = leaders.nonzero(as_tuple=True)
             exact = (hidden[rows].float() * rows_weight[cols].float()).sum(-1)
-            bias = getattr(self.lm_head, "bias", None)
-            logits[rows, cols] = exact + (bias[cols].float() if bias is not None else 0.0)
+            head_bias = getattr(self.lm_head, "bias", None)
+            if head_bias is not None:
+                exact += head_bias[cols].float()
+            if bias is not None:
+                exact += bias[rows, cols]
+            logits[rows, cols] = exact
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
-            if allowed is not None:  # tanh maps -inf to -cap: masked again
-                logits.masked_fill_(~allowed, float("-inf"))
+            if bias is not None:  # tanh maps -inf to -cap: forbidden tokens masked again
+                logits.masked_fill_(torch.isneginf(bias), float("-inf"))
         return logits

@@ -184,22 +184,26 @@ class ModelRunner:
         for item, begin, end in prompt_rows:
             result.prompt_logprobs[item.request_id] = self._prompt_logprobs(item, hidden[begin:end])
         if sample_items:
-            allowed = self._allowed(sample_items)
-            logits = self.model.compute_logits(hidden[sample_rows], allowed)  # [B, V] fp32
+            bias = self._logit_bias(sample_items)
+            logits = self.model.compute_logits(hidden[sample_rows], bias)  # [B, V] fp32
             self._sample(logits, sample_items, result)
         return result
 
-    def _allowed(self, items: list[ScheduledRequest]) -> torch.Tensor | None:
-        """bool [B, V], the tokens each sampling row may take (structured output), or None when no row is
-        constrained. Every row's mask is computed before the logits, so the head's leaders are found among them."""
+    def _logit_bias(self, items: list[ScheduledRequest]) -> torch.Tensor | None:
+        """fp32 [B, V] added to the sampling rows' logits, or None when no row needs one: -inf where a structured
+        request's grammar forbids the token, plus the request's ``logit_bias``. Built before the logits, so that
+        the head's leading candidates are rescored among the tokens as biased (``DecoderModel.compute_logits``)."""
         grammars = [self.states[it.request_id].grammar for it in items]
-        if all(g is None for g in grammars):
+        biases = [it.sampling_params.logit_bias for it in items]
+        if all(g is None for g in grammars) and not any(biases):
             return None
-        allowed = torch.ones(len(items), self.config.vocab_size, dtype=torch.bool)
-        for row, grammar in enumerate(grammars):
+        bias = torch.zeros(len(items), self.config.vocab_size, dtype=torch.float32)
+        for row, (grammar, values) in enumerate(zip(grammars, biases)):
+            if values:
+                bias[row, list(values)] = torch.tensor(list(values.values()), dtype=torch.float32)
             if grammar is not None:
-                allowed[row] = grammar.allowed()
-        return allowed.to(self.device)
+                bias[row].masked_fill_(~grammar.allowed(), float("-inf"))
+        return bias.to(self.device)
 
     def _clear_streams(self, state: RequestState) -> None:
         """Zero the stream pages of a request that leaves: as ordinary pages they may next hold tokens only in

@@ -3,7 +3,8 @@
 Order (as vLLM): penalties → greedy rows take argmax of the penalized logits → temperature → min-p,
 top-k, top-p masks → exponential-race draw (argmax of p / E, E ~ Exp(1)), with a private generator for
 every request that set a seed so its tokens do not depend on what else is in the batch.
-Log-probabilities are those of the raw model distribution (before penalties and temperature).
+Log-probabilities are those of the model distribution before penalties and temperature (after a structured
+request's mask and a ``logit_bias``, which ``DecoderModel.compute_logits`` adds).
 """
 
 from __future__ import annotations

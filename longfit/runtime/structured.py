@@ -4,7 +4,7 @@ A request's ``SamplingParams.structured_output`` (a JSON schema, any JSON object
 Lark grammar) becomes an llguidance grammar (the engine behind "Guidance", also used by vLLM and llama.cpp): its
 ``LLMatcher`` follows the tokens generated so far and says, before each sample, which tokens keep the text a prefix
 of some string of the grammar. The runner sets every other token's logit to -inf *before* the LM head's leading
-logits are rescored (``DecoderModel.compute_logits(allowed=...)``), so greedy decoding picks the best allowed token
+logits are rescored (``DecoderModel.compute_logits(bias=...)``), so greedy decoding picks the best allowed token
 under the exact weights, and sampling draws from the model's distribution renormalized over the allowed tokens.
 When the grammar is complete only the end-of-text tokens stay allowed, and the request stops as on any EOS.
 

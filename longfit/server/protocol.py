@@ -131,8 +131,13 @@ class _SamplingFields(_Strict):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's SamplingParams; raises APIError(400) naming the first bad field."""
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        logit_bias = None
+        if self.logit_bias is not None:
+            try:
+                logit_bias = {int(token): value for token, value in self.logit_bias.items()}
+            except ValueError:
+                raise APIError(400, f"logit_bias keys must be token ids, got {list(self.logit_bias)[:3]}",
+                               param="logit_bias") from None
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, f"best_of must equal n ({self.n}) or be omitted; best-of sampling is not supported",
                            param="best_of")
@@ -151,7 +156,7 @@ class _SamplingFields(_Strict):
                 seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
-                structured_output=self.structured_output())
+                structured_output=self.structured_output(), logit_bias=logit_bias)
         except ValueError as error:
             raise APIError(400, str(error), param=_param_from_message(str(error))) from None
 

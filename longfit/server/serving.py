@@ -166,7 +166,8 @@ class OpenAIServing:
             if isinstance(error, ValueError):
                 message = str(error)
                 param = ("kv_compression" if "kv_compression" in message else
-                         structured_param if "structured_output" in message else "prompt")
+                         structured_param if "structured_output" in message else
+                         "logit_bias" if message.startswith("logit_bias") else "prompt")
                 raise APIError(400, str(error), param=param) from None
             if isinstance(error, EngineDeadError):
                 raise APIError(503, str(error), type="server_error", code="engine_dead") from None

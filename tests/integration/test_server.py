@@ -276,6 +276,9 @@ def test_openai_structured_output(client):
     pick = client.completions.create(model=MODEL, prompt="Pick", max_tokens=20, temperature=0,
                                      extra_body={"guided_choice": ["red", "green", "blue"]})
     assert pick.choices[0].text in ("red", "green", "blue")
+    forced = client.completions.create(model=MODEL, prompt="Pick", max_tokens=4, temperature=0,
+                                       logit_bias={str(ord("Q")): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == "QQQQ"
 
 
 def test_sse_wire_format(server):
@@ -437,7 +440,10 @@ BAD_REQUESTS = [
     ("completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("completions", {"prompt": "x", "echo": 1}, 400, "echo"),
     ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
-    ("completions", {"prompt": "x", "logit_bias": {"5": 1.0}}, 400, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"five": 1.0}}, 400, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"300": 1}}, 400, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": [5]}, 400, "logit_bias"),
     ("completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
     ("completions", {"prompt": "x", "suffix": "end"}, 400, "suffix"),
     ("completions", {"prompt": "x", "kv_compression": 5}, 400, "kv_compression"),

@@ -1,4 +1,5 @@
-"""Structured output (``SamplingParams.structured_output``, llguidance masks) on the tiny byte-level model.
+"""Structured output (``SamplingParams.structured_output``, llguidance masks) and ``logit_bias`` on the tiny
+byte-level model.
 
 Checked against a slow reference: greedy decoding that, at every step, runs the exact forward over the whole text
 and takes the best byte of those a Python matcher allows (the choices' next bytes). Also: every kind of constraint
@@ -153,3 +154,34 @@ def test_constraints_that_do_not_compile_are_refused_at_admission(llm):
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_output=StructuredOutput(regex="a+"))
 
+
+
+def test_logit_bias_bans_and_forces_tokens(llm):
+    free = llm.generate("The cache", greedy(None, max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
+    banned = llm.generate("The cache", greedy(None, max_tokens=12, ignore_eos=True,
+                                              logit_bias={t: -100 for t in set(free)}))[0].outputs[0].token_ids
+    assert not set(banned) & set(free)
+    forced = llm.generate("The cache", greedy(None, max_tokens=6, ignore_eos=True, logit_bias={ord("Q"): 100.0}))
+    assert forced[0].outputs[0].text == "QQQQQQ"
+    # Sampling too: a token pushed up by 100 is drawn every time, whatever the temperature.
+    sampled = llm.generate("x", SamplingParams(temperature=1.5, max_tokens=8, seed=3, n=3,
+                                              logit_bias={ord("z"): 100.0}))
+    assert all(c.text == "z" * 8 for c in sampled[0].outputs)
+    # A bias and a grammar together: the bias picks within the grammar.
+    both = llm.generate("x", greedy(StructuredOutput(choice=("ab", "cd")), logit_bias={ord("c"): 50.0}))
+    assert both[0].outputs[0].text == "cd"
+
+
+@pytest.mark.parametrize("bias,message", [
+    ({"5": 1.0}, "token ids"), ({-1: 1.0}, "token ids"), ({True: 1.0}, "token ids"), ({5: 101}, r"\[-100, 100\]"),
+    ({5: float("nan")}, "finite"), ([5], "map token ids"),
+])
+def test_bad_logit_bias_names_the_field(bias, message):
+    with pytest.raises(ValueError, match=message) as error:
+        SamplingParams(logit_bias=bias)
+    assert str(error.value).startswith("logit_bias")
+
+
+def test_logit_bias_outside_the_vocabulary_is_refused(llm):
+    with pytest.raises(ValueError, match=r"logit_bias token id 300 is outside the vocabulary \[0, 256\)"):
+        llm.engine.add_request(None, "x", greedy(None, logit_bias={300: 1.0}))

@@ -106,10 +106,11 @@ def test_int8_head_leaders_are_exact() -> None:
         torch.testing.assert_close(got[rows, top], exact[rows, top], rtol=1e-5, atol=1e-4)
 
 
-def test_int8_head_leaders_are_found_among_the_allowed_tokens() -> None:
-    """Structured output masks the logits (``allowed``): the rescored leaders must be the best *allowed* tokens.
-    Masking after the rescoring would leave the allowed tokens at their int8 values (off by up to ~0.5) and greedy
-    could pick another token than the exact weights; the masks here exclude every row's two exact leaders."""
+def test_int8_head_leaders_are_rescored_after_the_bias() -> None:
+    """Structured output (-inf for forbidden tokens) and logit_bias enter ``compute_logits`` as one additive bias:
+    the rescored leaders must be the best tokens *as biased*. Biasing after the rescoring would leave the winners at
+    their int8 values (off by up to ~0.5) and greedy could pick another token than the exact weights. Here every
+    row's two exact leaders are forbidden and a few other tokens get +0.3 to +1."""
     model = _tied_model("int8")
     gen = _gen(11)
     pairs = torch.randint(0, 512, (400, 2), generator=gen)
@@ -118,15 +119,18 @@ def test_int8_head_leaders_are_found_among_the_allowed_tokens() -> None:
     exact = hidden.float() @ model.embed.float().T  # [M, V]
     allowed = torch.rand(exact.shape, generator=gen) < 0.3
     allowed[torch.arange(400)[:, None], exact.topk(2, dim=-1).indices] = False
-    best = exact.masked_fill(~allowed, float("-inf")).argmax(-1)
+    bias = torch.where(allowed, 0.0, float("-inf"))
+    boosted = torch.randint(0, 512, (400, 4), generator=gen)
+    bias.scatter_add_(1, boosted, 0.3 + 0.7 * torch.rand(400, 4, generator=gen))
+    best = (exact + bias).argmax(-1)
     with torch.inference_mode():
-        naive = model.compute_logits(hidden).masked_fill(~allowed, float("-inf"))
-        small = torch.cat([model.compute_logits(h, a) for h, a in zip(hidden.split(PACKED_HEAD_MAX_ROWS - 1),
-                                                                        allowed.split(PACKED_HEAD_MAX_ROWS - 1))])
-        logits = model.compute_logits(hidden, allowed)
-    assert (naive.argmax(-1) != best).any(), "the test needs rows where masking after the rescoring is wrong"
+        naive = model.compute_logits(hidden) + bias
+        small = torch.cat([model.compute_logits(h, b) for h, b in zip(hidden.split(PACKED_HEAD_MAX_ROWS - 1),
+                                                                        bias.split(PACKED_HEAD_MAX_ROWS - 1))])
+        logits = model.compute_logits(hidden, bias)
+    assert (naive.argmax(-1) != best).any(), "the test needs rows where biasing after the rescoring is wrong"
     rows = torch.arange(400)
     for got in (small, logits):
         assert torch.isinf(got[~allowed]).all() and torch.isfinite(got[allowed]).all()
         assert torch.equal(got.argmax(-1), best)
-        torch.testing.assert_close(got[rows, best], exact[rows, best], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got[rows, best], (exact + bias)[rows, best], rtol=1e-5, atol=1e-4)
