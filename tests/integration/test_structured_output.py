@@ -185,3 +185,11 @@ def test_bad_logit_bias_names_the_field(bias, message):
 def test_logit_bias_outside_the_vocabulary_is_refused(llm):
     with pytest.raises(ValueError, match=r"logit_bias token id 300 is outside the vocabulary \[0, 256\)"):
         llm.engine.add_request(None, "x", greedy(None, logit_bias={300: 1.0}))
+
+
+def test_choices_with_regex_metacharacters_are_literal(llm):
+    choices = ("a-b", "c#d", "e f", "x.y", "(1)", "q?[z]{2}", "ü€", "back\\slash", "tab\there", "$^|*+")
+    params = SamplingParams(temperature=1.5, max_tokens=20, seed=5, n=16, structured_output=StructuredOutput(
+        choice=choices))
+    texts = {c.text for c in llm.generate("pick", params)[0].outputs}
+    assert texts <= set(choices) and len(texts) >= 3
