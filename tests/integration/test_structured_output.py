@@ -193,3 +193,11 @@ def test_choices_with_regex_metacharacters_are_literal(llm):
         choice=choices))
     texts = {c.text for c in llm.generate("pick", params)[0].outputs}
     assert texts <= set(choices) and len(texts) >= 3
+
+
+def test_ignore_eos_after_the_grammar_ends_keeps_emitting_eos(llm):
+    """With ignore_eos the request outlives its grammar: once complete, only end-of-text is allowed (no error, no
+    text outside the grammar), until max_tokens."""
+    out = llm.generate("x", greedy(StructuredOutput(choice=("ab",)), max_tokens=6, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids[:2] == [ord("a"), ord("b")] and out.token_ids[2:] == [EOS] * 4
+    assert out.finish_reason == "length"
