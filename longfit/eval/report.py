@@ -195,6 +195,9 @@ def _by_spec(task_rows: Sequence[dict[str, Any]]) -> dict[tuple, list[dict[str, 
     return groups
 
 
+_MARKERS = ("o", "s", "^", "D")
+
+
 def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> bool:
     """Score vs compression (1 - KV bytes / full KV bytes): one line per method and engine, one panel per length.
 
@@ -228,10 +231,13 @@ def plot(rows: Sequence[dict[str, Any]], path: str | Path) -> bool:
             else:
                 label = method_name(spec) if engine == "longfit" else f"{engine}:{method_name(spec)}"
                 points[label].append((x, y))
-        for label, xy in sorted(points.items()):
+        for index, (label, xy) in enumerate(sorted(points.items())):
             xy = sorted(full_points[:1] + xy)
-            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o",
-                    linestyle="--" if ":" in label else "-", label=label)
+            # The default cycle repeats after 10 methods: tab20's 10 dark hues, then its light ones, each group of
+            # 10 with its own marker.
+            color = plt.get_cmap("tab20")(2 * index % 20 + index // 10 % 2)
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker=_MARKERS[index // 10 % len(_MARKERS)],
+                    color=color, linestyle="--" if ":" in label else "-", label=label)
         if full_points:
             ax.axhline(full_points[0][1], color="grey", linewidth=0.8, label="full cache")
         ax.set_title(f"{length} tokens" if kind == "task" else f"{length} tokens, shared context (all turns)")
