@@ -22,7 +22,7 @@ from longfit.kv.manager import KVCacheManager
 from longfit.models.loader import load_model
 from longfit.outputs import RequestOutput
 from longfit.runtime.compactor import validate_engine_spec
-from longfit.runtime.host_memory import configure_host_allocator, release_free_heap
+from longfit.runtime.host_memory import configure_host_allocator
 from longfit.runtime.structured import GrammarCompiler
 from longfit.runtime.kv_store import resolve_kv_spec
 from longfit.runtime.model_runner import ModelRunner
@@ -50,7 +50,6 @@ class LLMEngine:
         if config.runtime.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("RuntimeConfig.device is 'cuda' but CUDA is not available on this machine")
         loaded = load_model(config.model, config.runtime)
-        release_free_heap()  # the loading temporaries, kept in the heap by configure_host_allocator's policy
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_path = loaded.path

@@ -77,4 +77,5 @@ def load_model(name: str, runtime: RuntimeConfig) -> LoadedModel:
         # CPU bf16 layers only (matmul.should_prepack); each freed plain weight leaves a hole the packed ones skip
         prepack_dense_layers(model, after_each=lambda: release_free_heap(LOADING_SLACK))
     model.eval()
+    release_free_heap()  # the last loading temporaries (under LOADING_SLACK), kept by the allocator's policy
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=path)

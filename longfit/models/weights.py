@@ -61,21 +61,6 @@ class RawWeight:
             assert tuple(block.shape) == (stop - start, *self.shape[1:]), (self.name, block.shape, start, stop)
             yield block
 
-    def dequantize_to(self, dtype: torch.dtype, block_rows: int | None = None) -> torch.Tensor:
-        """``dequantize().to(dtype)``, built block by block (``row_blocks``): the fp32 copy of a large matrix
-        never exists whole."""
-        blocks = self.row_blocks(block_rows)
-        first = next(blocks)
-        if tuple(first.shape) == tuple(self.shape):  # one block: the whole tensor
-            return first.to(dtype)
-        out = torch.empty(self.shape, dtype=dtype)
-        out[:first.shape[0]] = first
-        start = first.shape[0]
-        for block in blocks:
-            out[start:start + block.shape[0]] = block
-            start += block.shape[0]
-        return out
-
     def release(self) -> None:
         """Done with this tensor for now: its stored bytes may leave the resident set (reading it again still
         works)."""

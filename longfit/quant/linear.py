@@ -70,9 +70,7 @@ class WeightSource(Protocol):
 
     def dequantize(self) -> Tensor: ...  # fp32 [out, in]
 
-    def dequantize_to(self, dtype: torch.dtype) -> Tensor: ...  # [out, in] in dtype, built block by block
-
-    def row_blocks(self) -> Iterator[Tensor]: ...  # fp32 [rows, in] blocks of consecutive rows, in order
+    def row_blocks(self, block_rows: int | None = None) -> Iterator[Tensor]: ...  # fp32 [rows, in] blocks, in order
 
     def quant_rows(self) -> np.ndarray | None: ...  # uint8 [out, bytes_per_row] of GGUF blocks, or None
 
@@ -395,30 +393,31 @@ def _plan(
     return ("dense", 0, f"int8: {int8_problem}; kept dense") if int8_problem else ("int8", 0, None)
 
 
-def _dequantized(parts: list[WeightSource], dtype: torch.dtype = torch.float32) -> Tensor:
-    """[sum(out), in] in ``dtype``: the parts dequantized and stacked along the output dimension (block by block,
-    so that a large part's fp32 copy never exists whole on its way to ``dtype``)."""
-    weights = [part.dequantize_to(dtype) for part in parts]
-    return weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
-
-
-def _quantized_by_rows(parts: list[WeightSource],
-                       quantize: Callable[[Tensor], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-    """``quantize`` (an RTN whose outputs for a row depend on that row alone) over the parts' fp32 row blocks,
-    concatenated along the rows: equal to quantizing the stacked fp32 matrix, which is never held whole (the
-    tied LM head's was SmolLM2's load peak: 113 MiB in fp32 plus two temporaries of its size)."""
-    total = sum(part.shape[0] for part in parts)
+def convert_rows(parts: list[WeightSource], convert: Callable[[Tensor], tuple[Tensor, ...]],
+                 block_rows: int | None = None) -> tuple[Tensor, ...]:
+    """``convert`` (a dtype cast, an RTN quantizer: its outputs for a row depend on that row alone) over the parts'
+    fp32 row blocks (``row_blocks``), stacked along the rows into outputs allocated once. Equal to converting the
+    stacked fp32 matrix, which is never held whole (the tied LM head's was SmolLM2's load peak: 113 MiB in fp32 plus
+    two temporaries of its size). One part read in one block is converted as it is."""
     outs: tuple[Tensor, ...] = ()
     start = 0
     for part in parts:
-        for block in part.row_blocks():
-            results = quantize(block)
-            if not outs:  # the outputs, allocated once: no list of pieces and concatenated copy of it
+        for block in part.row_blocks(block_rows):
+            results = convert(block)
+            if len(parts) == 1 and tuple(block.shape) == tuple(part.shape):
+                return results
+            if not outs:
+                total = sum(p.shape[0] for p in parts)
                 outs = tuple(torch.empty((total, *r.shape[1:]), dtype=r.dtype) for r in results)
             for out, result in zip(outs, results):
                 out[start:start + block.shape[0]] = result
             start += block.shape[0]
     return outs
+
+
+def _dequantized(parts: list[WeightSource], dtype: torch.dtype = torch.float32) -> Tensor:
+    """[sum(out), in] in ``dtype``: the parts dequantized and stacked along the output dimension."""
+    return convert_rows(parts, lambda block: (block.to(dtype),))[0]
 
 
 def _gguf_int4(parts: list[WeightSource], in_features: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -502,10 +501,9 @@ def build_linear(
     elif kind == "int4_gguf":
         layer = Int4Linear(*_gguf_int4(parts, in_features), GGUF_BLOCK_SIZE, bias)
     elif kind == "int4_rtn":
-        int4 = _quantized_by_rows(parts, lambda w: quantize_int4(w, group, _KERNEL_DTYPE))
-        layer = Int4Linear(*int4, group, bias)
+        layer = Int4Linear(*convert_rows(parts, lambda w: quantize_int4(w, group, _KERNEL_DTYPE)), group, bias)
     else:
-        layer = Int8Linear(*_quantized_by_rows(parts, lambda w: quantize_int8(w, _KERNEL_DTYPE)), bias)
+        layer = Int8Linear(*convert_rows(parts, lambda w: quantize_int8(w, _KERNEL_DTYPE)), bias)
     layer.fallback_reason = reason
     if reason:
         logger.debug("build_linear(%s, form=%s): %s", "+".join(p.name for p in parts), form, reason)

@@ -43,28 +43,6 @@ def keep_bytes() -> int:
     return parse_bytes(value, "LONGFIT_MALLOC_KEEP")
 
 
-@functools.lru_cache(maxsize=1)
-def configure_host_allocator() -> bool:
-    """Apply the thresholds once per process; True when glibc accepted them."""
-    keep = keep_bytes()
-    if keep == 0 or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(keep, 2**31 - 1))) == 1 and ok
-    except (OSError, AttributeError):  # no libc to load, or no mallopt in it
-        return False
-    if not ok:
-        logger.debug("mallopt refused the host allocator thresholds; glibc defaults stay")
-    return ok
-
-
-# Free heap the loader tolerates before it trims: one trim per ~32 MiB freed, not one per layer (a trim costs the
-# page faults of refilling the heap: trimming after every SmolLM2 bf16 layer added ~1.5 s to a 2 s load).
-LOADING_SLACK = 32 << 20
-
-
 class _MallInfo2(ctypes.Structure):
     """glibc's ``struct mallinfo2`` (2.33+): ``fordblks`` is the free bytes the heap holds."""
 
@@ -74,6 +52,7 @@ class _MallInfo2(ctypes.Structure):
 
 @functools.lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc (Linux), loaded once; None elsewhere."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -84,6 +63,28 @@ def _glibc() -> ctypes.CDLL | None:
     if hasattr(libc, "mallinfo2"):
         libc.mallinfo2.restype = _MallInfo2
     return libc
+
+
+@functools.lru_cache(maxsize=1)
+def configure_host_allocator() -> bool:
+    """Apply the thresholds once per process; True when glibc accepted them."""
+    keep = keep_bytes()
+    libc = _glibc()
+    if keep == 0 or libc is None:
+        return False
+    try:
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(keep, 2**31 - 1))) == 1 and ok
+    except AttributeError:  # no mallopt in this libc
+        return False
+    if not ok:
+        logger.debug("mallopt refused the host allocator thresholds; glibc defaults stay")
+    return ok
+
+
+# Free heap the loader tolerates before it trims: one trim per ~32 MiB freed, not one per layer (a trim costs the
+# page faults of refilling the heap: trimming after every SmolLM2 bf16 layer added ~1.5 s to a 2 s load).
+LOADING_SLACK = 32 << 20
 
 
 def release_free_heap(min_free: int = 0) -> bool:

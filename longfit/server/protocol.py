@@ -90,15 +90,9 @@ class _SamplingFields(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
-    def structured_param(self) -> str | None:
-        """The field that carries the request's constraint (for errors the engine finds when compiling it)."""
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format"
-        return next((name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                     if getattr(self, name) is not None), None)
-
-    def structured_output(self) -> StructuredOutput | None:
-        """The request's constraint, or None; APIError(400) naming the field for a bad or doubled one."""
+    def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
+        """(field, StructuredOutput fields) of every field that constrains the output; APIError(400) for a bad
+        response_format."""
         given: list[tuple[str, dict[str, Any]]] = []
         fmt = self.response_format
         if fmt is not None and fmt.type != "text":
@@ -117,6 +111,16 @@ class _SamplingFields(_Strict):
             value = getattr(self, name)
             if value is not None:
                 given.append((name, {kind: value}))
+        return given
+
+    def structured_param(self) -> str | None:
+        """The field that carries the request's constraint (for errors the engine finds when compiling it)."""
+        given = self._constraints()
+        return given[0][0] if given else None
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The request's constraint, or None; APIError(400) naming the field for a bad or doubled one."""
+        given = self._constraints()
         if not given:
             return None
         if len(given) > 1:
