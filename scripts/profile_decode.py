@@ -1,6 +1,7 @@
 """Torch-profiler table of longfit decode steps at a context depth (docs/PERFORMANCE.md, "What bounds it").
 
     python scripts/profile_decode.py --depth 8000 --weights auto --num-threads 1 [--kv-compression SPEC] [--batch N]
+        [--compile]
 
 ``--batch`` requests (default 1) with random-token prompts of ``--depth`` tokens are prefilled, three decode steps
 warm up, then ``--steps`` decode steps run under the profiler; prints ms per step and the ops by self CPU time.
@@ -28,9 +29,11 @@ def main() -> None:
     parser.add_argument("--kv-compression", default=None)
     parser.add_argument("--batch", type=int, default=1, help="requests decoding together")
     parser.add_argument("--rows", type=int, default=18, help="ops shown")
+    parser.add_argument("--compile", action="store_true", help="compiled decode steps (RuntimeConfig.compile)")
     args = parser.parse_args()
 
-    llm = LLM(args.model, weights=args.weights, num_threads=args.num_threads, max_num_seqs=max(args.batch, 1))
+    llm = LLM(args.model, weights=args.weights, num_threads=args.num_threads, max_num_seqs=max(args.batch, 1),
+              compile=args.compile)
     engine = llm.engine
     params = SamplingParams(max_tokens=args.steps + 8, temperature=0, ignore_eos=True)
     for seed in range(1, args.batch + 1):

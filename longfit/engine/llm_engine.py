@@ -25,6 +25,7 @@ from longfit.runtime.compactor import validate_engine_spec
 from longfit.runtime.host_memory import configure_host_allocator
 from longfit.runtime.structured import GrammarCompiler
 from longfit.runtime.kv_store import resolve_kv_spec
+from longfit.runtime.decode_graph import DecodeGraph
 from longfit.runtime.model_runner import ModelRunner
 from longfit.sampling_params import SamplingParams
 
@@ -63,11 +64,31 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(self.kv_spec, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, max_model_len)
         self.runner = ModelRunner(loaded.model, self.model_config, self.kv_spec, max_model_len, config.runtime.device)
+        if config.runtime.compile:
+            self.runner.graph = DecodeGraph(loaded.model)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(getattr(self.tokenizer, "eos_token_ids", ()))
         self.runner.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._ids = itertools.count()
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
+        if self.runner.graph is not None and self.runner.graph.failed is None:
+            self._compile_decode_step()
+
+    def _compile_decode_step(self) -> None:
+        """Compile the decode graphs now, rather than in users' first decode steps (SmolLM2: ~1-2 minutes each the
+        first time): a 3-token request alone (batch 1), then two together (batch 2 and up: torch specializes size 1
+        in places, so one row and several rows are two graphs). Their tokens are not counted in ``stats``."""
+        started = time.perf_counter()
+        stats = dict(self.stats)
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        for batch in (1, 2) if self.config.scheduler.max_num_seqs > 1 else (1,):
+            for row in range(batch):
+                self.add_request(f"compile-warm-up-{batch}-{row}", [row], params)
+            while self.has_unfinished_requests():
+                self.step()
+        self.stats = stats
+        logger.info("decode step compiled in %.1f s%s", time.perf_counter() - started,
+                    f" (failed, running eager: {self.runner.graph.failed[:200]})" if self.runner.graph.failed else "")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:

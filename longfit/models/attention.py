@@ -115,12 +115,28 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor | None = None  # [L, Bd] int64
     decode_quant: list[list[StreamRead] | None] | None = None
     decode_select: list[list[PageSelect] | None] | None = None  # per layer: Quest rows (their tables above are 0)
-    decode_masks: dict[tuple, tuple] = field(default_factory=dict)  # paged_decode_attention masks of this step
+    # paged_decode_attention masks of this step, shared by layers; None: each layer builds its own (compiled steps)
+    decode_masks: dict[tuple, tuple] | None = field(default_factory=dict)
     chunks: list[ChunkMeta] = field(default_factory=list)
     captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (chunk, layer) → [Hq, W, D]
     decode_capture: torch.Tensor | None = None  # [R] decode rows whose queries each layer keeps ...
     decode_captured: list[torch.Tensor] = field(default_factory=list)  # ... here, in layer order: [R, Hq, D] each
     rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def write_kv(pool: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
+    """Store a step's keys and values: k, v [N, Hkv, D] at ``rows`` [N] of ``pool`` viewed as [-1, Hkv, D] (each
+    value ``block_size`` rows after its key), converted to the pool's dtype."""
+    if torch.compiler.is_compiling():
+        # Indexed on the pool itself, not a view: inductor then writes in place (through a view, the traced graph
+        # copied the whole pool every layer).
+        page, slot = rows // (2 * block_size), rows % (2 * block_size)
+        pool.index_put_((page, torch.zeros_like(page), slot), k.to(pool.dtype))
+        pool.index_put_((page, torch.ones_like(page), slot), v.to(pool.dtype))
+        return
+    flat = pool.view(-1, k.shape[1], k.shape[2])  # [num_blocks * 2 * bs, Hkv, D]
+    flat.index_copy_(0, rows, k.to(pool.dtype))
+    flat.index_copy_(0, rows + block_size, v.to(pool.dtype))
 
 
 def gather_keys_values(kv_pool: torch.Tensor, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,10 +252,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [N, Hq, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        # Heads first, then the split: views of the contiguous output (viewing the strided q, k, v slices made a
+        # compiled step guard on the batch size).
+        q, k, v = self.qkv(x).view(num_tokens, -1, self.head_dim).split(
+            [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # [N, Hq, D], [N, Hkv, D], [N, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = meta.rope_cache.get(id(self.rope)) or meta.rope_cache.setdefault(
@@ -248,14 +264,14 @@ class Attention(nn.Module):
 
         # Write first: a prefix shared with another request in this very step is read after it is written.
         pool = meta.kv_pool
-        flat = pool.view(-1, self.num_kv_heads, self.head_dim)  # [num_blocks * 2 * bs, Hkv, D]
         rows = meta.key_rows[self.layer_idx]
-        flat.index_copy_(0, rows, k.to(pool.dtype))
-        flat.index_copy_(0, rows + meta.block_size, v.to(pool.dtype))
+        write_kv(pool, rows, k, v, meta.block_size)
 
-        out = torch.empty_like(q)  # [N, Hq, D]
         if meta.decode_capture is not None:
             meta.decode_captured.append(q.index_select(0, meta.decode_capture))
+        if not meta.chunks:  # decode rows only: their output is the result (no slice copy)
+            return self.o_proj(self._decode(q, meta).reshape(num_tokens, q_size))
+        out = torch.empty_like(q)  # [N, Hq, D]
         if meta.num_decode:
             out[:meta.num_decode] = self._decode(q[:meta.num_decode], meta)
         for chunk_index, chunk in enumerate(meta.chunks):

@@ -26,6 +26,7 @@ from longfit.outputs import (
     SchedulerOutput,
 )
 from longfit.runtime.compactor import Compactor, QueryWindow
+from longfit.runtime.decode_graph import DecodeGraph
 from longfit.runtime.kv_store import allocate_kv_pool
 from longfit.runtime.quant_pages import PageQuantFormat
 from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_logprobs, sample
@@ -107,6 +108,7 @@ class ModelRunner:
         self.page_bounds: torch.Tensor | None = None
         # Structured output: the engine sets it (it holds the tokenizer); None refuses structured requests.
         self.grammars: GrammarCompiler | None = None
+        self.graph: DecodeGraph | None = None
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -150,7 +152,10 @@ class ModelRunner:
             meta.chunks.append(self._chunk_metadata(item, start))
             start += len(item.token_ids)
 
-        hidden = self.model(input_ids, positions, meta)  # [N, d]
+        if self.graph is not None and self.graph.eligible(meta):
+            hidden = self.graph(input_ids, positions, meta)  # [N, d], the same forward compiled
+        else:
+            hidden = self.model(input_ids, positions, meta)  # [N, d]
         self._keep_queries(meta, decodes, chunks)
         for item in scheduler_output.scheduled:
             if self._compresses(item):
@@ -239,16 +244,20 @@ class ModelRunner:
         quantized stream pages and the tail pages on quantized layers)."""
         bs = self.block_size
         states = [self.states[it.request_id] for it in items]
-        seq_lens = np.asarray([it.num_cached_tokens for it in items]).T + 1  # [L, Bd]
+        # C order: a layer's row is then contiguous whatever Bd (a compiled step guards on strides).
+        seq_lens = np.ascontiguousarray(np.asarray([it.num_cached_tokens for it in items]).T + 1)  # [L, Bd]
         tables = np.stack([st.tables for st in states], axis=1)  # [L, Bd, maxP]
         q_tokens = np.stack([st.quant_tokens for st in states], axis=1)  # [L, Bd]
         q_pages = np.stack([st.quant_pages for st in states], axis=1)
         meta.decode_block_tables, meta.decode_first_key, meta.decode_seq_lens = [], [], []
         # Layers with equal first keys (lengths) share one tensor: decode attention builds its mask once for them.
+        # Not with a decode graph: it guards on which inputs alias, and values that coincide in one step and not in
+        # the next (a sliding window's first key leaving 0) would recompile it; it builds each mask in the graph.
         shared: dict[tuple[str, bytes], torch.Tensor] = {}
+        share = self.graph is None or self.graph.failed is not None
 
         def tensor(values: np.ndarray) -> torch.Tensor:
-            key = (values.dtype.str, values.tobytes())
+            key = (values.dtype.str, values.tobytes()) if share else len(shared)
             if key not in shared:
                 shared[key] = torch.from_numpy(values).to(self.device)
             return shared[key]
