@@ -22,10 +22,10 @@ from longfit.kv.manager import KVCacheManager
 from longfit.models.loader import load_model
 from longfit.outputs import RequestOutput
 from longfit.runtime.compactor import validate_engine_spec
+from longfit.runtime.decode_graph import DecodeGraph
 from longfit.runtime.host_memory import configure_host_allocator
 from longfit.runtime.structured import GrammarCompiler
 from longfit.runtime.kv_store import resolve_kv_spec
-from longfit.runtime.decode_graph import DecodeGraph
 from longfit.runtime.model_runner import ModelRunner
 from longfit.sampling_params import SamplingParams
 
@@ -75,9 +75,10 @@ class LLMEngine:
             self._compile_decode_step()
 
     def _compile_decode_step(self) -> None:
-        """Compile the decode graphs now, rather than in users' first decode steps (SmolLM2: ~1-2 minutes each the
-        first time): a 3-token request alone (batch 1), then two together (batch 2 and up: torch specializes size 1
-        in places, so one row and several rows are two graphs). Their tokens are not counted in ``stats``."""
+        """Compile the decode graphs now, rather than in users' first decode steps (SmolLM2: minutes each the first
+        time; docs/PERFORMANCE.md): a 3-token request alone (batch 1), then two together (batch 2 and up: torch
+        specializes size 1 in places, so one row and several rows are two graphs). Their tokens are not counted in
+        ``stats``."""
         started = time.perf_counter()
         stats = dict(self.stats)
         params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)

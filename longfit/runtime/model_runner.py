@@ -253,7 +253,7 @@ class ModelRunner:
         # Layers with equal first keys (lengths) share one tensor: decode attention builds its mask once for them.
         # Not with a decode graph: it guards on which inputs alias, and values that coincide in one step and not in
         # the next (a sliding window's first key leaving 0) would recompile it; it builds each mask in the graph.
-        shared: dict[tuple[str, bytes], torch.Tensor] = {}
+        shared: dict[object, torch.Tensor] = {}
         share = self.graph is None or self.graph.failed is not None
 
         def tensor(values: np.ndarray) -> torch.Tensor:
