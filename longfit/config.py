@@ -189,8 +189,8 @@ class RuntimeConfig:
     num_threads: Annotated[int | None, "torch threads, set once; None: $LONGFIT_NUM_THREADS, else every CPU "
                                        "(use 1 on a machine other processes keep busy)"] = None
     weight_seed: Annotated[int, "seed of the random weights of tiny-* test models"] = 0
-    compile: Annotated[bool, "run plain decode steps as one torch.compile graph (needs a C++ compiler; the first "
-                             "such step compiles for ~1-2 min on SmolLM2; docs/PERFORMANCE.md)"] = False
+    compile: Annotated[bool, "run plain decode steps as one torch.compile graph (needs a C++ compiler; the engine "
+                             "compiles at start-up: ~4 min for SmolLM2 here; docs/PERFORMANCE.md)"] = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

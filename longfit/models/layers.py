@@ -14,7 +14,7 @@ from torch import nn
 
 from longfit.config import ModelConfig, RopeScaling
 from longfit.models.weights import DEQUANT_BLOCK_ROWS, RawWeight
-from longfit.quant.linear import Linear, build_linear, convert_rows
+from longfit.quant.linear import Linear, build_linear, dequantized
 from longfit.runtime.host_memory import LOADING_SLACK, release_free_heap
 
 
@@ -149,7 +149,7 @@ class WeightSource:
         if name not in self.weights:
             raise ValueError(f"checkpoint is missing tensor {name!r}")
         weight = self.weights[name]
-        (value,) = convert_rows([weight], lambda block: (block.to(dtype or self.dtype),))  # no whole fp32 copy
+        value = dequantized([weight], dtype or self.dtype)
         self._done([weight])
         return value
 

@@ -415,9 +415,10 @@ def convert_rows(parts: list[WeightSource], convert: Callable[[Tensor], tuple[Te
     return outs
 
 
-def _dequantized(parts: list[WeightSource], dtype: torch.dtype = torch.float32) -> Tensor:
-    """[sum(out), in] in ``dtype``: the parts dequantized and stacked along the output dimension."""
-    return convert_rows(parts, lambda block: (block.to(dtype),))[0]
+def dequantized(parts: list[WeightSource], dtype: torch.dtype = torch.float32, block_rows: int | None = None) -> Tensor:
+    """[sum(out), in] in ``dtype``: the parts dequantized and stacked along the output dimension, by row blocks
+    (``convert_rows``: no whole fp32 copy on the way to ``dtype``)."""
+    return convert_rows(parts, lambda block: (block.to(dtype),), block_rows)[0]
 
 
 def _gguf_int4(parts: list[WeightSource], in_features: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -486,15 +487,15 @@ def build_linear(
 
     layer: Linear
     if kind == "dense":
-        layer = DenseLinear(_dequantized(parts, dtype), bias)
+        layer = DenseLinear(dequantized(parts, dtype), bias)
     elif dtype == torch.float32:
         # The quantized values in exact fp32 arithmetic (param_dtype fp32: no bf16 rounding of scales).
         if kind == "int4_gguf":
-            weight = _dequantized(parts)  # gguf's dequantization equals the exact repack
+            weight = dequantized(parts)  # gguf's dequantization equals the exact repack
         elif kind == "int4_rtn":
-            weight = dequantize_int4(*quantize_int4(_dequantized(parts), group), group)
+            weight = dequantize_int4(*quantize_int4(dequantized(parts), group), group)
         else:
-            weight = dequantize_int8(*quantize_int8(_dequantized(parts)))
+            weight = dequantize_int8(*quantize_int8(dequantized(parts)))
         layer = DenseLinear(weight, bias)
         note = f"float32 activations: {kind} weights dequantized once into a float32 dense layer"
         reason = f"{reason}; {note}" if reason else note

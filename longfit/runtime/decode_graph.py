@@ -84,10 +84,10 @@ class DecodeGraph:
             for table in (cos, sin):  # sizes are symbolic and may be 1 (see above): a broadcast dim must stay 1
                 torch._dynamo.mark_static(table, 1)
             meta.rope_cache[id(rope)] = cos, sin
-        for dim in range(1, meta.kv_pool.dim()):  # only the page count varies (Hkv may be 1)
-            torch._dynamo.mark_static(meta.kv_pool, dim)
         meta.decode_masks = None
         if self._compiled is None:
+            for dim in range(1, meta.kv_pool.dim()):  # the runner's one pool: only its page count varies (Hkv may be 1)
+                torch._dynamo.mark_static(meta.kv_pool, dim)
             self._compiled = torch.compile(self.model.forward, dynamic=True,
                                            options={"guard_filter_fn": _input_guards})
         started = time.perf_counter()

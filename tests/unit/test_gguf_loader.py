@@ -19,7 +19,7 @@ from longfit.config import RopeScaling
 from longfit.models.gguf_loader import hf_name, load_gguf, unpermute_rows
 from longfit.models.hf_loader import load_hf_dir
 from longfit.models.model_config import llama3_frequency_divisors, load_model_config, read_gguf
-from longfit.quant.linear import convert_rows
+from longfit.quant.linear import dequantized
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, LAYERS = 64, 96, 4, 2, 16, 32, 2
 
@@ -163,7 +163,7 @@ def test_quant_rows_are_hf_ordered_gguf_blocks(llama_file: Path, hf_weights: dic
 
 @pytest.mark.parametrize("block_rows", [1, 3, 7, 1000])
 def test_row_blocks_and_release_read_the_same_values(llama_file: Path, block_rows: int) -> None:
-    """The loader's memory-light paths: row blocks (q rows un-permuted, every file type), ``convert_rows`` built
+    """The loader's memory-light paths: row blocks (q rows un-permuted, every file type), ``dequantized`` built
     from them, and the file pages dropped after a read all give exactly ``dequantize()``'s values."""
     checkpoint = load_gguf(llama_file)
     for name, raw in checkpoint.weights.items():
@@ -173,7 +173,7 @@ def test_row_blocks_and_release_read_the_same_values(llama_file: Path, block_row
             assert len(blocks) == -(-raw.shape[0] // block_rows), name
         torch.testing.assert_close(torch.cat(blocks) if len(raw.shape) == 2 else blocks[0], whole, rtol=0, atol=0)
         for dtype in (torch.bfloat16, torch.float32):
-            (built,) = convert_rows([raw], lambda block: (block.to(dtype),), block_rows)
+            built = dequantized([raw], dtype, block_rows)
             assert built.dtype == dtype and built.shape == whole.shape, name
             torch.testing.assert_close(built, whole.to(dtype), rtol=0, atol=0)
         raw.release()  # the map stays readable: the pages fault back in
