@@ -32,6 +32,7 @@ from longfit.models.attention import AttentionMetadata
 from longfit.models.base import DecoderModel
 from longfit.models.paged_decode import DECODE_CHUNK_TOKENS
 from longfit.quant.linear import DenseLinear
+from longfit.runtime import native
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +59,23 @@ class DecodeGraph:
         self.failed: str | None = unsupported_reason(model)  # why steps run eager, None while compiling works
         if self.failed:
             logger.warning("compiled decode steps disabled: %s", self.failed)
+        # The C decode-attention kernel as one op of the graph: then a step of any depth is compiled; without it,
+        # steps deeper than one attention chunk run eager (the chunked torch attention was slower compiled).
+        self.native_attention = native.library() is not None and native.enabled()
+        native.IN_GRAPH = self.native_attention
         self.compiled_steps = 0  # steps run through the graph
         self.compile_seconds = 0.0  # time of the calls that compiled (the first one, recompilations)
         self._compiled = None
 
     def eligible(self, meta: AttentionMetadata) -> bool:
         """Whether this step is a plain decode step the graph holds: decode rows only, full-precision pages, and
-        (on CPU) few enough pages for one attention chunk; deeper steps are bound by the page reads, not by
-        dispatch, and run the eager chunked attention (measured faster there)."""
+        (on CPU without the C kernel) few enough pages for one attention chunk: deeper steps then run the eager
+        chunked attention (measured faster there)."""
         if self.failed is not None or meta.num_decode == 0 or meta.chunks or meta.decode_capture is not None:
             return False
         if meta.decode_select is not None or any(meta.decode_quant or ()):
             return False
-        if meta.kv_pool.device.type == "cpu":
+        if meta.kv_pool.device.type == "cpu" and not self.native_attention:
             widest = max(table.shape[1] for table in meta.decode_block_tables)
             return meta.num_decode * widest * meta.block_size <= DECODE_CHUNK_TOKENS
         return True

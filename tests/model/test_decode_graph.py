@@ -38,6 +38,13 @@ def test_compiled_steps_equal_eager(model):
     assert graph.failed is None
     assert graph.compiled_steps > 0
     assert graph.compile_seconds == compiled_at_start  # batch 1 and 3, 1 to 10 pages: compiled at start-up
+    # Rows of 700+ tokens, 3 x 88 pages: past one torch attention chunk, so only the C kernel's op keeps such steps
+    # in the graph (without it they run eager); the same tokens either way, and no recompilation.
+    deep = [[3 + (7 * i + row) % 250 for i in range(700 + 5 * row)] for row in range(3)]
+    before = graph.compiled_steps
+    assert _greedy(compiled, deep, max_tokens=8) == _greedy(eager, deep, max_tokens=8)
+    assert (graph.compiled_steps - before >= 3) == graph.native_attention
+    assert graph.compile_seconds == compiled_at_start
     compiled.engine.kv_manager.pool.check_invariants()
     assert compiled.engine.kv_manager.pool.num_used_blocks == 0
 

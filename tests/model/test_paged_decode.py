@@ -1,6 +1,7 @@
 """Decode attention over full-precision pages (``paged_decode_attention``) equals plain fp64 loops over rows and
 heads: GQA, rows of different lengths padded with the null page, sliding windows, pages in random pool order,
-one chunk and many (padded) chunks, bf16 and fp32 pools."""
+one chunk and many (padded) chunks, bf16 and fp32 pools; both the torch ops and the C kernel
+(``runtime.native``), which must also agree with each other at the shapes of the real models."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 from longfit.models.paged_decode import paged_decode_attention
+from longfit.runtime import native as kernels
+
+# The C kernel where this machine builds it; the torch ops always.
+PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(kernels.library() is None, reason="no C compiler"))]
 
 BS, HKV, HQ, DIM = 8, 2, 6, 16
 
@@ -57,21 +62,28 @@ def _case(lens, window, dtype, seed):
     ([100, 7, 64, 33], 20),  # sliding window: the first page read starts before the window
     ([9, 150], 64),
 ])
-@pytest.mark.parametrize("chunk_tokens", [2048, 16, 24])  # one chunk; 2 pages per row-chunk; padded chunks
-def test_matches_plain_loops(dtype, lens, window, chunk_tokens):
+@pytest.mark.parametrize("chunk_tokens, native", [(2048, False), (16, False), (24, False), (2048, PATHS[1])])
+def test_matches_plain_loops(dtype, lens, window, chunk_tokens, native):
+    """Torch ops: one chunk, 2 pages per row-chunk, padded chunks; then the C kernel."""
     q, pool, pages, first_key, seq_lens = _case(lens, window, dtype, seed=len(lens) + (window or 0))
     scale = DIM ** -0.5
-    got = paged_decode_attention(q, pool, pages, first_key, seq_lens, scale, window, chunk_tokens=chunk_tokens)
+    got = paged_decode_attention(q, pool, pages, first_key, seq_lens, scale, window, chunk_tokens=chunk_tokens,
+                                 native=native)
     want = _reference(q, pool, pages, first_key, seq_lens, scale, window)
     assert got.dtype == torch.float32 and got.shape == q.shape
     error = ((got.double() - want).abs().max() / want.abs().max()).item()
     assert error <= 1e-5, error
 
 
-def test_long_rows_stay_fp32_accurate():
-    """Thousands of keys over many chunks: still fp32-accurate (bf16 scores or probabilities would give ~1e-3)."""
+@pytest.mark.parametrize("native", PATHS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_rows_stay_fp32_accurate(native, threads, monkeypatch):
+    """Thousands of keys over many chunks (torch) or key splits merged at the end (C kernel, 2 threads): still
+    fp32-accurate (bf16 scores or probabilities would give ~1e-3)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     q, pool, pages, first_key, seq_lens = _case([3000, 1500], None, torch.bfloat16, seed=7)
-    got = paged_decode_attention(q, pool, pages, first_key, seq_lens, DIM ** -0.5, None, chunk_tokens=512)
+    got = paged_decode_attention(q, pool, pages, first_key, seq_lens, DIM ** -0.5, None, chunk_tokens=512,
+                                 native=native)
     want = _reference(q, pool, pages, first_key, seq_lens, DIM ** -0.5, None)
     assert ((got.double() - want).abs().max() / want.abs().max()).item() <= 1e-5
 
@@ -79,9 +91,39 @@ def test_long_rows_stay_fp32_accurate():
 def test_layers_share_a_mask_per_tensor_pair():
     q, pool, pages, first_key, seq_lens = _case([100, 7, 64, 33], 20, torch.bfloat16, seed=3)
     masks: dict = {}
-    alone = paged_decode_attention(q, pool, pages, first_key, seq_lens, 0.25, 20)
-    first = paged_decode_attention(q, pool, pages, first_key, seq_lens, 0.25, 20, masks=masks)
-    again = paged_decode_attention(q, pool, pages, first_key, seq_lens, 0.25, 20, masks=masks)
+    alone = paged_decode_attention(q, pool, pages, first_key, seq_lens, 0.25, 20, native=False)
+    first = paged_decode_attention(q, pool, pages, first_key, seq_lens, 0.25, 20, masks=masks, native=False)
+    again = paged_decode_attention(q, pool, pages, first_key, seq_lens, 0.25, 20, masks=masks, native=False)
     assert len(masks) == 1 and torch.equal(first, alone) and torch.equal(again, alone)
-    paged_decode_attention(q, pool, pages, first_key, seq_lens.clone(), 0.25, 20, masks=masks)  # another layer's lengths
+    # another layer's lengths
+    paged_decode_attention(q, pool, pages, first_key, seq_lens.clone(), 0.25, 20, masks=masks, native=False)
     assert len(masks) == 2
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler")
+@pytest.mark.parametrize("shape", [(3, 3, 64, 32), (1, 4, 256, 32), (2, 7, 128, 16), (2, 2, 96, 16)],
+                         ids=["smollm2", "gemma3", "g7-d128", "d96"])  # Hkv, g, D, bs; g > 4 and D % 64 != 0 too
+@pytest.mark.parametrize("window", [None, 512])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_equals_torch_ops_at_model_shapes(shape, window, threads, monkeypatch):
+    """SmolLM2's and Gemma-3's head shapes, 7 query heads per KV head (the kernel's register blocks hold 4) and a
+    head dim that is not a multiple of 64; 16 rows of 1-1500 keys (some starting past the window), 1 and 2 threads
+    (key splits): the C kernel equals the torch ops to fp32 rounding."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    hkv, group, dim, bs = shape
+    gen = torch.Generator().manual_seed(11)
+    lens = torch.randint(1, 1500, (16,), generator=gen)
+    lens[0] = 1
+    first = torch.zeros(16, dtype=torch.int64) if window is None else (lens - window).clamp(min=0) // bs * bs
+    counts = -(-(lens - first) // bs)
+    pool = torch.randn(int(counts.sum()) + 1, 2, bs, hkv, dim, generator=gen).to(torch.bfloat16)
+    order = torch.randperm(pool.shape[0] - 1, generator=gen) + 1
+    pages = torch.zeros(16, int(counts.max()), dtype=torch.int64)
+    start = 0
+    for row, count in enumerate(counts.tolist()):
+        pages[row, :count] = order[start:start + count]
+        start += count
+    q = torch.randn(16, hkv * group, dim, generator=gen).to(torch.bfloat16)
+    got = paged_decode_attention(q, pool, pages, first, lens, dim ** -0.5, window, native=True)
+    want = paged_decode_attention(q, pool, pages, first, lens, dim ** -0.5, window, native=False)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5

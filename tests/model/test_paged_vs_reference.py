@@ -41,7 +41,9 @@ def test_chunked_prefill_matches_reference(model, chunk, block_size):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_greedy_decode_matches_reference(model):
+@pytest.mark.parametrize("native_kernel", ["1", "0"])  # decode attention: the C kernel where built; the torch ops
+def test_greedy_decode_matches_reference(model, native_kernel, monkeypatch):
+    monkeypatch.setenv("LONGFIT_NATIVE", native_kernel)
     llm = make_tiny_llm(model, block_size=8)
     prompt = _prompt(20, seed=2)
     out = llm.generate([prompt], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, logprobs=0))[0]

@@ -1,0 +1,157 @@
+"""CPU kernels in C, built on first use with the machine's C compiler and called through ctypes.
+
+Only what PyTorch has no fused op for lives here: decode attention that reads paged bf16 keys and values once
+(``csrc/paged_decode.c``). Everything has a torch path that is used when no compiler is found, when the build
+fails, on other devices, and when ``LONGFIT_NATIVE=0``; tests compare the two.
+
+The library is compiled with ``-O3 -march=native -fopenmp`` into ``$LONGFIT_CACHE_DIR/kernels`` (default
+``~/.cache/longfit/kernels``) under a name that hashes the source, the flags, the compiler's version and the CPU's
+feature flags, so a cache shared between machines never loads a build for another CPU. The build takes ~0.5 s
+once. The kernels' OpenMP symbols resolve to the libgomp torch has already loaded, so they share its thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "LONGFIT_NATIVE"  # "0": never build or use the C kernels
+_SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
+# Reassociation lets the compiler vectorize the fp32 dot products and sums; NaN and infinity keep their meaning
+# (no -ffinite-math-only).
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
+          "-fno-signed-zeros", "-fno-trapping-math"]
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip() != "0"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(compiler: str) -> Path:
+    """Compile the source into the cache (once per source, flags, compiler and CPU) and return the library."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_flags()]).encode())
+    from longfit.models.resolve import cache_dir
+
+    directory = cache_dir() / "kernels"
+    target = directory / f"paged_decode-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes that build at once (test workers) never load a partial file.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *_FLAGS, "-o", partial, str(_SOURCE), "-lm"], capture_output=True,
+                                text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (disabled, no compiler, or the build failed: logged once)."""
+    if not enabled():
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler found: decode attention uses the torch path")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("C kernels unavailable, decode attention uses the torch path: %s", exc)
+        return None
+    fn = lib.longfit_paged_decode
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_PTR, ctypes.c_int, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float,
+                   _I64, _I64, ctypes.c_int, _PTR, _PTR]
+    return lib
+
+
+def paged_decode_supported(q: torch.Tensor, kv_pool: torch.Tensor) -> bool:
+    """Whether ``paged_decode`` can take this call: CPU, a contiguous bf16/fp32 pool, head dim <= 512, at most 64
+    query heads, the kernels built."""
+    num_kv_heads, dim = kv_pool.shape[3], kv_pool.shape[4]
+    return (enabled() and kv_pool.device.type == "cpu" and q.device.type == "cpu" and kv_pool.dtype in (torch.bfloat16, torch.float32)
+            and kv_pool.is_contiguous() and dim <= 512 and q.shape[1] <= 64
+            and library() is not None)
+
+
+def key_splits(batch: int, num_pages: int, threads: int) -> int:
+    """Key splits per row: enough work items to keep ``threads`` busy (4 per thread), each split at least 4 pages;
+    1 on one thread (a split only adds a merge)."""
+    if threads <= 1 or batch >= 4 * threads:
+        return 1
+    return max(1, min(-(-4 * threads // batch), num_pages // 4))
+
+
+def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, pages: torch.Tensor, first_key: torch.Tensor,
+                 seq_lens: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """The C kernel behind ``models.paged_decode.paged_decode_attention`` (same arguments, same result to fp32
+    rounding): q [B, Hq, D], kv_pool [num_blocks, 2, bs, Hkv, D] bf16/fp32 contiguous, pages [B, P], first_key
+    and seq_lens [B] → [B, Hq, D] fp32. Call only where ``paged_decode_supported``."""
+    batch, num_pages = pages.shape
+    _, _, block_size, num_kv_heads, dim = kv_pool.shape
+    group = q.shape[1] // num_kv_heads
+    threads = torch.get_num_threads()
+    splits = key_splits(batch, num_pages, threads)
+    # bf16 queries go in as they are (the bf16 path multiplies them exactly); anything else as fp32
+    q = q.contiguous() if q.dtype == torch.bfloat16 else q.to(torch.float32).contiguous()
+    pages, first_key, seq_lens = (t.to(torch.int64).contiguous() for t in (pages, first_key, seq_lens))
+    out = torch.empty(batch, q.shape[1], dim, dtype=torch.float32)
+    scratch = torch.empty(batch * splits * q.shape[1] * (dim + 2), dtype=torch.float32)
+    status = library().longfit_paged_decode(
+        q.data_ptr(), int(q.dtype == torch.bfloat16), kv_pool.data_ptr(), int(kv_pool.dtype == torch.bfloat16), pages.data_ptr(),
+        first_key.data_ptr(), seq_lens.data_ptr(), batch, num_pages, block_size, num_kv_heads, dim, group,
+        float(scale), int(window or 0), splits, threads, scratch.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise RuntimeError(f"paged decode kernel refused its shapes (status {status})")
+    return out
+
+
+# In a compiled decode step (runtime/decode_graph.py) the kernel is one opaque op of the graph; ``DecodeGraph``
+# turns this on when the library is built, before it traces.
+IN_GRAPH = False
+
+
+@torch.library.custom_op("longfit::paged_decode", mutates_args=())
+def paged_decode_op(q: torch.Tensor, kv_pool: torch.Tensor, pages: torch.Tensor, first_key: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """``paged_decode`` as a torch op (``window`` 0: none), so a compiled graph can call it."""
+    return paged_decode(q, kv_pool, pages, first_key, seq_lens, scale, window or None)
+
+
+@paged_decode_op.register_fake
+def _(q, kv_pool, pages, first_key, seq_lens, scale, window):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
