@@ -97,6 +97,13 @@ def build_workload(num_requests: int, prompt_len: LengthDist, output_len: Length
     return specs
 
 
+def for_round(specs: list[RequestSpec], index: int) -> list[RequestSpec]:
+    """The workload of round ``index`` (0-based): every prompt starts with the round's own tag. Servers cache prompts
+    they have seen (longfit's prefix cache; llama-server's slots and RAM prompt cache): with the same prompts in
+    every round, rounds after the first would measure cache hits. Sharing within a round is kept (one tag)."""
+    return [RequestSpec(f"Round {index + 1}. {spec.prompt}", spec.max_tokens) for spec in specs]
+
+
 def arrival_offsets(num_requests: int, request_rate: float, rng: random.Random) -> list[float]:
     """Send times (s after start) of a Poisson process of ``request_rate`` req/s; all zero when infinite."""
     if request_rate <= 0:
@@ -486,8 +493,9 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             targets.append((args.peer, peer_url, None, None))
             rounds[args.peer] = []
         for index in range(args.rounds):
+            round_warm, round_measured = for_round(warm, index), for_round(measured, index)
             for name, url, model, key in (targets if index % 2 == 0 else targets[::-1]):
-                summary = asyncio.run(_bench_target(name, url, model, key, warm, measured, args))
+                summary = asyncio.run(_bench_target(name, url, model, key, round_warm, round_measured, args))
                 summary.label = f"{name} #{index + 1}" if args.rounds > 1 else name
                 rounds[name].append(summary)
     except PeerUnavailable as error:

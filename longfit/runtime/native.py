@@ -4,7 +4,8 @@ Only what PyTorch has no fused op for lives here: decode attention that reads pa
 (``csrc/paged_decode.c``). Everything has a torch path that is used when no compiler is found, when the build
 fails, on other devices, and when ``LONGFIT_NATIVE=0``; tests compare the two.
 
-The library is compiled with ``-O3 -march=native -fopenmp`` into ``$LONGFIT_CACHE_DIR/kernels`` (default
+The library is compiled with ``-O3 -march=native -fopenmp`` (without OpenMP, then without ``-march=native``, where
+the compiler refuses them) into ``$LONGFIT_CACHE_DIR/kernels`` (default
 ``~/.cache/longfit/kernels``) under a name that hashes the source, the flags, the compiler's version and the CPU's
 feature flags, so a cache shared between machines never loads a build for another CPU. The build takes ~0.5 s
 once. The kernels' OpenMP symbols resolve to the libgomp torch has already loaded, so they share its thread pool.
@@ -30,8 +31,11 @@ ENV_VAR = "LONGFIT_NATIVE"  # "0": never build or use the C kernels
 _SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
 # Reassociation lets the compiler vectorize the fp32 dot products and sums; NaN and infinity keep their meaning
 # (no -ffinite-math-only).
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
-          "-fno-signed-zeros", "-fno-trapping-math"]
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+          "-fno-trapping-math"]
+# Tried in order: a compiler without OpenMP (Apple's clang) still builds a one-thread kernel, one that rejects
+# -march=native a portable one.
+_VARIANTS = (["-march=native", "-fopenmp"], ["-march=native"], [])
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -51,10 +55,12 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build(compiler: str) -> Path:
-    """Compile the source into the cache (once per source, flags, compiler and CPU) and return the library."""
+def _build(compiler: str, extra: list[str]) -> Path:
+    """Compile the source with ``extra`` flags into the cache (once per source, flags, compiler and CPU) and return
+    the library."""
+    flags = [*_FLAGS, *extra]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
     from longfit.models.resolve import cache_dir
 
     directory = cache_dir() / "kernels"
@@ -66,7 +72,7 @@ def _build(compiler: str) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *_FLAGS, "-o", partial, str(_SOURCE), "-lm"], capture_output=True,
+        result = subprocess.run([compiler, *flags, "-o", partial, str(_SOURCE), "-lm"], capture_output=True,
                                 text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -86,15 +92,20 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         log.info("no C compiler found: decode attention uses the torch path")
         return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("C kernels unavailable, decode attention uses the torch path: %s", exc)
+    lib, error = None, None
+    for extra in _VARIANTS:
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, extra)))
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            error = exc
+    if lib is None:
+        log.warning("C kernels unavailable, decode attention uses the torch path: %s", error)
         return None
     fn = lib.longfit_paged_decode
     fn.restype = ctypes.c_int
-    fn.argtypes = [_PTR, ctypes.c_int, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float,
-                   _I64, _I64, ctypes.c_int, _PTR, _PTR]
+    fn.argtypes = [_PTR, ctypes.c_int, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
+                   ctypes.c_float, _I64, _I64, ctypes.c_int, _PTR, _PTR]
     return lib
 
 
@@ -102,9 +113,9 @@ def paged_decode_supported(q: torch.Tensor, kv_pool: torch.Tensor) -> bool:
     """Whether ``paged_decode`` can take this call: CPU, a contiguous bf16/fp32 pool, head dim <= 512, at most 64
     query heads, the kernels built."""
     num_kv_heads, dim = kv_pool.shape[3], kv_pool.shape[4]
-    return (enabled() and kv_pool.device.type == "cpu" and q.device.type == "cpu" and kv_pool.dtype in (torch.bfloat16, torch.float32)
-            and kv_pool.is_contiguous() and dim <= 512 and q.shape[1] <= 64
-            and library() is not None)
+    return (enabled() and kv_pool.device.type == "cpu" and q.device.type == "cpu"
+            and kv_pool.dtype in (torch.bfloat16, torch.float32) and kv_pool.is_contiguous() and dim <= 512
+            and q.shape[1] <= 64 and library() is not None)
 
 
 def key_splits(batch: int, num_pages: int, threads: int) -> int:
@@ -131,9 +142,9 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, pages: torch.Tensor, fi
     out = torch.empty(batch, q.shape[1], dim, dtype=torch.float32)
     scratch = torch.empty(batch * splits * q.shape[1] * (dim + 2), dtype=torch.float32)
     status = library().longfit_paged_decode(
-        q.data_ptr(), int(q.dtype == torch.bfloat16), kv_pool.data_ptr(), int(kv_pool.dtype == torch.bfloat16), pages.data_ptr(),
-        first_key.data_ptr(), seq_lens.data_ptr(), batch, num_pages, block_size, num_kv_heads, dim, group,
-        float(scale), int(window or 0), splits, threads, scratch.data_ptr(), out.data_ptr())
+        q.data_ptr(), int(q.dtype == torch.bfloat16), kv_pool.data_ptr(), int(kv_pool.dtype == torch.bfloat16),
+        pages.data_ptr(), first_key.data_ptr(), seq_lens.data_ptr(), batch, num_pages, block_size, num_kv_heads, dim,
+        group, float(scale), int(window or 0), splits, threads, scratch.data_ptr(), out.data_ptr())
     if status != 0:
         raise RuntimeError(f"paged decode kernel refused its shapes (status {status})")
     return out

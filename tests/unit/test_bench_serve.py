@@ -51,6 +51,17 @@ def test_workload_lengths_and_shared_prefixes():
     assert all(len(s.prompt.split()) == 4 for s in plain)
 
 
+def test_rounds_never_repeat_a_prompt():
+    """Each round's prompts differ from every other round's from their first word (no prefix-cache hit across
+    rounds), keep the same bodies and lengths, and still share the round's prefixes among themselves."""
+    specs = bench.build_workload(6, LengthDist(5, 9), LengthDist(3, 3), shared_prefix_len=20, num_prefixes=2, seed=4)
+    first, second = bench.for_round(specs, 0), bench.for_round(specs, 1)
+    assert all(a.prompt.split()[:2] != b.prompt.split()[:2] for a in first for b in second)
+    assert [a.prompt.split()[2:] for a in first] == [s.prompt.split() for s in specs]
+    assert [a.max_tokens for a in second] == [s.max_tokens for s in specs]
+    assert first[0].prompt.split()[:22] == first[2].prompt.split()[:22]  # prefix 0, within the round
+
+
 def test_poisson_arrivals():
     assert bench.arrival_offsets(5, math.inf, random.Random(0)) == [0.0] * 5
     offsets = bench.arrival_offsets(20000, 4.0, random.Random(0))

@@ -42,6 +42,24 @@ def test_no_compiler_means_torch_path(fresh, monkeypatch):
 
 
 @needs_cc
+def test_compiler_without_openmp_still_builds(fresh, monkeypatch, tmp_path):
+    """A compiler that rejects -fopenmp (Apple's clang): the kernel is built without it and gives the same result."""
+    real = native._compiler()
+    picky = tmp_path / "cc"
+    picky.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    picky.chmod(0o755)
+    monkeypatch.setenv("CC", str(picky))
+    assert native.library() is not None
+    q = torch.randn(2, 6, 64).to(torch.bfloat16)
+    pool = torch.randn(9, 2, 8, 2, 64).to(torch.bfloat16)
+    args = (q, pool, torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), torch.zeros(2, dtype=torch.int64),
+            torch.tensor([30, 17]), 0.125, None)
+    got = paged_decode_attention(*args, native=True)
+    want = paged_decode_attention(*args, native=False)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+@needs_cc
 def test_failing_compiler_is_logged_not_raised(fresh, monkeypatch, tmp_path, caplog):
     broken = tmp_path / "cc"
     broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'cc: internal error' >&2\nexit 1\n")
