@@ -5,8 +5,8 @@ reads every page of every request once per layer, so at depth the cost is the po
 
 On CPU, ``paged_decode_attention`` runs the C kernel of ``runtime/csrc/paged_decode.c`` (``runtime.native``) when
 the machine's compiler built it: one pass over each row's pages that reads every KV byte once, in bf16, with a
-running softmax (3.4-4.1x faster per layer than the torch ops below at depths 512-8k, 4.4x at depth 16, on
-SmolLM2's shapes at 1 thread). The torch ops below are its fallback (no compiler, ``LONGFIT_NATIVE=0``, other
+running softmax (3.5-6.8x faster per layer than the torch ops below from depth 16 to 8k, on SmolLM2's shapes
+at 1 thread: ``scripts/bench_paged_decode.py``). The torch ops below are its fallback (no compiler, ``LONGFIT_NATIVE=0``, other
 devices) and its reference in the tests.
 
 The former path (gather all pages, one 6-D permuting copy to fp32 ``[B, Hkv, S, D]``, SDPA with a mask) spent
