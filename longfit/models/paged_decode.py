@@ -5,9 +5,9 @@ reads every page of every request once per layer, so at depth the cost is the po
 
 On CPU, ``paged_decode_attention`` runs the C kernel of ``runtime/csrc/paged_decode.c`` (``runtime.native``) when
 the machine's compiler built it: one pass over each row's pages that reads every KV byte once, in bf16, with a
-running softmax (3.5-6.8x faster per layer than the torch ops below from depth 16 to 8k, on SmolLM2's shapes
-at 1 thread: ``scripts/bench_paged_decode.py``). The torch ops below are its fallback (no compiler, ``LONGFIT_NATIVE=0``, other
-devices) and its reference in the tests.
+running softmax (3.5-6.8x faster per layer than the torch ops below from depth 16 to 8k, on SmolLM2's shapes at 1
+thread: ``scripts/bench_paged_decode.py``). The torch ops below are its fallback (no compiler,
+``LONGFIT_NATIVE=0``, other devices) and its reference in the tests.
 
 The former path (gather all pages, one 6-D permuting copy to fp32 ``[B, Hkv, S, D]``, SDPA with a mask) spent
 most of its time in that copy (TensorIterator is slow on 64-element runs across 6 dims, and its 12 MiB fp32 output
@@ -74,10 +74,9 @@ def paged_decode_attention(q: torch.Tensor, kv_pool: torch.Tensor, pages: torch.
                            native: bool | None = None) -> torch.Tensor:
     """One decode query per row against its pages.
 
-    On CPU this runs the C kernel ``runtime.native.paged_decode`` where it is built (one pass over the pages, each
-    KV byte read once in its stored dtype: 2.5-3x faster per layer at depth, 6x at depth 16, see
-    docs/PERFORMANCE.md); elsewhere, while tracing a compiled graph, with ``native=False`` or ``LONGFIT_NATIVE=0``,
-    the torch ops below. ``native=True`` requires the kernel (tests).
+    On CPU this runs the C kernel ``runtime.native.paged_decode`` where it is built (see above), as an op of the
+    graph while a compiled step is traced (``runtime.native.IN_GRAPH``); elsewhere, with ``native=False`` or with
+    ``LONGFIT_NATIVE=0``, the torch ops below. ``native=True`` requires the kernel (tests).
 
     q: [B, Hq, D] (any float dtype); kv_pool: [num_blocks, 2, bs, Hkv, D] bf16 or fp32; pages: [B, P] int64
     pool pages in order (rows with fewer pages padded with the null page 0); first_key: [B] int64 position of
@@ -89,7 +88,8 @@ def paged_decode_attention(q: torch.Tensor, kv_pool: torch.Tensor, pages: torch.
     ``masks``: see ``shared_bias``.
     """
     if torch.compiler.is_compiling():
-        if kernels.IN_GRAPH and native is not False and kv_pool.device.type == "cpu":
+        if (kernels.IN_GRAPH and native is not False and kv_pool.device.type == "cpu"
+                and kv_pool.dtype in (torch.bfloat16, torch.float32)):
             return kernels.paged_decode_op(q, kv_pool, pages, first_key, seq_lens, scale, window or 0)
     elif native is not False and kernels.paged_decode_supported(q, kv_pool):
         return kernels.paged_decode(q, kv_pool, pages, first_key, seq_lens, scale, window)

@@ -5,10 +5,11 @@ Only what PyTorch has no fused op for lives here: decode attention that reads pa
 fails, on other devices, and when ``LONGFIT_NATIVE=0``; tests compare the two.
 
 The library is compiled with ``-O3 -march=native -fopenmp`` (without OpenMP, then without ``-march=native``, where
-the compiler refuses them) into ``$LONGFIT_CACHE_DIR/kernels`` (default
-``~/.cache/longfit/kernels``) under a name that hashes the source, the flags, the compiler's version and the CPU's
-feature flags, so a cache shared between machines never loads a build for another CPU. The build takes ~0.5 s
-once. The kernels' OpenMP symbols resolve to the libgomp torch has already loaded, so they share its thread pool.
+the compiler refuses them) into ``$LONGFIT_CACHE_DIR/kernels`` (default ``~/.cache/longfit/kernels``) under a name
+that hashes the source, the flags, the compiler's version and the CPU's feature flags, so a cache shared between
+machines never loads a build for another CPU. The build takes ~0.5 s once. With torch's Linux wheels (which ship
+``libgomp.so.1``) the kernels' OpenMP symbols resolve to the libgomp torch has already loaded, so they share its
+thread pool; the thread count is torch's (``torch.get_num_threads()``), passed on every call.
 """
 
 from __future__ import annotations
