@@ -12,10 +12,10 @@ The relative error of the kernel against the torch ops is printed beside each ro
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from longfit.bench.calibrate import _median_seconds
 from longfit.models.paged_decode import paged_decode_attention
 from longfit.runtime import native
 
@@ -26,13 +26,8 @@ def _pages(batch: int, depth: int, num_blocks: int, bs: int, gen: torch.Generato
 
 
 def _best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times) * 1e3
+    """Milliseconds of the fastest of ``repeats`` calls after a warm-up call."""
+    return min(_median_seconds(fn, repeats)[1]) * 1e3
 
 
 def in_cache(repeats: int) -> None:

@@ -2,8 +2,9 @@
 
 A batch-1 decode step of SmolLM2-135M runs ~2,000 eager ops; at a few µs of dispatch each that costs about as much
 as its int4 matmuls. ``torch.compile`` (inductor) traces the model's own ``DecoderModel.forward`` for a *plain*
-decode step (every row decodes one token over full-precision pages that fit one attention chunk: no prefill chunk,
-quantized stream, Quest selection or query capture) into one graph: the norms, RoPE, residual adds, cache writes,
+decode step (every row decodes one token over full-precision pages: no prefill chunk, quantized stream, Quest
+selection or query capture; on CPU without the C decode-attention kernel, pages that fit one attention chunk) into
+one graph: the norms, RoPE, residual adds, cache writes,
 masks and softmax fuse into a few C++ loops, and the matmul and attention kernels run with no Python between them.
 Other steps run eager, and so does every step once compiling failed (no C++ compiler, an op inductor cannot lower).
 

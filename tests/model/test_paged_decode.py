@@ -39,19 +39,21 @@ def _reference(q, pool, pages, first_key, seq_lens, scale, window):
     return out
 
 
-def _case(lens, window, dtype, seed):
+def _case(lens, window, dtype, seed, shape=(HKV, HQ // HKV, DIM, BS)):
     """A pool holding each row's pages in random order, everything else (null page, unwritten slots) finite
-    noise; returns (q, pool, pages [B, P], first_key, seq_lens)."""
+    noise; shape: (Hkv, query heads per KV head, D, block size). Returns (q, pool, pages [B, P], first_key,
+    seq_lens)."""
+    hkv, group, dim, bs = shape
     gen = torch.Generator().manual_seed(seed)
-    first_key = [0 if window is None else max(n - window, 0) // BS * BS for n in lens]
-    counts = [-(-(n - f) // BS) for n, f in zip(lens, first_key)]
+    first_key = [0 if window is None else max(n - window, 0) // bs * bs for n in lens]
+    counts = [-(-(n - f) // bs) for n, f in zip(lens, first_key)]
     num_blocks = sum(counts) + 3
-    pool = (torch.randn(num_blocks, 2, BS, HKV, DIM, generator=gen) * 2).to(dtype)
+    pool = (torch.randn(num_blocks, 2, bs, hkv, dim, generator=gen) * 2).to(dtype)
     order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     pages = torch.zeros(len(lens), max(counts), dtype=torch.int64)
     for row, count in enumerate(counts):
         pages[row, :count] = torch.tensor([order.pop() for _ in range(count)])
-    q = (torch.randn(len(lens), HQ, DIM, generator=gen) * 2).to(dtype)
+    q = (torch.randn(len(lens), hkv * group, dim, generator=gen) * 2).to(dtype)
     return q, pool, pages, torch.tensor(first_key), torch.tensor(lens)
 
 
@@ -110,20 +112,9 @@ def test_kernel_equals_torch_ops_at_model_shapes(shape, window, threads, monkeyp
     head dim that is not a multiple of 64; 16 rows of 1-1500 keys (some starting past the window), 1 and 2 threads
     (key splits): the C kernel equals the torch ops to fp32 rounding."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    hkv, group, dim, bs = shape
-    gen = torch.Generator().manual_seed(11)
-    lens = torch.randint(1, 1500, (16,), generator=gen)
-    lens[0] = 1
-    first = torch.zeros(16, dtype=torch.int64) if window is None else (lens - window).clamp(min=0) // bs * bs
-    counts = -(-(lens - first) // bs)
-    pool = torch.randn(int(counts.sum()) + 1, 2, bs, hkv, dim, generator=gen).to(torch.bfloat16)
-    order = torch.randperm(pool.shape[0] - 1, generator=gen) + 1
-    pages = torch.zeros(16, int(counts.max()), dtype=torch.int64)
-    start = 0
-    for row, count in enumerate(counts.tolist()):
-        pages[row, :count] = order[start:start + count]
-        start += count
-    q = torch.randn(16, hkv * group, dim, generator=gen).to(torch.bfloat16)
+    dim = shape[2]
+    lens = [1] + torch.randint(1, 1500, (15,), generator=torch.Generator().manual_seed(11)).tolist()
+    q, pool, pages, first, lens = _case(lens, window, torch.bfloat16, seed=11, shape=shape)
     got = paged_decode_attention(q, pool, pages, first, lens, dim ** -0.5, window, native=True)
     want = paged_decode_attention(q, pool, pages, first, lens, dim ** -0.5, window, native=False)
     assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
