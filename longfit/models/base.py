@@ -19,9 +19,11 @@ from longfit.quant.linear import DenseLinear, Int8Linear
 # bf16 has 8 significant bits: a product or a sum rounded to it moves by at most 2^-9 of its magnitude.
 _BF16_REL = 2.0**-9
 # From this many rows on, a tied int8 LM head is computed as one bf16 matmul over the embedding table instead:
-# the int8 kernel's time grows about linearly with rows (measured, 49152x576, 1-2 threads: int8 faster up to
-# 4 rows, even at 6-8, 2x slower at 16).
+# the int8 kernel's time grows about linearly with rows (measured, 49152x576, 1-2 threads: torch's int8 kernel
+# faster up to 4 rows, even at 6-8, 2x slower at 16; the tile kernel, 1 thread: 8.9 vs 10.0 ms at 12 rows, 11.5 vs
+# 11.1 at 16).
 PACKED_HEAD_MAX_ROWS = 8
+TILED_HEAD_MAX_ROWS = 16
 
 
 class DecoderModel(nn.Module):
@@ -95,11 +97,13 @@ class DecoderModel(nn.Module):
         tokens at ~2% of positions; an int8 head (requantized per channel) moves logits by up to ~0.5. The
         leading candidates of each row (every token the head's error could rank first) are therefore recomputed
         in fp32 from ``exact_rows``: top-1, top-k and sampling see accurate leaders at a tiny cost. From
-        ``PACKED_HEAD_MAX_ROWS`` rows on, a tied int8 head is replaced by a bf16 matmul over the embedding table.
+        ``PACKED_HEAD_MAX_ROWS`` rows on (``TILED_HEAD_MAX_ROWS`` for the tile layout), a tied int8 head is replaced
+        by a bf16 matmul over the embedding table.
         """
         rows_weight = self.exact_rows
         row_error = self.head_row_error
-        if row_error is not None and hidden.shape[0] >= PACKED_HEAD_MAX_ROWS:
+        max_rows = TILED_HEAD_MAX_ROWS if getattr(self.lm_head, "layout", None) == "tiles" else PACKED_HEAD_MAX_ROWS
+        if row_error is not None and hidden.shape[0] >= max_rows:
             # The packed kernels cost grows with every row (no reuse of the weights across rows): from a few rows
             # on, one bf16 matmul over the embedding table (the exact weights, held anyway) is faster.
             logits = matmul.linear(hidden, rows_weight).float()

@@ -1,29 +1,37 @@
 """Linear layers over dense, int8 and int4 weights, and ``build_linear``, which builds one from checkpoint tensors.
 
-Kernels (torch 2.13 CPU, measured on the development machine; see the constraints below):
-- int8: ``torch._weight_int8pack_mm(x[M, K], codes int8 [N, K], scales[N]) -> [M, N]``, scales in x's dtype.
-- int4: ``torch._convert_weight_to_int4pack_for_cpu(codes int32 [N, K] in 0..15, 1) -> uint8 [N, K/2]`` once, then
-  ``torch._weight_int4pack_mm_for_cpu(x[M, K], packed, group_size, scales_and_zeros[K/G, N, 2]) -> [M, N]`` with
-  ``w = (q - 8) · scale + zero``; ``scales_and_zeros`` in x's dtype.
+Packed layers hold their weight in one of two layouts (``layout``), chosen when they are built:
+- "tiles", where the C kernels are built (``runtime/native.py``, ``runtime/csrc/qlinear.c``): 16 output rows per
+  tile, each weight decoded once per call and multiplied by every activation row (``quant/tiles.py``). int4 keeps
+  GGUF Q4_0/Q4_1's fp16 (d, m) exactly (``w = code · d + m``); RTN int4 chooses fp16 (d, m) itself
+  (``rtn.quantize_int4_min``). Measured at M = 1, 1 thread, SmolLM2's shapes: 1.6-2.1x faster than torch's int4
+  kernel (21-24 GB/s on the large layers) and 1.8x on the 49152x576 int8 LM head; 1.8-2.3x at 4-16 rows.
+- "torch", elsewhere (no compiler, ``LONGFIT_NATIVE=0``, shapes the tiles cannot hold), torch's kernels:
+  - int8: ``torch._weight_int8pack_mm(x[M, K], codes int8 [N, K], scales[N]) -> [M, N]``, scales in x's dtype.
+  - int4: ``torch._convert_weight_to_int4pack_for_cpu(codes int32 [N, K] in 0..15, 1) -> uint8 [N, K/2]`` once,
+    then ``torch._weight_int4pack_mm_for_cpu(x[M, K], packed, group_size, scales_and_zeros[K/G, N, 2]) -> [M, N]``
+    with ``w = (q - 8) · scale + zero``; ``scales_and_zeros`` in x's dtype.
 
-Both kernels take float32 or bf16 activations, but only bf16 is fast: at M = 1 a 1536×576 weight takes ~30 µs in
-bf16 and 360 µs (int8) / 980 µs (int4) in fp32, against ~45 µs for an fp32 ``F.linear``; at M = 64 the fp32 kernels
-are 60-170× slower than fp32 ``F.linear``. So the packed layers compute in bf16 (other activation dtypes are cast to
-bf16 and back), and ``build_linear`` with ``dtype=float32`` dequantizes the quantized weight once into an fp32
-``DenseLinear``: the same quantized values, fp32 arithmetic, exactly comparable with a fp32 reference (transformers).
-Many-row products (dense layers, and packed ones from ``DEQUANTIZE_MIN_ROWS`` rows) go through ``matmul.linear``,
+Both torch kernels take float32 or bf16 activations, but only bf16 is fast: at M = 1 a 1536×576 weight takes ~30 µs
+in bf16 and 360 µs (int8) / 980 µs (int4) in fp32, against ~45 µs for an fp32 ``F.linear``; at M = 64 the fp32
+kernels are 60-170× slower than fp32 ``F.linear``. So the packed layers compute in bf16 (other activation dtypes are
+cast to bf16 and back; the C kernels take bf16 only), and ``build_linear`` with ``dtype=float32`` dequantizes the
+quantized weight once into an fp32 ``DenseLinear``: the same quantized values, fp32 arithmetic, exactly comparable
+with a fp32 reference (transformers). Many-row products (dense layers, and packed ones from
+``DEQUANTIZE_MIN_ROWS`` rows, ``TILES_DEQUANTIZE_MIN_ROWS`` in the tile layout) go through ``matmul.linear``,
 which multiplies a bf16 weight in fp32 on CPUs whose bf16 GEMM is slow (AVX2-only: 100-400×).
 
 Shape constraints, found by running the kernels (not all are checked by torch):
 - int4: ``N % 16 == 0`` (checked), ``K % group_size == 0`` (checked), group ∈ {32, 64, 128, 256}; x 2-D contiguous.
 - int8: ``K % 16 == 0``. NOT checked by torch: K = 24 or 40 with M > 1 returns garbage, K = 8/12/13/33 segfaults.
-  x must be contiguous in its last dimension.
+  x must be contiguous in its last dimension. The tile layouts also need ``N % 16 == 0``.
 
 Error of the "auto" GGUF paths, measured on SmolLM2-135M's tensors: the Q4_1 repack with fp32 scale/zero equals
-gguf's dequantization bit for bit; the kernel's bf16 scale/zero move a weight by at most 4.6% of its quantization
-step (relative Frobenius error 0.24%, like storing the weight in bf16). Q8_0 (per-32-block scales) requantized per
-channel to int8: relative Frobenius error 1.2% (bf16 storage: 0.14%), max error half a channel step (0.39% of the
-row's max |w|); on the tied lm_head, logits moved by ≤ 0.56 (top-1 agreement 99.2% on embedding-like inputs).
+gguf's dequantization bit for bit (so does the tile layout's fp16 d/m); torch's kernel's bf16 scale/zero move a
+weight by at most 4.6% of its quantization step (relative Frobenius error 0.24%, like storing the weight in bf16).
+Q8_0 (per-32-block scales) requantized per channel to int8: relative Frobenius error 1.2% (bf16 storage: 0.14%),
+max error half a channel step (0.39% of the row's max |w|); on the tied lm_head, logits moved by ≤ 0.56 (top-1
+agreement 99.2% on embedding-like inputs).
 """
 
 from __future__ import annotations
@@ -36,9 +44,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from longfit.quant import matmul
+from longfit.quant import matmul, tiles
 from longfit.quant.gguf_repack import GGUF_BLOCK_SIZE, GGUF_INT4_TYPES, unpack_q4_rows
-from longfit.quant.rtn import INT4_GROUP_SIZES, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from longfit.quant.rtn import (INT4_GROUP_SIZES, dequantize_int4, dequantize_int8, quantize_int4, quantize_int4_min,
+                               quantize_int8)
+import longfit.runtime.native as native  # the C kernels' loader: stdlib + torch only
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +63,11 @@ INT8_K_MULTIPLE = 16
 # thread, SmolLM2's 120 layer matmuls: int4 kernel 134 ms at M=16, 514 at 64, 3955 at 512; dequantize + bf16
 # matmul ~700 ms at M=16, 1056 at 512; one 3072x576 layer at M=512: kernel 70 ms, dequantize + matmul 4 ms).
 DEQUANTIZE_MIN_ROWS = 64
+# The tile kernels decode each weight once per call: their time per extra row is a few fused multiply-adds, and the
+# dequantization (fresh each call) costs more than they do up to many rows. Measured (1 and 2 threads, SmolLM2's
+# four layer shapes, dequantize + bf16 matmul vs the kernel): int4 at 256 rows 15.3 vs 10.6 ms (1 thread), at 512
+# 23.6 vs 20.5; int8 at 128 rows 11.2 vs 10.7, at 192 10.9 vs 15.7. So tiles dequantize from these row counts on.
+TILES_DEQUANTIZE_MIN_ROWS = {"int4": 512, "int8": 160}
 # The CPU int4 kernel packs output rows in blocks whose width depends on the ISA torch dispatches to (torch 2.13:
 # 64 with AVX-512, 32 with AVX2); ``_int4_cpu_block`` finds which one this machine uses (see _unpack_int4_cpu).
 _INT4_BLOCK_CANDIDATES = (64, 32)
@@ -181,16 +196,26 @@ def prepack_dense_layers(model: nn.Module, keep_plain: tuple[str, ...] = ("lm_he
     return count
 
 
+def _few_rows(x: Tensor, limit: int) -> bool:
+    """The decode step's case ([M, K] bf16 contiguous, fewer than ``limit`` rows) that the packed kernels take as
+    it is."""
+    return x.dtype == _KERNEL_DTYPE and x.dim() == 2 and x.is_contiguous() and x.shape[0] < limit
+
+
 class Int8Linear(Linear):
     """Per-output-channel symmetric int8 weight, ``w[n, k] = codes[n, k] · scales[n]``, computed in bf16.
 
-    Buffers: codes int8 [N, K]; scales bf16 [N]; bias bf16 [N] or None. Other activation dtypes are cast to bf16
-    for the kernel and the output cast back (bf16 numerics). Tests compare with ``rtn.dequantize_int8`` + matmul.
+    Buffers: codes int8, [N/16, K, 16] in the "tiles" layout (``quant/tiles.py``; the C kernel of
+    ``runtime/native.py``) or [N, K] in the "torch" one (``torch._weight_int8pack_mm``); scales bf16 [N]; bias
+    bf16 [N] or None. Other activation dtypes are cast to bf16 for the kernel and the output cast back (bf16
+    numerics). Tests compare with ``rtn.dequantize_int8`` + matmul.
     """
 
     form = "int8"
 
-    def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None = None) -> None:
+    def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None = None, layout: str | None = None) -> None:
+        """Args: codes [N, K] int8; scales [N]; layout "tiles", "torch" or None (tiles where the C kernels are
+        built and N % 16 == 0)."""
         if codes.dim() != 2 or codes.dtype != torch.int8:
             raise ValueError(f"codes must be int8 [out, in], got {codes.dtype} {tuple(codes.shape)}")
         n_out, n_in = codes.shape
@@ -200,26 +225,42 @@ class Int8Linear(Linear):
         if tuple(scales.shape) != (n_out,):
             raise ValueError(f"scales must have shape ({n_out},), got {tuple(scales.shape)}")
         super().__init__(n_in, n_out, bias, _KERNEL_DTYPE)
+        self.layout = tiles.choose_layout(layout, tiles.tile_shape_problem(n_out, n_in))
+        # from this many rows on, dequantize + one matmul is faster than the kernel
+        self.dequantize_min_rows = TILES_DEQUANTIZE_MIN_ROWS["int8"] if self.layout == "tiles" else DEQUANTIZE_MIN_ROWS
         self.codes: Tensor
         self.scales: Tensor
-        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("codes", tiles.pack_int8(codes) if self.layout == "tiles" else codes.contiguous())
         self.register_buffer("scales", scales.detach().to(_KERNEL_DTYPE).contiguous())
 
+    def plain_codes(self) -> Tensor:
+        """codes [N, K] int8, whatever the layout."""
+        return tiles.unpack_int8(self.codes) if self.layout == "tiles" else self.codes
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        """x [M, K] bf16 contiguous → [M, N] bf16."""
+        if self.layout == "torch":
+            return torch._weight_int8pack_mm(x, self.codes, self.scales)
+        if x.device.type != "cpu":
+            return matmul.linear(x, self.plain_codes().to(x.dtype) * self.scales[:, None])
+        if torch.compiler.is_compiling():
+            return native.q8_linear_op(x, self.codes, self.scales)
+        return native.q8_linear(x, self.codes, self.scales)
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == _KERNEL_DTYPE and x.dim() == 2 and x.is_contiguous() and x.shape[0] < DEQUANTIZE_MIN_ROWS:
-            # The decode step's case ([N, K] bf16): the kernel alone, no reshape/cast dispatches.
-            out = torch._weight_int8pack_mm(x, self.codes, self.scales)  # [M, N] bf16
+        if _few_rows(x, self.dequantize_min_rows):
+            out = self._kernel(x)  # [M, N] bf16: the kernel alone, no reshape/cast dispatches
             return out if self.bias is None else out.add_(self.bias)
         flat = x.reshape(-1, self.in_features)  # [M, K]
         if flat.dtype != _KERNEL_DTYPE:
             flat = flat.to(_KERNEL_DTYPE)
-        if flat.shape[0] >= DEQUANTIZE_MIN_ROWS:
+        if flat.shape[0] >= self.dequantize_min_rows:
             # codes · scale is exact in fp32 (8-bit × 8-bit significands); one bf16 rounding, then a bf16 matmul.
             # Where bf16 GEMMs are slow the fp32 weight multiplies as it is (no bf16 rounding to undo).
-            weight = self.codes.float().mul_(self.scales.float()[:, None])  # [N, K]
+            weight = self.plain_codes().float().mul_(self.scales.float()[:, None])  # [N, K]
             out = matmul.linear(flat, weight if matmul.slow_bf16(weight.device) else weight.to(_KERNEL_DTYPE))
         else:
-            out = torch._weight_int8pack_mm(flat.contiguous(), self.codes, self.scales)  # [M, N] bf16
+            out = self._kernel(flat.contiguous())  # [M, N] bf16
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -262,16 +303,23 @@ def _int4_cpu_block() -> int | None:
 class Int4Linear(Linear):
     """Group-wise asymmetric int4 weight, ``w = (code - 8) · scale + zero`` per group of ``group_size`` inputs.
 
-    Buffers: packed uint8 [N, K/2] (the CPU kernel's layout, opaque); scales_and_zeros bf16 [K/G, N, 2]; bias bf16
-    [N] or None. Computed in bf16 like :class:`Int8Linear`. Tests compare with ``rtn.dequantize_int4`` + matmul.
+    Two layouts (``layout``):
+    - "tiles" (where the C kernels are built): ``packed`` uint8 [N/16, K/4, 32], and ``d``, ``m`` [N/16, K/G, 16]
+      with ``w = code · d + m`` (``quant/tiles.py``), fp16 where that is exact (GGUF Q4_0/Q4_1: the file's own
+      values), else fp32. The C kernel (``runtime/native.py``) multiplies by exactly these weights.
+    - "torch": ``packed`` uint8 [N, K/2] (``torch._weight_int4pack_mm_for_cpu``'s layout, opaque) and
+      ``scales_and_zeros`` bf16 [K/G, N, 2] (the kernel's parameter dtype: bf16 rounding of scale and zero).
+    bias bf16 [N] or None. Computed in bf16 like :class:`Int8Linear`. Tests compare with the dequantized weight.
     """
 
     form = "int4"
 
     def __init__(
-        self, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None
+        self, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None,
+        layout: str | None = None,
     ) -> None:
-        """Args: codes [N, K] integer in 0..15 (unpacked); scales, zeros [N, K/G] float (rounded to bf16 here)."""
+        """Args: codes [N, K] integer in 0..15 (unpacked); scales, zeros [N, K/G] float; layout "tiles", "torch"
+        or None (tiles where the C kernels are built)."""
         if codes.dim() != 2:
             raise ValueError(f"codes must be a 2-D [out, in] tensor, got shape {tuple(codes.shape)}")
         n_out, n_in = codes.shape
@@ -285,29 +333,49 @@ class Int4Linear(Linear):
             )
         super().__init__(n_in, n_out, bias, _KERNEL_DTYPE)
         self.group_size = group_size
+        self.layout = tiles.choose_layout(layout, tiles.tile_shape_problem(n_out, n_in, group_size))
+        # from this many rows on, dequantize + one matmul is faster than the kernel
+        self.dequantize_min_rows = TILES_DEQUANTIZE_MIN_ROWS["int4"] if self.layout == "tiles" else DEQUANTIZE_MIN_ROWS
         self.packed: Tensor
-        self.scales_and_zeros: Tensor
+        if self.layout == "tiles":
+            self.register_buffer("packed", tiles.pack_int4(codes))
+            d, m = tiles.int4_params(scales, zeros)
+            self.d: Tensor
+            self.m: Tensor
+            self.register_buffer("d", tiles.pack_params(d))
+            self.register_buffer("m", tiles.pack_params(m))
+            return
         packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)  # [N, K/2] uint8
         self.register_buffer("packed", packed)
         # [N, K/G, 2] → [K/G, N, 2], the kernel's layout. NOTE: zero is the value at code 8, not the group minimum.
         scales_and_zeros = torch.stack([scales.float(), zeros.float()], dim=-1).transpose(0, 1)
+        self.scales_and_zeros: Tensor
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(_KERNEL_DTYPE).contiguous())
 
+    def _kernel(self, x: Tensor) -> Tensor:
+        """x [M, K] bf16 contiguous → [M, N] bf16."""
+        if self.layout == "torch":
+            return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        if x.device.type != "cpu":
+            return matmul.linear(x, self.dequantized_t(x.dtype).T)
+        if torch.compiler.is_compiling():
+            return native.q4_linear_op(x, self.packed, self.d, self.m, self.group_size)
+        return native.q4_linear(x, self.packed, self.d, self.m, self.group_size)
+
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == _KERNEL_DTYPE and x.dim() == 2 and x.is_contiguous() and x.shape[0] < DEQUANTIZE_MIN_ROWS:
-            # The decode step's case ([N, K] bf16): the kernel alone, no reshape/cast dispatches.
-            out = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        if _few_rows(x, self.dequantize_min_rows):
+            out = self._kernel(x)  # [M, N] bf16: the kernel alone, no reshape/cast dispatches
             return out if self.bias is None else out.add_(self.bias)
         flat = x.reshape(-1, self.in_features)  # [M, K]
         if flat.dtype != _KERNEL_DTYPE:
             flat = flat.to(_KERNEL_DTYPE)
-        block = _int4_cpu_block() if flat.shape[0] >= DEQUANTIZE_MIN_ROWS else None
-        if block is not None and self.out_features % block == 0:
+        block = _int4_cpu_block() if self.layout == "torch" else None
+        if flat.shape[0] >= self.dequantize_min_rows and (self.layout == "tiles" or (
+                block is not None and self.out_features % block == 0)):
             dtype = torch.float32 if matmul.slow_bf16(flat.device) else _KERNEL_DTYPE
             out = matmul.linear(flat, self.dequantized_t(dtype).T)  # [M, K] @ [K, N]
         else:
-            out = torch._weight_int4pack_mm_for_cpu(flat.contiguous(), self.packed, self.group_size,
-                                                    self.scales_and_zeros)
+            out = self._kernel(flat.contiguous())
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -315,22 +383,28 @@ class Int4Linear(Linear):
     def dequantized_t(self, dtype: torch.dtype = _KERNEL_DTYPE) -> Tensor:
         """The weight the kernel multiplies by, transposed: [K, N] in ``dtype`` (a fresh tensor; bf16: rounded once).
 
-        ``(code - 8) · scale + zero`` in fp32 from the kernel's own bf16 parameters (``zero - 8·scale`` is exact in
-        fp32), so in bf16 it differs from the kernel's product only by bf16 rounding, like a dense bf16 layer.
+        Computed in fp32 from the layout's own parameters (tiles: ``code · d + m``; torch: ``(code - 8) · scale +
+        zero`` from the bf16 parameters, ``zero - 8·scale`` exact in fp32), so in bf16 it differs from the
+        kernel's product only by bf16 rounding, like a dense bf16 layer.
         """
-        block = _int4_cpu_block()
-        if block is None or self.out_features % block:
-            raise RuntimeError(f"int4 packed layout of torch {torch.__version__} on this CPU is not known for "
-                               f"{self.out_features} output rows: use the kernel (forward) instead")
         groups, size = self.in_features // self.group_size, self.group_size
-        codes = _unpack_int4_cpu(self.packed, self.out_features, self.in_features, block)  # [K, N] uint8
-        scales = self.scales_and_zeros[..., 0].float()  # [K/G, N]
-        shifts = self.scales_and_zeros[..., 1].float() - 8 * scales
-        weight = codes.view(groups, size, self.out_features).float().mul_(scales[:, None]).add_(shifts[:, None])
+        if self.layout == "tiles":
+            codes = tiles.unpack_int4(self.packed).T  # [K, N] uint8
+            scales = tiles.unpack_params(self.d).float().T  # [K/G, N]
+            shifts = tiles.unpack_params(self.m).float().T
+        else:
+            block = _int4_cpu_block()
+            if block is None or self.out_features % block:
+                raise RuntimeError(f"int4 packed layout of torch {torch.__version__} on this CPU is not known for "
+                                   f"{self.out_features} output rows: use the kernel (forward) instead")
+            codes = _unpack_int4_cpu(self.packed, self.out_features, self.in_features, block)  # [K, N] uint8
+            scales = self.scales_and_zeros[..., 0].float()  # [K/G, N]
+            shifts = self.scales_and_zeros[..., 1].float() - 8 * scales
+        weight = codes.reshape(groups, size, self.out_features).float().mul_(scales[:, None]).add_(shifts[:, None])
         return weight.view(self.in_features, self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}"
+        return f"{super().extra_repr()}, group_size={self.group_size}, layout={self.layout}"
 
 
 def int4_shape_problem(out_features: int, in_features: int, group_size: int) -> str | None:
@@ -501,6 +575,10 @@ def build_linear(
         reason = f"{reason}; {note}" if reason else note
     elif kind == "int4_gguf":
         layer = Int4Linear(*_gguf_int4(parts, in_features), GGUF_BLOCK_SIZE, bias)
+    elif kind == "int4_rtn" and tiles.default_layout(tiles.tile_shape_problem(out_features, in_features, group)) \
+            == "tiles":
+        # fp16 (d, m) chosen by the quantizer: the tile kernel's cheaper parameters, exact
+        layer = Int4Linear(*convert_rows(parts, lambda w: quantize_int4_min(w, group)), group, bias, "tiles")
     elif kind == "int4_rtn":
         layer = Int4Linear(*convert_rows(parts, lambda w: quantize_int4(w, group, _KERNEL_DTYPE)), group, bias)
     else:

@@ -112,3 +112,41 @@ def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: in
     groups = codes.float().reshape(n_out, n_in // group_size, group_size)  # [N, K/G, G]
     weight = (groups - 8) * scales.float()[..., None] + zeros.float()[..., None]
     return weight.reshape(n_out, n_in)
+
+
+def round_down_to_dtype(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """The largest ``dtype`` values ≤ ``values`` (fp32 in, fp32 out, same shape)."""
+    rounded = values.to(dtype)
+    too_big = rounded.float() > values
+    bumped = torch.nextafter(rounded, torch.full_like(rounded, float("-inf")))
+    return torch.where(too_big, bumped, rounded).float()
+
+
+def quantize_int4_min(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric min/max int4 RTN per group in llama.cpp's Q4_1 form, ``w ≈ code · d + m`` with fp16 ``d`` and
+    ``m`` (the tile kernels' parameters, ``quant/tiles.py``): ``m`` is the group minimum rounded down to fp16, ``d``
+    the step from it to the maximum rounded up, and the codes are chosen against the rounded values, so the error
+    stays within half a step.
+
+    Args:
+        weight: [N, K] float, ``K % group_size == 0``.
+        group_size: input channels per (d, m) pair.
+
+    Returns:
+        codes [N, K] uint8 in 0..15; scales [N, K/G] fp32 (= d); zeros [N, K/G] fp32 (= m + 8·d, exact), i.e.
+        the (scale, zero) form of :func:`quantize_int4` that ``dequantize_int4`` reads.
+
+    Raises:
+        ValueError: group_size not positive or not dividing K; a group whose min or step does not fit fp16.
+    """
+    _check_matrix(weight)
+    n_out, n_in = weight.shape
+    if group_size <= 0 or n_in % group_size:
+        raise ValueError(f"group_size must be a positive divisor of in_features={n_in}, got {group_size}")
+    groups = weight.float().reshape(n_out, n_in // group_size, group_size)  # [N, K/G, G]
+    m = round_down_to_dtype(groups.amin(dim=-1), torch.float16)  # [N, K/G]
+    d = round_up_to_dtype(((groups.amax(dim=-1) - m) / INT4_MAX).clamp_min(2.0**-24), torch.float16)
+    if not (torch.isfinite(m).all() and torch.isfinite(d).all()):
+        raise ValueError("weight has groups whose range does not fit fp16 (|w| > 65504)")
+    codes = torch.round((groups - m[..., None]) / d[..., None]).clamp(0, INT4_MAX).to(torch.uint8)
+    return codes.reshape(n_out, n_in), d, m + 8 * d

@@ -1,8 +1,10 @@
 """CPU kernels in C, built on first use with the machine's C compiler and called through ctypes.
 
 Only what PyTorch has no fused op for lives here: decode attention that reads paged bf16 keys and values once
-(``csrc/paged_decode.c``). Everything has a torch path that is used when no compiler is found, when the build
-fails, on other devices, and when ``LONGFIT_NATIVE=0``; tests compare the two.
+(``csrc/paged_decode.c``), and few-row products with int4 / int8 weights stored in tiles of 16 output rows, each
+weight decoded once per call whatever the row count (``csrc/qlinear.c``). Everything has a torch path that is used
+when no compiler is found, when the build fails, on other devices, and when ``LONGFIT_NATIVE=0``; tests compare
+the two.
 
 The library is compiled with ``-O3 -march=native -fopenmp`` (without OpenMP, then without ``-march=native``, where
 the compiler refuses them) into ``$LONGFIT_CACHE_DIR/kernels`` (default ``~/.cache/longfit/kernels``) under a name
@@ -29,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV_VAR = "LONGFIT_NATIVE"  # "0": never build or use the C kernels
-_SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.c", "qlinear.c"))
 # Reassociation lets the compiler vectorize the fp32 dot products and sums; NaN and infinity keep their meaning
 # (no -ffinite-math-only).
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
@@ -61,7 +63,8 @@ def _build(compiler: str, extra: list[str]) -> Path:
     the library."""
     flags = [*_FLAGS, *extra]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), " ".join(flags), version, _cpu_flags()]).encode())
+    sources = [path.read_text() for path in _SOURCES]
+    key = hashlib.sha256("\0".join([*sources, " ".join(flags), version, _cpu_flags()]).encode())
     from longfit.models.resolve import cache_dir
 
     directory = cache_dir() / "kernels"
@@ -73,8 +76,8 @@ def _build(compiler: str, extra: list[str]) -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, "-o", partial, str(_SOURCE), "-lm"], capture_output=True,
-                                text=True, timeout=300)
+        result = subprocess.run([compiler, *flags, "-o", partial, *map(str, _SOURCES), "-lm"],
+                                capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
         os.replace(partial, target)
@@ -107,6 +110,10 @@ def library() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [_PTR, ctypes.c_int, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
                    ctypes.c_float, _I64, _I64, ctypes.c_int, _PTR, _PTR]
+    _INT = ctypes.c_int
+    lib.longfit_q4_linear.restype = lib.longfit_q8_linear.restype = _INT
+    lib.longfit_q4_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _INT, _I64, _I64, _INT, _PTR, _INT]
+    lib.longfit_q8_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _INT, _PTR, _INT]
     return lib
 
 
@@ -167,3 +174,56 @@ def paged_decode_op(q: torch.Tensor, kv_pool: torch.Tensor, pages: torch.Tensor,
 def _(q, kv_pool, pages, first_key, seq_lens, scale, window):
     return q.new_empty(q.shape, dtype=torch.float32)
 
+
+
+def q4_linear(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group_size: int,
+              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] bf16 contiguous (CPU) @ int4 weight → [M, N] ``out_dtype`` (bf16 or fp32), with
+    ``w[n, k] = code · d + m`` per group (``quant/tiles.py`` builds ``tiles`` [N/16, K/4, 32] uint8 and ``d``,
+    ``m`` [N/16, K/G, 16] fp16 or fp32). Call only where ``library()`` is not None."""
+    num_rows, in_features = x.shape
+    out = torch.empty(num_rows, tiles.shape[0] * 16, dtype=out_dtype)
+    status = library().longfit_q4_linear(
+        x.data_ptr(), num_rows, in_features, tiles.data_ptr(), d.data_ptr(), m.data_ptr(),
+        int(d.dtype == torch.float16), out.shape[1], group_size, torch.get_num_threads(), out.data_ptr(),
+        int(out_dtype == torch.bfloat16))
+    if status != 0:
+        raise RuntimeError(f"int4 kernel refused its shapes (status {status})")
+    return out
+
+
+def q8_linear(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
+              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] bf16 contiguous (CPU) @ int8 weight → [M, N] ``out_dtype``, ``w[n, k] = code · scales[n]``
+    (``tiles`` [N/16, K, 16] int8, ``scales`` [N] bf16). Call only where ``library()`` is not None."""
+    num_rows, in_features = x.shape
+    out = torch.empty(num_rows, scales.shape[0], dtype=out_dtype)
+    status = library().longfit_q8_linear(
+        x.data_ptr(), num_rows, in_features, tiles.data_ptr(), scales.data_ptr(), out.shape[1],
+        torch.get_num_threads(), out.data_ptr(), int(out_dtype == torch.bfloat16))
+    if status != 0:
+        raise RuntimeError(f"int8 kernel refused its shapes (status {status})")
+    return out
+
+
+# The same products as ops, for compiled graphs (an eager call goes to the functions above directly: a custom op's
+# Python dispatch costs more than the ctypes call itself).
+@torch.library.custom_op("longfit::q4_linear", mutates_args=())
+def q4_linear_op(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    return q4_linear(x, tiles, d, m, group_size)
+
+
+@q4_linear_op.register_fake
+def _(x, tiles, d, m, group_size):
+    return x.new_empty((x.shape[0], tiles.shape[0] * 16), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("longfit::q8_linear", mutates_args=())
+def q8_linear_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return q8_linear(x, tiles, scales)
+
+
+@q8_linear_op.register_fake
+def _(x, tiles, scales):
+    return x.new_empty((x.shape[0], scales.shape[0]), dtype=torch.bfloat16)

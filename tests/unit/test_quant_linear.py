@@ -13,8 +13,10 @@ from gguf.quants import quantize as gguf_quantize
 from longfit.models.weights import RawWeight
 from longfit.quant import matmul as dense_matmul
 from longfit.quant.gguf_repack import unpack_q4_rows
-from longfit.quant.linear import DEQUANTIZE_MIN_ROWS, DenseLinear, Int4Linear, Int8Linear, Linear, build_linear
-from longfit.quant.rtn import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from longfit.quant.linear import (DEQUANTIZE_MIN_ROWS, TILES_DEQUANTIZE_MIN_ROWS, DenseLinear, Int4Linear, Int8Linear,
+                                  Linear, build_linear)
+from longfit.quant.rtn import dequantize_int4, dequantize_int8, quantize_int4, quantize_int4_min, quantize_int8
+from longfit.runtime import native
 
 K = 128
 BF16_TOL = 6e-3  # bf16 output rounding (2^-9 relative) + bf16 scale/zero rounding (2^-9); ≤ 4.1e-3 over 8 seeds
@@ -44,6 +46,14 @@ def inputs(seed: int = 1) -> list[torch.Tensor]:
     return [torch.randn(m, K, generator=gen) for m in (1, 5, 64)] + [torch.randn(2, 3, K, generator=gen)]
 
 
+def rtn_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
+    """The RTN int4 that build_linear uses with bf16 activations: fp16 (d, m) for the tile layout (C kernels
+    built), bf16 (scale, zero) for torch's kernel."""
+    if native.library() is not None:
+        return quantize_int4_min(weight, group)
+    return quantize_int4(weight, group, torch.bfloat16)
+
+
 def expected_weight(raw: list[RawWeight], form: str, dtype: torch.dtype, group: int = 32) -> torch.Tensor:
     """The fp32 [N, K] weight the built layer must multiply by, from the slow references."""
     weight = torch.cat([part.dequantize() for part in raw], dim=0)  # gguf's dequantize for GGUF parts
@@ -52,6 +62,8 @@ def expected_weight(raw: list[RawWeight], form: str, dtype: torch.dtype, group: 
     if form == "int8" or (form == "auto" and qtypes == {"Q8_0"} and dtype == torch.bfloat16):
         return dequantize_int8(*quantize_int8(weight, param_dtype))
     if form == "int4" and not qtypes <= {"Q4_0", "Q4_1"}:
+        if dtype == torch.bfloat16:
+            return dequantize_int4(*rtn_int4(weight, group), group)
         return dequantize_int4(*quantize_int4(weight, group, param_dtype), group)
     # Dense, and the exact Q4 repack: gguf's weights (the bf16 parameter rounding is inside BF16_TOL).
     return weight.to(dtype).float()
@@ -101,7 +113,7 @@ def test_fused_parts_and_bias(qtype: str, form: str) -> None:
     assert fused.out_features == 64
     for x in inputs():
         assert_matches(fused, x, expected_weight(raw, form, torch.bfloat16), torch.bfloat16, bias)
-        if x.shape[:-1].numel() >= DEQUANTIZE_MIN_ROWS:
+        if x.shape[:-1].numel() >= getattr(fused, "dequantize_min_rows", DEQUANTIZE_MIN_ROWS):
             continue  # the 64-row fused layer dequantizes there, the 32/16-row parts keep the kernel (both checked)
         # Fused output == concatenation of the parts' outputs (per-row quantization is unchanged by fusion).
         pieces = [
@@ -158,7 +170,7 @@ def test_shape_fallbacks() -> None:
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(5, 96, generator=gen)
     assert_matches(
-        finer, x, dequantize_int4(*quantize_int4(k96[0].dequantize(), 32, torch.bfloat16), 32), torch.bfloat16
+        finer, x, dequantize_int4(*rtn_int4(k96[0].dequantize(), 32), 32), torch.bfloat16
     )
     k40 = build_linear([make_raw(random_weight(32, 40), "F32")], None, "int8", torch.bfloat16)  # K % 16 != 0
     assert type(k40) is DenseLinear and "in_features % 16" in k40.fallback_reason
@@ -263,19 +275,19 @@ def test_bad_arguments_name_the_field() -> None:
 
 @pytest.mark.parametrize("form", ["int4", "int8"])
 def test_many_rows_dequantize_like_the_kernel(form: str, bf16_mode: str) -> None:
-    """From DEQUANTIZE_MIN_ROWS rows on, packed layers run dequantize + bf16 matmul: the kernel's result to bf16."""
+    """From dequantize_min_rows rows on, packed layers run dequantize + bf16 matmul: the kernel's result to bf16."""
     raw = [make_raw(random_weight(128), "F32")]
     layer = build_linear(raw, None, form, torch.bfloat16)
     assert layer.form == form
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(DEQUANTIZE_MIN_ROWS + 3, K, generator=gen).bfloat16()
-    kernel = torch.cat([layer(part) for part in x.split(DEQUANTIZE_MIN_ROWS - 1)])  # below the threshold
+    x = torch.randn(layer.dequantize_min_rows + 3, K, generator=gen).bfloat16()
+    kernel = torch.cat([layer(part) for part in x.split(layer.dequantize_min_rows - 1)])  # below the threshold
     dense = layer(x)
     magnitude = x.float().abs() @ expected_weight(raw, form, torch.bfloat16).abs().T
     err = (dense.float() - kernel.float()).abs() / (magnitude + 1e-6)
     assert err.max().item() < 2 * 2**-9, err.max().item()  # the weight's and the output's bf16 roundings
     if form == "int4":
-        codes, scales, zeros = quantize_int4(raw[0].dequantize(), 32, torch.bfloat16)
+        codes, scales, zeros = rtn_int4(raw[0].dequantize(), 32)
         torch.testing.assert_close(layer.dequantized_t().float(),
                                    dequantize_int4(codes, scales, zeros, 32).T.bfloat16().float(), rtol=0, atol=0)
 
@@ -291,7 +303,7 @@ def bf16_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     matmul.reset_probe()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 5, 16, DEQUANTIZE_MIN_ROWS + 3])
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, DEQUANTIZE_MIN_ROWS + 3, TILES_DEQUANTIZE_MIN_ROWS["int8"] + 3])
 def test_dense_matmul_either_bf16_mode_matches_fp32(bf16_mode: str, rows: int) -> None:
     """``matmul.linear`` over a bf16 weight: the fp32 product (slow-bf16 CPUs, FP32_MIN_ROWS rows on) or the bf16 one;
     either is within the bf16 product's rounding of an fp64 reference, in the activations' dtype."""
@@ -308,7 +320,7 @@ def test_dense_matmul_either_bf16_mode_matches_fp32(bf16_mode: str, rows: int) -
     scale = x.double().abs() @ weight.double().abs().T + bias.double().abs()
     assert ((out.double() - exact).abs() / scale).max().item() < 2 * 2**-8
     layer = build_linear([make_raw(weight.float(), "F32")], bias, "int8", torch.bfloat16)
-    kernel = torch.cat([layer(part) for part in x.split(DEQUANTIZE_MIN_ROWS - 1)])  # rows below the threshold
+    kernel = torch.cat([layer(part) for part in x.split(layer.dequantize_min_rows - 1)])  # rows below the threshold
     err = (layer(x).float() - kernel.float()).abs() / (x.float().abs() @ weight.float().abs().T + 1e-6)
     assert err.max().item() < 2 * 2**-8
 

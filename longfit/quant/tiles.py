@@ -1,0 +1,124 @@
+"""Tile layouts of int4 / int8 weights for the few-row C kernels (``runtime/csrc/qlinear.c``, which documents them).
+
+A tile is 16 output rows: one 512-bit register holds the 16 rows' weights at an input (int8), or at two inputs as
+bf16 pairs (int4), so each weight is decoded once per call and multiplied by every activation row. These functions
+build the layouts from plain ``[N, K]`` codes and take them apart again (the many-row path dequantizes, the tests
+compare); they are plain tensor reshapes, exact both ways.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+import longfit.runtime.native as native  # the C kernels' loader: stdlib + torch only
+
+TILE_ROWS = 16
+LAYOUT_ENV_VAR = "LONGFIT_PACKED_LAYOUT"  # "torch": packed layers keep torch's kernels even where the C ones are built
+
+
+def default_layout(problem: str | None) -> str:
+    """The layout a packed layer gets when none is asked for: "tiles" where the C kernels are built and the shape
+    fits (``problem`` is None), unless ``LONGFIT_PACKED_LAYOUT=torch``; else "torch"."""
+    wanted = os.environ.get(LAYOUT_ENV_VAR, "").strip() or "tiles"
+    if wanted not in ("tiles", "torch"):
+        raise ValueError(f"{LAYOUT_ENV_VAR} must be 'tiles' or 'torch', got {wanted!r}")
+    return "tiles" if wanted == "tiles" and problem is None and native.library() is not None else "torch"
+
+
+def choose_layout(layout: str | None, problem: str | None) -> str:
+    """Check an asked-for layout ("tiles": the C kernels; "torch": torch's packed kernels), or pick the default."""
+    if layout not in (None, "tiles", "torch"):
+        raise ValueError(f"layout must be 'tiles', 'torch' or None, got {layout!r}")
+    if layout == "tiles" and problem:
+        raise ValueError(problem)
+    if layout == "tiles" and native.library() is None:
+        raise ValueError("layout 'tiles' needs the C kernels, which are not built here (see runtime/native.py)")
+    return default_layout(problem) if layout is None else layout
+
+
+def tile_shape_problem(out_features: int, in_features: int, group_size: int | None = None) -> str | None:
+    """Why the tile layouts cannot hold an ``[out, in]`` weight (int4 with ``group_size``), or None if they can."""
+    if out_features % TILE_ROWS:
+        return f"tiles need out_features % {TILE_ROWS} == 0, got {out_features}"
+    if group_size is None:
+        return None if in_features % 2 == 0 else f"int8 tiles need an even in_features, got {in_features}"
+    if group_size % 4 or in_features % group_size:
+        return f"int4 tiles need group_size % 4 == 0 and in_features % group_size == 0, got {in_features}, {group_size}"
+    return None
+
+
+def _interleave_pairs(blocks: Tensor, inverse: bool = False) -> Tensor:
+    """[T, A, B] per tile → the same shape, where each pair of tiles (0-1, 2-3, ...; a last odd tile stays as it is)
+    is stored a-major: row a of both tiles, then row a + 1 of both. A kernel work item (a pair) then reads one
+    forward stream. ``inverse`` undoes it."""
+    num_tiles, rows, width = blocks.shape
+    even = num_tiles - num_tiles % 2
+    out = blocks.clone(memory_format=torch.contiguous_format)
+    if inverse:
+        pairs = blocks[:even].reshape(even // 2, rows, 2, width).transpose(1, 2)  # [P, 2, A, B]
+    else:
+        pairs = blocks[:even].reshape(even // 2, 2, rows, width).transpose(1, 2)  # [P, A, 2, B]
+    out[:even] = pairs.reshape(even, rows, width)
+    return out
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """codes [N, K] integers in 0..15 → tiles [N/16, K/4, 32] uint8: byte 2i + j of quad q of tile t holds row
+    16t + i's code for input 4q + j (low nibble) and 4q + 2 + j (high nibble); pairs of tiles interleaved by quad
+    (``_interleave_pairs``)."""
+    n_out, n_in = codes.shape
+    c = codes.to(torch.uint8).reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 4, 2, 2)  # [t, i, q, half, j]
+    packed = c[:, :, :, 0, :] | (c[:, :, :, 1, :] << 4)  # [t, i, q, j]
+    return _interleave_pairs(packed.permute(0, 2, 1, 3).reshape(n_out // TILE_ROWS, n_in // 4, 2 * TILE_ROWS))
+
+
+def unpack_int4(tiles: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4`: tiles [N/16, K/4, 32] → codes [N, K] uint8."""
+    num_tiles, quads, _ = tiles.shape
+    b = _interleave_pairs(tiles, inverse=True).reshape(num_tiles, quads, TILE_ROWS, 2).permute(0, 2, 1, 3)
+    codes = torch.stack([b & 15, b >> 4], dim=3)  # [t, i, q, half, j]
+    return codes.reshape(num_tiles * TILE_ROWS, quads * 4)
+
+
+def pack_params(params: Tensor) -> Tensor:
+    """Per-group parameters [N, K/G] → [N/16, K/G, 16] (the 16 rows of a tile side by side; pairs of tiles
+    interleaved by group)."""
+    n_out, groups = params.shape
+    return _interleave_pairs(params.reshape(n_out // TILE_ROWS, TILE_ROWS, groups).transpose(1, 2))
+
+
+def unpack_params(params: Tensor) -> Tensor:
+    """Inverse of :func:`pack_params`: [N/16, K/G, 16] → [N, K/G]."""
+    num_tiles, groups, _ = params.shape
+    return _interleave_pairs(params, inverse=True).transpose(1, 2).reshape(num_tiles * TILE_ROWS, groups)
+
+
+def pack_int8(codes: Tensor) -> Tensor:
+    """codes [N, K] int8 → tiles [N/16, K, 16] int8 (the 16 rows' codes at one input, side by side; pairs of tiles
+    interleaved by input)."""
+    n_out, n_in = codes.shape
+    return _interleave_pairs(codes.reshape(n_out // TILE_ROWS, TILE_ROWS, n_in).transpose(1, 2))
+
+
+def unpack_int8(tiles: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int8`: [N/16, K, 16] → [N, K] int8."""
+    num_tiles, n_in, _ = tiles.shape
+    return _interleave_pairs(tiles, inverse=True).transpose(1, 2).reshape(num_tiles * TILE_ROWS, n_in)
+
+
+def int4_params(scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernels' (d, m) of ``w = code · d + m`` from the ``w = (code - 8) · scale + zero`` form, [N, K/G] each.
+
+    fp16 when both round-trip exactly (GGUF Q4_0/Q4_1 blocks, whose d and m are fp16: ``m = zero - 8·d`` undoes
+    the repack exactly), else fp32 (RTN parameters in bf16 whose ``m`` needs more bits than fp16 has): the kernel
+    multiplies by exactly the weights it was given either way. fp16 reads 4 bytes less per group of 32 inputs.
+    """
+    d = scales.float()
+    m = zeros.float() - 8 * d
+    half_d, half_m = d.to(torch.float16), m.to(torch.float16)
+    if torch.equal(half_d.float(), d) and torch.equal(half_m.float(), m):
+        return half_d, half_m
+    return d, m

@@ -1,0 +1,306 @@
+/* Products of bf16 activations with int4 / int8 weights, for the few-row case (decode steps): y = x @ W^T.
+ *
+ * torch's CPU kernels (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) convert each weight to float and reuse
+ * nothing across rows; on one core they read SmolLM2's int4 layers at ~8 GB/s. Here the weights are stored in
+ * tiles of 16 output rows so that one vector register holds 16 rows' values at one or two inputs: a weight vector
+ * is decoded once and multiplied by every activation row of the call, a broadcast pair of inputs at a time.
+ *
+ * Work items are pairs of adjacent tiles (the last tile alone when their count is odd): two tiles give the decode
+ * loop independent chains, and each pair is stored interleaved (below), so that an item, and the whole weight, is
+ * one forward stream of memory, prefetched PREFETCH bytes ahead.
+ *
+ * int4 (llama.cpp's Q4_1 form, exact for GGUF Q4_1): w[n, k] = code · d[n, g] + m[n, g], g = k / G, codes 0..15,
+ * d and m fp16. A tile's quad q (inputs 4q..4q+3) is 32 bytes: byte 2i + j holds row i's code for input 4q + j in
+ * its low nibble and for 4q + 2 + j in its high one. Codes [N/16, K/4, 32] uint8 as memory, where a pair of tiles
+ * stores quad 0 of both tiles, then quad 1 of both, ... (tt = 2 tiles per item; 1 for a last odd tile), and the
+ * parameters [N/16, K/G, 16] are interleaved the same way per group. Decoding: the bytes widened to 16
+ * bits, a 32-entry table lookup (vpermw) of bf16(code) for the low nibble, the same after a shift for the high one:
+ * two vectors of 16 rows x 2 inputs, multiplied by the broadcast input pairs with vdpbf16ps, exactly (bf16 x bf16
+ * products are exact in fp32). Per group: y += d · Σ code·x + m · Σ x. Parameters [N/16, K/G, 16] each, fp16
+ * (GGUF's own) or fp32 (where fp16 would round them: RTN parameters in bf16 whose m needs more bits).
+ *
+ * int8 (per output channel): w[n, k] = code · s[n], codes -127..127. The 16 rows' codes at input k are 16
+ * consecutive bytes (pairs of tiles interleaved per input, as above: [N/16, K, 16] as memory), widened to fp32 and
+ * multiplied by x[k] in fp32. s [N] bf16.
+ *
+ * Sums are fp32; the result matches dequantize-then-matmul in fp32 to rounding. out [M, N] is fp32 or bf16
+ * (round to nearest even). CPUs without AVX512-BF16 run plain C loops over the same layouts (vectorized by the
+ * compiler). Built and loaded by longfit/runtime/native.py, with paged_decode.c.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAVE_BF16_PATH 1
+#else
+#define HAVE_BF16_PATH 0
+#endif
+
+#define LANES 16
+#define MAX_MB 4 /* activation rows per register block */
+#ifndef PREFETCH
+/* Bytes ahead of the weight stream prefetched into L2 (0: none). The hardware prefetchers alone left the int4 layers
+ * of a SmolLM2 step, read from DRAM, at ~10 GB/s on one core; 8 KiB ahead: ~14-16 GB/s (4 KiB: ~11). */
+#define PREFETCH 8192
+#endif
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t i; float f; } u;
+    u.i = (uint32_t)h << 16;
+    return u.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t i; } u;
+    u.f = f;
+    if ((u.i & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u.i >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u.i + 0x7fffu + ((u.i >> 16) & 1u)) >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    union { uint32_t i; float f; } u;
+    if (exp == 0) { /* zero or subnormal: mant * 2^-24 */
+        u.f = (float)mant * (1.0f / 16777216.0f);
+        u.i |= sign;
+        return u.f;
+    }
+    if (exp == 31) u.i = sign | 0x7f800000u | (mant << 13);
+    else u.i = sign | ((exp + 112) << 23) | (mant << 13);
+    return u.f;
+}
+
+static void store_row(void *out, int out_is_bf16, int64_t offset, const float *values, int64_t n) {
+    if (out_is_bf16) {
+        uint16_t *o = (uint16_t *)out + offset;
+        for (int64_t i = 0; i < n; i++) o[i] = f32_to_bf16(values[i]);
+    } else {
+        memcpy((float *)out + offset, values, (size_t)n * sizeof(float));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- int4 ---- */
+
+static inline float param(const void *p, int64_t index, int f16) {
+    return f16 ? f16_to_f32(((const uint16_t *)p)[index]) : ((const float *)p)[index];
+}
+
+/* Rows [m0, m0 + mb) of tile j of an item of tt tiles, the portable way: decode each code, accumulate per lane. */
+static inline void q4_tile_generic(const uint16_t *x, int64_t K, int64_t G, const uint8_t *item, const void *d,
+                                   const void *mn, int f16, int tt, int j, const float *xsum, int64_t m0, int64_t mb,
+                                   float *acc) {
+    const int64_t groups = K / G;
+    for (int64_t r = 0; r < mb; r++) {
+        const uint16_t *xr = x + (m0 + r) * K;
+        float total[LANES] = {0};
+        for (int64_t g = 0; g < groups; g++) {
+            float part[LANES] = {0};
+            for (int64_t q = g * G / 4; q < (g + 1) * G / 4; q++) {
+                const uint8_t *bytes = item + (q * tt + j) * 32;
+                float x0 = bf16_to_f32(xr[4 * q]), x1 = bf16_to_f32(xr[4 * q + 1]);
+                float x2 = bf16_to_f32(xr[4 * q + 2]), x3 = bf16_to_f32(xr[4 * q + 3]);
+                for (int i = 0; i < LANES; i++) {
+                    uint8_t b0 = bytes[2 * i], b1 = bytes[2 * i + 1];
+                    part[i] += (float)(b0 & 15) * x0 + (float)(b1 & 15) * x1 + (float)(b0 >> 4) * x2
+                               + (float)(b1 >> 4) * x3;
+                }
+            }
+            float s = xsum[(m0 + r) * groups + g];
+            for (int i = 0; i < LANES; i++)
+                total[i] += param(d, (g * tt + j) * LANES + i, f16) * part[i]
+                            + param(mn, (g * tt + j) * LANES + i, f16) * s;
+        }
+        memcpy(acc + (j * MAX_MB + r) * LANES, total, sizeof(total));
+    }
+}
+
+#if HAVE_BF16_PATH
+/* bf16(i & 15) for i in 0..31 */
+static const uint16_t CODE_BF16[32] = {
+    0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
+    0x4160, 0x4170, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130,
+    0x4140, 0x4150, 0x4160, 0x4170};
+
+static inline __m512 load_params(const void *p, int64_t index, int f16) {
+    if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + index)));
+    return _mm512_loadu_ps((const float *)p + index);
+}
+
+/* An item of TT interleaved tiles x MB activation rows; lo/hi nibbles accumulate apart (more independent chains). */
+static inline __attribute__((always_inline)) void q4_block_bf16(
+    const int TT, const int MB, const uint16_t *x, int64_t K, int64_t G, const uint8_t *item, const void *d,
+    const void *mn, int f16, const float *xsum, int64_t m0, float *acc) {
+    /* bf16(i & 15) for word index i: vpermw only reads an index's low 5 bits, so a byte's low nibble needs no mask */
+    const __m512i lut = _mm512_loadu_si512((const void *)CODE_BF16);
+    const int64_t groups = K / G;
+    __m512 acc_v[2][MAX_MB];
+    for (int t = 0; t < TT; t++)
+        for (int r = 0; r < MB; r++) acc_v[t][r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 lo_v[2][MAX_MB], hi_v[2][MAX_MB];
+        for (int t = 0; t < TT; t++)
+            for (int r = 0; r < MB; r++) lo_v[t][r] = hi_v[t][r] = _mm512_setzero_ps();
+        for (int64_t q = g * G / 4; q < (g + 1) * G / 4; q++) {
+            const uint8_t *quad = item + q * TT * 32;
+            if (PREFETCH && (TT == 2 || !(q & 1))) _mm_prefetch((const char *)quad + PREFETCH, _MM_HINT_T1);
+            for (int t = 0; t < TT; t++) {
+                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(quad + t * 32)));
+                __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(bytes, lut);
+                __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), lut);
+                for (int r = 0; r < MB; r++) {
+                    const uint32_t *xr = (const uint32_t *)(x + (m0 + r) * K + 4 * q);
+                    lo_v[t][r] = _mm512_dpbf16_ps(lo_v[t][r], lo, (__m512bh)_mm512_set1_epi32((int)xr[0]));
+                    hi_v[t][r] = _mm512_dpbf16_ps(hi_v[t][r], hi, (__m512bh)_mm512_set1_epi32((int)xr[1]));
+                }
+            }
+        }
+        for (int t = 0; t < TT; t++) {
+            __m512 dv = load_params(d, (g * TT + t) * LANES, f16);
+            __m512 mv = load_params(mn, (g * TT + t) * LANES, f16);
+            for (int r = 0; r < MB; r++) {
+                __m512 dot = _mm512_add_ps(lo_v[t][r], hi_v[t][r]);
+                acc_v[t][r] = _mm512_fmadd_ps(dv, dot, acc_v[t][r]);
+                acc_v[t][r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[(m0 + r) * groups + g]), acc_v[t][r]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++)
+        for (int r = 0; r < MB; r++) _mm512_storeu_ps(acc + (t * MAX_MB + r) * LANES, acc_v[t][r]);
+}
+
+#define Q4_CASES(TT)                                                                                             \
+    switch (mb) {                                                                                               \
+    case 1: q4_block_bf16(TT, 1, x, K, G, item, dt, mt, f16, xsum, m0, acc); break;                             \
+    case 2: q4_block_bf16(TT, 2, x, K, G, item, dt, mt, f16, xsum, m0, acc); break;                             \
+    case 3: q4_block_bf16(TT, 3, x, K, G, item, dt, mt, f16, xsum, m0, acc); break;                             \
+    default: q4_block_bf16(TT, 4, x, K, G, item, dt, mt, f16, xsum, m0, acc); break;                            \
+    }
+#endif
+
+/* x [M, K] bf16; codes [N/16, K/4, 32] uint8 and d, mn [N/16, K/G, 16] fp16 (f16) or fp32, pairs interleaved (see
+ * the top); out [M, N] fp32 or bf16. Returns 0, or -1 for shapes the layout cannot hold (N % 16, K % G, G % 4). */
+int longfit_q4_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const void *d, const void *mn,
+                      int f16, int64_t N, int64_t G, int num_threads, void *out, int out_is_bf16) {
+    if (M <= 0 || N % LANES || G <= 0 || G % 4 || K % G) return -1;
+    const int64_t groups = K / G, num_tiles = N / LANES, tile_bytes = K / 4 * 32, param_stride = groups * LANES;
+    const size_t param_bytes = f16 ? 2 : 4;
+    float *xsum = (float *)malloc((size_t)(M * groups) * sizeof(float));
+    if (!xsum) return -2;
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) s += bf16_to_f32(x[r * K + k]);
+            xsum[r * groups + g] = s;
+        }
+    const int64_t items = (num_tiles + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t index = 0; index < items; index++) {
+        const int64_t t0 = 2 * index;
+        const int tt = t0 + 1 < num_tiles ? 2 : 1;
+        const uint8_t *item = codes + t0 * tile_bytes;
+        const void *dt = (const char *)d + t0 * param_stride * param_bytes;
+        const void *mt = (const char *)mn + t0 * param_stride * param_bytes;
+        float acc[2 * MAX_MB * LANES];
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
+            const int64_t mb = M - m0 < MAX_MB ? M - m0 : MAX_MB;
+#if HAVE_BF16_PATH
+            if (tt == 2) { Q4_CASES(2) } else { Q4_CASES(1) }
+#else
+            for (int j = 0; j < tt; j++) q4_tile_generic(x, K, G, item, dt, mt, f16, tt, j, xsum, m0, mb, acc);
+#endif
+            for (int t = 0; t < tt; t++)
+                for (int64_t r = 0; r < mb; r++)
+                    store_row(out, out_is_bf16, (m0 + r) * N + (t0 + t) * LANES, acc + (t * MAX_MB + r) * LANES,
+                              LANES);
+        }
+    }
+    free(xsum);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- int8 ---- */
+
+/* Tile j of an item of tt tiles: xf [M, K] fp32; item's codes interleaved per input; scales: the tile's 16, bf16. */
+static inline void q8_tile_generic(const float *xf, int64_t K, const int8_t *item, int tt, int j,
+                                   const uint16_t *scales, int64_t m0, int64_t mb, float *acc) {
+    for (int64_t r = 0; r < mb; r++) {
+        float total[LANES] = {0};
+        const float *xr = xf + (m0 + r) * K;
+        for (int64_t k = 0; k < K; k++)
+            for (int i = 0; i < LANES; i++) total[i] += (float)item[(k * tt + j) * LANES + i] * xr[k];
+        for (int i = 0; i < LANES; i++) acc[(j * MAX_MB + r) * LANES + i] = total[i] * bf16_to_f32(scales[i]);
+    }
+}
+
+#if HAVE_BF16_PATH
+static inline __attribute__((always_inline)) void q8_block(const int TT, const int MB, const float *xf, int64_t K,
+                                                           const int8_t *item, const uint16_t *scales, int64_t m0,
+                                                           float *acc) {
+    __m512 even[2][MAX_MB], odd[2][MAX_MB];
+    for (int t = 0; t < TT; t++)
+        for (int r = 0; r < MB; r++) even[t][r] = odd[t][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 2) { /* K is even: checked by the caller */
+        const int8_t *w = item + k * TT * LANES; /* inputs k and k + 1 of the item's tiles: 2 * TT * 16 bytes */
+        if (PREFETCH) _mm_prefetch((const char *)w + PREFETCH, _MM_HINT_T1);
+        for (int t = 0; t < TT; t++) {
+            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + t * LANES))));
+            __m512 w1 = _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + (TT + t) * LANES))));
+            for (int r = 0; r < MB; r++) {
+                even[t][r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xf[(m0 + r) * K + k]), even[t][r]);
+                odd[t][r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xf[(m0 + r) * K + k + 1]), odd[t][r]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(scales + t * LANES))), 16));
+        for (int r = 0; r < MB; r++)
+            _mm512_storeu_ps(acc + (t * MAX_MB + r) * LANES, _mm512_mul_ps(_mm512_add_ps(even[t][r], odd[t][r]), s));
+    }
+}
+
+#define Q8_CASES(TT)                                                                                             \
+    switch (mb) {                                                                                               \
+    case 1: q8_block(TT, 1, xf, K, item, sc, m0, acc); break;                                                   \
+    case 2: q8_block(TT, 2, xf, K, item, sc, m0, acc); break;                                                   \
+    case 3: q8_block(TT, 3, xf, K, item, sc, m0, acc); break;                                                   \
+    default: q8_block(TT, 4, xf, K, item, sc, m0, acc); break;                                                  \
+    }
+#endif
+
+/* x [M, K] bf16; codes [N/16, K, 16] int8, pairs interleaved (see the top); scales [N] bf16; out [M, N] fp32 or
+ * bf16. Returns 0, or -1 for N % 16 or odd K. */
+int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes, const uint16_t *scales,
+                      int64_t N, int num_threads, void *out, int out_is_bf16) {
+    if (M <= 0 || N % LANES || K % 2 || K <= 0) return -1;
+    const int64_t num_tiles = N / LANES, tile_bytes = K * LANES;
+    float *xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+    if (!xf) return -2;
+    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
+    const int64_t items = (num_tiles + 1) / 2;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t index = 0; index < items; index++) {
+        const int64_t t0 = 2 * index;
+        const int tt = t0 + 1 < num_tiles ? 2 : 1;
+        const int8_t *item = codes + t0 * tile_bytes;
+        const uint16_t *sc = scales + t0 * LANES;
+        float acc[2 * MAX_MB * LANES];
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_MB) {
+            const int64_t mb = M - m0 < MAX_MB ? M - m0 : MAX_MB;
+#if HAVE_BF16_PATH
+            if (tt == 2) { Q8_CASES(2) } else { Q8_CASES(1) }
+#else
+            for (int j = 0; j < tt; j++) q8_tile_generic(xf, K, item, tt, j, sc + j * LANES, m0, mb, acc);
+#endif
+            for (int t = 0; t < tt; t++)
+                for (int64_t r = 0; r < mb; r++)
+                    store_row(out, out_is_bf16, (m0 + r) * N + (t0 + t) * LANES, acc + (t * MAX_MB + r) * LANES,
+                              LANES);
+        }
+    }
+    free(xf);
+    return 0;
+}
