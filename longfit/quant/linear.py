@@ -4,8 +4,9 @@ Packed layers hold their weight in one of two layouts (``layout``), chosen when 
 - "tiles", where the C kernels are built (``runtime/native.py``, ``runtime/csrc/qlinear.c``): 16 output rows per
   tile, each weight decoded once per call and multiplied by every activation row (``quant/tiles.py``). int4 keeps
   GGUF Q4_0/Q4_1's fp16 (d, m) exactly (``w = code · d + m``); RTN int4 chooses fp16 (d, m) itself
-  (``rtn.quantize_int4_min``). Measured at M = 1, 1 thread, SmolLM2's shapes: 1.6-2.1x faster than torch's int4
-  kernel (21-24 GB/s on the large layers) and 1.8x on the 49152x576 int8 LM head; 1.8-2.3x at 4-16 rows.
+  (``rtn.quantize_int4_min``). Measured at 1 row, 1 thread, SmolLM2's shapes (``scripts/bench_qlinear.py``):
+  1.8-2.2x faster than torch's int4 kernel per layer, 1.8x over a step's 120 layers read from DRAM, 2.8-3.0x on
+  the 49152x576 int8 LM head; 1.4-2.3x at 4-16 rows.
 - "torch", elsewhere (no compiler, ``LONGFIT_NATIVE=0``, shapes the tiles cannot hold), torch's kernels:
   - int8: ``torch._weight_int8pack_mm(x[M, K], codes int8 [N, K], scales[N]) -> [M, N]``, scales in x's dtype.
   - int4: ``torch._convert_weight_to_int4pack_for_cpu(codes int32 [N, K] in 0..15, 1) -> uint8 [N, K/2]`` once,

@@ -14,6 +14,9 @@ Conventions, chosen to match the fused CPU kernels exactly:
   bf16 on the fast path, so the parameters are rounded to bf16 *before* the codes are chosen: the reference
   dequantization is then exactly the weight the kernel multiplies by, and the error bound stays half a step.
   Scales are rounded up (never down) so that the extreme values still fit in the code range.
+- int4 for the C kernels' tile layout (``quantize_int4_min``): llama.cpp's Q4_1 form ``w ≈ code · d + m`` with fp16
+  ``d`` and ``m`` (the layout's parameters), ``m`` the group minimum rounded down; returned in the (scale, zero)
+  form above so that ``dequantize_int4`` reads both.
 """
 
 from __future__ import annotations

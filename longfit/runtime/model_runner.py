@@ -257,39 +257,62 @@ class ModelRunner:
         share = self.graph is None or self.graph.failed is not None
 
         def tensor(values: np.ndarray) -> torch.Tensor:
-            key = (values.dtype.str, values.tobytes()) if share else len(shared)
+            if not share:  # values may be one array for several layers: each layer gets its own copy
+                return torch.from_numpy(values.copy()).to(self.device)
+            key = (values.dtype.str, values.tobytes())
             if key not in shared:
                 shared[key] = torch.from_numpy(values).to(self.device)
             return shared[key]
 
         meta.decode_quant = [None] * len(self.windows)
+        reads: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * len(self.windows)  # pages, first, lens
+        # Plain layers (no quantized stream, no Quest) with equal lengths and windows differ only in their page
+        # tables: their reads are gathered in one numpy pass (per layer this was ~1 ms of a 15 ms step at 30 layers).
+        plain: dict[tuple, list[int]] = {}
         for layer, window in enumerate(self.windows):
-            lens = seq_lens[layer]
-            first_page = np.zeros_like(lens)  # per row: table index of the first page read
-            if window is not None:
-                first_page = np.maximum(lens - window, 0) // bs
-                width = -(-window // bs) + 1
+            quest = window is None and any(st.quest is not None and layer >= st.quest.dense_layers for st in states)
+            if quest or (window is None and q_tokens[layer].any()):
+                reads[layer] = self._layer_reads(states, tables, q_tokens, q_pages, seq_lens, layer, quest, meta)
             else:
-                if q_tokens[layer].any():
-                    lens = lens - q_tokens[layer]  # the tail: tokens after the stream
-                    meta.decode_quant[layer] = self._stream_reads(states, tables, q_tokens, q_pages, layer)
-                width = int(-(-lens.max() // bs))
-            start = first_page + (q_pages[layer] if window is None else 0)
-            span = start[:, None] + np.arange(width)
+                plain.setdefault((window, seq_lens[layer].tobytes(), q_pages[layer].tobytes()), []).append(layer)
+        for layers in plain.values():
+            window, lens, skip = self.windows[layers[0]], seq_lens[layers[0]], q_pages[layers[0]]
+            first_page = np.zeros_like(lens) if window is None else np.maximum(lens - window, 0) // bs
+            width = int(-(-lens.max() // bs)) if window is None else -(-window // bs) + 1
+            span = (first_page + (skip if window is None else 0))[:, None] + np.arange(width)  # [Bd, width]
             # Entries past a row's own pages read the null page: the mirror may still name pages that were freed
             # and now hold another request's packed (non-float) bytes.
-            limit = (q_pages[layer] if window is None else 0) + -(-lens // bs)
-            if window is None and any(st.quest is not None and layer >= st.quest.dense_layers for st in states):
-                meta.decode_select = meta.decode_select or [None] * len(self.windows)
-                meta.decode_select[layer], selected = self._page_selects(states, tables[layer], lens, layer)
-                limit = np.where(selected, 0, limit)  # those rows read nothing in the dense path
-                width = max(1, int(limit.max()))
-                span = span[:, :width]
-            pages = np.take_along_axis(tables[layer], np.minimum(span, tables.shape[2] - 1), axis=1)
-            pages = np.where(span < limit[:, None], pages, 0)
-            meta.decode_block_tables.append(torch.from_numpy(pages).to(self.device))
-            meta.decode_first_key.append(tensor(first_page * bs))
+            limit = (skip if window is None else 0) + -(-lens // bs)
+            pages = np.take_along_axis(tables[layers], np.minimum(span, tables.shape[2] - 1)[None], axis=2)
+            pages = np.where(span < limit[:, None], pages, 0)  # [len(layers), Bd, width]
+            for i, layer in enumerate(layers):
+                reads[layer] = (pages[i], first_page * bs, lens)
+        for pages, first_key, lens in reads:
+            meta.decode_block_tables.append(torch.from_numpy(pages if share else pages.copy()).to(self.device))
+            meta.decode_first_key.append(tensor(first_key))
             meta.decode_seq_lens.append(tensor(lens))
+
+    def _layer_reads(self, states: list[RequestState], tables: np.ndarray, q_tokens: np.ndarray,
+                     q_pages: np.ndarray, seq_lens: np.ndarray, layer: int, quest: bool,
+                     meta: AttentionMetadata) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One full-attention layer with a quantized stream or Quest rows: (pages [Bd, width], first key [Bd],
+        tail lengths [Bd]); sets the layer's ``meta.decode_quant`` / ``decode_select``."""
+        bs = self.block_size
+        lens = seq_lens[layer]
+        if q_tokens[layer].any():
+            lens = lens - q_tokens[layer]  # the tail: tokens after the stream
+            meta.decode_quant[layer] = self._stream_reads(states, tables, q_tokens, q_pages, layer)
+        width = int(-(-lens.max() // bs))
+        span = q_pages[layer][:, None] + np.arange(width)
+        limit = q_pages[layer] + -(-lens // bs)  # past a row's own pages: the null page (see above)
+        if quest:
+            meta.decode_select = meta.decode_select or [None] * len(self.windows)
+            meta.decode_select[layer], selected = self._page_selects(states, tables[layer], lens, layer)
+            limit = np.where(selected, 0, limit)  # those rows read nothing in the dense path
+            width = max(1, int(limit.max()))
+            span = span[:, :width]
+        pages = np.take_along_axis(tables[layer], np.minimum(span, tables.shape[2] - 1), axis=1)
+        return np.where(span < limit[:, None], pages, 0), np.zeros_like(lens), lens
 
     def _page_selects(self, states: list[RequestState], tables: np.ndarray, lens: np.ndarray,
                       layer: int) -> tuple[list[PageSelect], np.ndarray]:

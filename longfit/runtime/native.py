@@ -163,18 +163,24 @@ def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, pages: torch.Tensor, fi
 IN_GRAPH = False
 
 
-@torch.library.custom_op("longfit::paged_decode", mutates_args=())
-def paged_decode_op(q: torch.Tensor, kv_pool: torch.Tensor, pages: torch.Tensor, first_key: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
-    """``paged_decode`` as a torch op (``window`` 0: none), so a compiled graph can call it."""
-    return paged_decode(q, kv_pool, pages, first_key, seq_lens, scale, window or None)
+# The kernels as torch ops (``torch.ops.longfit.*``), so a compiled graph can call them: defined on a library
+# fragment with a CPU kernel and a fake (shape) function. Measured, one call: ~6 us of dispatch over the direct call,
+# against ~10-17 us through ``torch.library.custom_op`` (its Python layers run on every call). Eager code calls the
+# functions directly: the dispatch costs more than the ctypes call itself.
+_OPS = torch.library.Library("longfit", "FRAGMENT")
 
 
-@paged_decode_op.register_fake
-def _(q, kv_pool, pages, first_key, seq_lens, scale, window):
-    return q.new_empty(q.shape, dtype=torch.float32)
+def _define_op(name: str, schema: str, kernel, fake) -> None:
+    _OPS.define(f"{name}{schema}")
+    _OPS.impl(name, kernel, "CPU")
+    torch.library.register_fake(f"longfit::{name}", fake, lib=_OPS)
 
 
+_define_op("paged_decode", "(Tensor q, Tensor kv_pool, Tensor pages, Tensor first_key, Tensor seq_lens, float scale, "
+           "int window) -> Tensor",
+           lambda q, kv_pool, pages, first_key, seq_lens, scale, window: paged_decode(
+               q, kv_pool, pages, first_key, seq_lens, scale, window or None),  # window 0: none
+           lambda q, kv_pool, pages, first_key, seq_lens, scale, window: q.new_empty(q.shape, dtype=torch.float32))
 
 def q4_linear(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group_size: int,
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -206,24 +212,12 @@ def q8_linear(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
     return out
 
 
-# The same products as ops, for compiled graphs (an eager call goes to the functions above directly: a custom op's
-# Python dispatch costs more than the ctypes call itself).
-@torch.library.custom_op("longfit::q4_linear", mutates_args=())
-def q4_linear_op(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
-                 group_size: int) -> torch.Tensor:
-    return q4_linear(x, tiles, d, m, group_size)
-
-
-@q4_linear_op.register_fake
-def _(x, tiles, d, m, group_size):
-    return x.new_empty((x.shape[0], tiles.shape[0] * 16), dtype=torch.bfloat16)
-
-
-@torch.library.custom_op("longfit::q8_linear", mutates_args=())
-def q8_linear_op(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return q8_linear(x, tiles, scales)
-
-
-@q8_linear_op.register_fake
-def _(x, tiles, scales):
-    return x.new_empty((x.shape[0], scales.shape[0]), dtype=torch.bfloat16)
+_define_op("q4_linear", "(Tensor x, Tensor tiles, Tensor d, Tensor m, int group_size) -> Tensor",
+           lambda x, tiles, d, m, group_size: q4_linear(x, tiles, d, m, group_size),
+           lambda x, tiles, d, m, group_size: x.new_empty((x.shape[0], tiles.shape[0] * 16), dtype=torch.bfloat16))
+_define_op("q8_linear", "(Tensor x, Tensor tiles, Tensor scales) -> Tensor",
+           lambda x, tiles, scales: q8_linear(x, tiles, scales),
+           lambda x, tiles, scales: x.new_empty((x.shape[0], scales.shape[0]), dtype=torch.bfloat16))
+paged_decode_op = torch.ops.longfit.paged_decode
+q4_linear_op = torch.ops.longfit.q4_linear
+q8_linear_op = torch.ops.longfit.q8_linear
