@@ -1,9 +1,10 @@
 """Tile layouts of int4 / int8 weights for the few-row C kernels (``runtime/csrc/qlinear.c``, which documents them).
 
 A tile is 16 output rows: one 512-bit register holds the 16 rows' weights at an input (int8), or at two inputs as
-bf16 pairs (int4), so each weight is decoded once per call and multiplied by every activation row. These functions
-build the layouts from plain ``[N, K]`` codes and take them apart again (the many-row path dequantizes, the tests
-compare); they are plain tensor reshapes, exact both ways.
+bf16 pairs (int4), so each weight is decoded once per call and multiplied by every activation row; pairs of tiles
+are stored interleaved so that a kernel work item reads one forward stream. These functions build the layouts from
+plain ``[N, K]`` codes and take them apart again (the many-row path dequantizes, the tests compare); they are plain
+tensor reshapes, exact both ways. ``default_layout`` / ``choose_layout`` decide which layout a packed layer gets.
 """
 
 from __future__ import annotations

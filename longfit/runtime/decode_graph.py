@@ -13,9 +13,10 @@ and equal sizes get no shared symbol (``use_duck_shape=False``). torch still spe
 so there are two graphs, batch 1 and batch 2 up: the engine compiles both at start-up with warm-up requests
 (``LLMEngine._compile_decode_step``), and they serve every plain step after that, every depth of the plain path
 included, until a guard on a size changes branch (a packed layer's many-row path: from 64 rows in torch's layout,
-160 (int8) / 512 (int4) in the tile layout): ``torch._dynamo`` recompiles then. Guards on the model itself are dropped (its modules and buffers never change after loading;
-checking ~400 of them cost ~1 ms a step), those on the step's inputs are kept; inputs must not alias in one step and
-not in the next (the runner stops sharing equal per-layer tensors when a graph is on).
+160 (int8) / 512 (int4) in the tile layout): ``torch._dynamo`` recompiles then. Guards on the model itself are
+dropped (its modules and buffers never change after loading; checking ~400 of them cost ~1 ms a step), those on
+the step's inputs are kept; inputs must not alias in one step and not in the next (the runner stops sharing equal
+per-layer tensors when a graph is on).
 Compiling SmolLM2's 30 layers takes minutes of CPU (docs/PERFORMANCE.md); inductor's on-disk cache shortens
 later starts. The compiled step computes what the eager step does up to floating-point reassociation (the tests
 compare them).
