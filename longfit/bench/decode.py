@@ -63,7 +63,9 @@ class LongfitBackend:
                     if t.dim() == 1 and id(t) not in inside)
         forms: dict[str, int] = {}
         for m in linears:
-            forms[m.form] = forms.get(m.form, 0) + m.read_nbytes()
+            # packed layers say which kernels ran: longfit's C tiles or torch's packed kernels
+            form = f"{m.form} ({m.layout})" if hasattr(m, "layout") else m.form
+            forms[form] = forms.get(form, 0) + m.read_nbytes()
         spec = self.engine.kv_spec
         dense = f"dense {self.engine.config.runtime.dtype}"
         names = [dense if f == "dense" else f for f in sorted(forms, key=forms.get, reverse=True)]
