@@ -231,12 +231,12 @@ class Int8Linear(Linear):
         self.dequantize_min_rows = TILES_DEQUANTIZE_MIN_ROWS["int8"] if self.layout == "tiles" else DEQUANTIZE_MIN_ROWS
         self.codes: Tensor
         self.scales: Tensor
-        self.register_buffer("codes", tiles.pack_int8(codes) if self.layout == "tiles" else codes.contiguous())
+        self.register_buffer("codes", tiles.pack_lanes(codes) if self.layout == "tiles" else codes.contiguous())
         self.register_buffer("scales", scales.detach().to(_KERNEL_DTYPE).contiguous())
 
     def plain_codes(self) -> Tensor:
         """codes [N, K] int8, whatever the layout."""
-        return tiles.unpack_int8(self.codes) if self.layout == "tiles" else self.codes
+        return tiles.unpack_lanes(self.codes) if self.layout == "tiles" else self.codes
 
     def _kernel(self, x: Tensor) -> Tensor:
         """x [M, K] bf16 contiguous → [M, N] bf16."""
@@ -343,8 +343,8 @@ class Int4Linear(Linear):
             d, m = tiles.int4_params(scales, zeros)
             self.d: Tensor
             self.m: Tensor
-            self.register_buffer("d", tiles.pack_params(d))
-            self.register_buffer("m", tiles.pack_params(m))
+            self.register_buffer("d", tiles.pack_lanes(d))
+            self.register_buffer("m", tiles.pack_lanes(m))
             return
         packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)  # [N, K/2] uint8
         self.register_buffer("packed", packed)
@@ -370,9 +370,7 @@ class Int4Linear(Linear):
         flat = x.reshape(-1, self.in_features)  # [M, K]
         if flat.dtype != _KERNEL_DTYPE:
             flat = flat.to(_KERNEL_DTYPE)
-        block = _int4_cpu_block() if self.layout == "torch" else None
-        if flat.shape[0] >= self.dequantize_min_rows and (self.layout == "tiles" or (
-                block is not None and self.out_features % block == 0)):
+        if flat.shape[0] >= self.dequantize_min_rows and self._dequantizable():
             dtype = torch.float32 if matmul.slow_bf16(flat.device) else _KERNEL_DTYPE
             out = matmul.linear(flat, self.dequantized_t(dtype).T)  # [M, K] @ [K, N]
         else:
@@ -380,6 +378,14 @@ class Int4Linear(Linear):
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _dequantizable(self) -> bool:
+        """Whether ``dequantized_t`` can read the weight: always in the tile layout; in torch's where its packing
+        block width on this CPU is known and divides the output rows."""
+        if self.layout == "tiles":
+            return True
+        block = _int4_cpu_block()
+        return block is not None and self.out_features % block == 0
 
     def dequantized_t(self, dtype: torch.dtype = _KERNEL_DTYPE) -> Tensor:
         """The weight the kernel multiplies by, transposed: [K, N] in ``dtype`` (a fresh tensor; bf16: rounded once).
@@ -391,14 +397,13 @@ class Int4Linear(Linear):
         groups, size = self.in_features // self.group_size, self.group_size
         if self.layout == "tiles":
             codes = tiles.unpack_int4(self.packed).T  # [K, N] uint8
-            scales = tiles.unpack_params(self.d).float().T  # [K/G, N]
-            shifts = tiles.unpack_params(self.m).float().T
+            scales = tiles.unpack_lanes(self.d).float().T  # [K/G, N]
+            shifts = tiles.unpack_lanes(self.m).float().T
         else:
-            block = _int4_cpu_block()
-            if block is None or self.out_features % block:
+            if not self._dequantizable():
                 raise RuntimeError(f"int4 packed layout of torch {torch.__version__} on this CPU is not known for "
                                    f"{self.out_features} output rows: use the kernel (forward) instead")
-            codes = _unpack_int4_cpu(self.packed, self.out_features, self.in_features, block)  # [K, N] uint8
+            codes = _unpack_int4_cpu(self.packed, self.out_features, self.in_features, _int4_cpu_block())  # [K, N]
             scales = self.scales_and_zeros[..., 0].float()  # [K/G, N]
             shifts = self.scales_and_zeros[..., 1].float() - 8 * scales
         weight = codes.reshape(groups, size, self.out_features).float().mul_(scales[:, None]).add_(shifts[:, None])

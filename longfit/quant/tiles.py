@@ -84,30 +84,17 @@ def unpack_int4(tiles: Tensor) -> Tensor:
     return codes.reshape(num_tiles * TILE_ROWS, quads * 4)
 
 
-def pack_params(params: Tensor) -> Tensor:
-    """Per-group parameters [N, K/G] → [N/16, K/G, 16] (the 16 rows of a tile side by side; pairs of tiles
-    interleaved by group)."""
-    n_out, groups = params.shape
-    return _interleave_pairs(params.reshape(n_out // TILE_ROWS, TILE_ROWS, groups).transpose(1, 2))
+def pack_lanes(values: Tensor) -> Tensor:
+    """Per-output-row values [N, X] (int8 codes at X = K inputs, or int4 parameters at X = K/G groups) →
+    [N/16, X, 16]: a tile's 16 rows side by side, one register's lanes; pairs of tiles interleaved by x."""
+    n_out, width = values.shape
+    return _interleave_pairs(values.reshape(n_out // TILE_ROWS, TILE_ROWS, width).transpose(1, 2))
 
 
-def unpack_params(params: Tensor) -> Tensor:
-    """Inverse of :func:`pack_params`: [N/16, K/G, 16] → [N, K/G]."""
-    num_tiles, groups, _ = params.shape
-    return _interleave_pairs(params, inverse=True).transpose(1, 2).reshape(num_tiles * TILE_ROWS, groups)
-
-
-def pack_int8(codes: Tensor) -> Tensor:
-    """codes [N, K] int8 → tiles [N/16, K, 16] int8 (the 16 rows' codes at one input, side by side; pairs of tiles
-    interleaved by input)."""
-    n_out, n_in = codes.shape
-    return _interleave_pairs(codes.reshape(n_out // TILE_ROWS, TILE_ROWS, n_in).transpose(1, 2))
-
-
-def unpack_int8(tiles: Tensor) -> Tensor:
-    """Inverse of :func:`pack_int8`: [N/16, K, 16] → [N, K] int8."""
-    num_tiles, n_in, _ = tiles.shape
-    return _interleave_pairs(tiles, inverse=True).transpose(1, 2).reshape(num_tiles * TILE_ROWS, n_in)
+def unpack_lanes(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_lanes`: [N/16, X, 16] → [N, X]."""
+    num_tiles, width, _ = packed.shape
+    return _interleave_pairs(packed, inverse=True).transpose(1, 2).reshape(num_tiles * TILE_ROWS, width)
 
 
 def int4_params(scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:

@@ -280,11 +280,8 @@ class ModelRunner:
             first_page = np.zeros_like(lens) if window is None else np.maximum(lens - window, 0) // bs
             width = int(-(-lens.max() // bs)) if window is None else -(-window // bs) + 1
             span = (first_page + (skip if window is None else 0))[:, None] + np.arange(width)  # [Bd, width]
-            # Entries past a row's own pages read the null page: the mirror may still name pages that were freed
-            # and now hold another request's packed (non-float) bytes.
             limit = (skip if window is None else 0) + -(-lens // bs)
-            pages = np.take_along_axis(tables[layers], np.minimum(span, tables.shape[2] - 1)[None], axis=2)
-            pages = np.where(span < limit[:, None], pages, 0)  # [len(layers), Bd, width]
+            pages = self._gather_pages(tables[layers], span, limit)  # [len(layers), Bd, width]
             for i, layer in enumerate(layers):
                 reads[layer] = (pages[i], first_page * bs, lens)
         for pages, first_key, lens in reads:
@@ -304,15 +301,22 @@ class ModelRunner:
             meta.decode_quant[layer] = self._stream_reads(states, tables, q_tokens, q_pages, layer)
         width = int(-(-lens.max() // bs))
         span = q_pages[layer][:, None] + np.arange(width)
-        limit = q_pages[layer] + -(-lens // bs)  # past a row's own pages: the null page (see above)
+        limit = q_pages[layer] + -(-lens // bs)
         if quest:
             meta.decode_select = meta.decode_select or [None] * len(self.windows)
             meta.decode_select[layer], selected = self._page_selects(states, tables[layer], lens, layer)
             limit = np.where(selected, 0, limit)  # those rows read nothing in the dense path
             width = max(1, int(limit.max()))
             span = span[:, :width]
-        pages = np.take_along_axis(tables[layer], np.minimum(span, tables.shape[2] - 1), axis=1)
-        return np.where(span < limit[:, None], pages, 0), np.zeros_like(lens), lens
+        return self._gather_pages(tables[layer], span, limit), np.zeros_like(lens), lens
+
+    @staticmethod
+    def _gather_pages(tables: np.ndarray, span: np.ndarray, limit: np.ndarray) -> np.ndarray:
+        """Pool pages [..., Bd, width] at table indices ``span`` [Bd, width] of ``tables`` [..., Bd, maxP] (one
+        layer's, or a stack of layers'). Entries from a row's ``limit`` [Bd] on read the null page: the mirror may
+        still name pages that were freed and now hold another request's packed (non-float) bytes."""
+        index = np.broadcast_to(np.minimum(span, tables.shape[-1] - 1), (*tables.shape[:-1], span.shape[1]))
+        return np.where(span < limit[:, None], np.take_along_axis(tables, index, axis=-1), 0)
 
     def _page_selects(self, states: list[RequestState], tables: np.ndarray, lens: np.ndarray,
                       layer: int) -> tuple[list[PageSelect], np.ndarray]:

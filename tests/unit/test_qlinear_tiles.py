@@ -37,9 +37,9 @@ def test_layouts_round_trip() -> None:
     codes4 = torch.randint(0, 16, (48, 64), generator=gen, dtype=torch.uint8)
     assert torch.equal(tiles.unpack_int4(tiles.pack_int4(codes4)), codes4)
     codes8 = torch.randint(-127, 128, (32, 40), generator=gen, dtype=torch.int8)
-    assert torch.equal(tiles.unpack_int8(tiles.pack_int8(codes8)), codes8)
+    assert torch.equal(tiles.unpack_lanes(tiles.pack_lanes(codes8)), codes8)
     params = torch.randn(48, 3, generator=gen)
-    assert torch.equal(tiles.unpack_params(tiles.pack_params(params)), params)
+    assert torch.equal(tiles.unpack_lanes(tiles.pack_lanes(params)), params)
     # the documented byte, where the kernel reads it: row 16t + i, input 4q + j low nibble, 4q + 2 + j high nibble;
     # tiles 0-1 a pair interleaved by quad, tile 2 alone
     flat = tiles.pack_int4(codes4).flatten()
@@ -68,7 +68,7 @@ def test_int4_kernel_matches_fp64(rows: int, n_out: int, n_in: int, group: int, 
     x = torch.randn(rows, n_in, generator=_gen(rows + 7)).bfloat16()
     ref = _reference(x, weight)
     magnitude = (x.double().abs() @ weight.double().abs().T).float()
-    packed, dt, mt = tiles.pack_int4(codes), tiles.pack_params(d), tiles.pack_params(m)
+    packed, dt, mt = tiles.pack_int4(codes), tiles.pack_lanes(d), tiles.pack_lanes(m)
     out = native.q4_linear(x, packed, dt, mt, group, torch.float32)
     assert ((out - ref).abs() <= 1e-5 * magnitude + 1e-6).all()
     out_bf16 = native.q4_linear(x, packed, dt, mt, group)
@@ -85,7 +85,7 @@ def test_int8_kernel_matches_fp64(rows: int, n_out: int, n_in: int) -> None:
     weight = codes.float() * scales.float()[:, None]
     x = torch.randn(rows, n_in, generator=gen).bfloat16()
     magnitude = (x.double().abs() @ weight.double().abs().T).float()
-    out = native.q8_linear(x, tiles.pack_int8(codes), scales, torch.float32)
+    out = native.q8_linear(x, tiles.pack_lanes(codes), scales, torch.float32)
     assert ((out - _reference(x, weight)).abs() <= 1e-5 * magnitude + 1e-6).all()
 
 
@@ -99,7 +99,7 @@ def test_portable_build_matches_native_build() -> None:
     portable.longfit_q8_linear.argtypes = native.library().longfit_q8_linear.argtypes
     codes, d, m = _int4_case(48, 128, 32, seed=3)
     x = torch.randn(5, 128, generator=_gen(4)).bfloat16()
-    packed, dt, mt = tiles.pack_int4(codes), tiles.pack_params(d), tiles.pack_params(m)
+    packed, dt, mt = tiles.pack_int4(codes), tiles.pack_lanes(d), tiles.pack_lanes(m)
     fast = native.q4_linear(x, packed, dt, mt, 32, torch.float32)
     slow = torch.empty_like(fast)
     assert portable.longfit_q4_linear(x.data_ptr(), 5, 128, packed.data_ptr(), dt.data_ptr(), mt.data_ptr(), 1, 48,
@@ -107,9 +107,9 @@ def test_portable_build_matches_native_build() -> None:
     torch.testing.assert_close(slow, fast, rtol=1e-5, atol=1e-5)
     codes8 = torch.randint(-127, 128, (48, 128), generator=_gen(5), dtype=torch.int8)
     scales = torch.rand(48, generator=_gen(6)).bfloat16()
-    fast8 = native.q8_linear(x, tiles.pack_int8(codes8), scales, torch.float32)
+    fast8 = native.q8_linear(x, tiles.pack_lanes(codes8), scales, torch.float32)
     slow8 = torch.empty_like(fast8)
-    packed8 = tiles.pack_int8(codes8)
+    packed8 = tiles.pack_lanes(codes8)
     assert portable.longfit_q8_linear(x.data_ptr(), 5, 128, packed8.data_ptr(), scales.data_ptr(), 48, 1,
                                       slow8.data_ptr(), 0) == 0
     torch.testing.assert_close(slow8, fast8, rtol=1e-5, atol=1e-5)
@@ -120,7 +120,7 @@ def test_portable_build_matches_native_build() -> None:
 def test_threads_split_tiles_not_results(threads: int) -> None:
     codes, d, m = _int4_case(80, 64, 32, seed=8)  # 5 tiles: two pairs and a single one
     x = torch.randn(3, 64, generator=_gen(9)).bfloat16()
-    args = (x, tiles.pack_int4(codes), tiles.pack_params(d), tiles.pack_params(m), 32, torch.float32)
+    args = (x, tiles.pack_int4(codes), tiles.pack_lanes(d), tiles.pack_lanes(m), 32, torch.float32)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -12,11 +12,11 @@ from gguf.quants import quantize as gguf_quantize
 
 from longfit.models.weights import RawWeight
 from longfit.quant import matmul as dense_matmul
+from longfit.quant import tiles
 from longfit.quant.gguf_repack import unpack_q4_rows
 from longfit.quant.linear import (DEQUANTIZE_MIN_ROWS, TILES_DEQUANTIZE_MIN_ROWS, DenseLinear, Int4Linear, Int8Linear,
                                   Linear, build_linear)
 from longfit.quant.rtn import dequantize_int4, dequantize_int8, quantize_int4, quantize_int4_min, quantize_int8
-from longfit.runtime import native
 
 K = 128
 BF16_TOL = 6e-3  # bf16 output rounding (2^-9 relative) + bf16 scale/zero rounding (2^-9); ≤ 4.1e-3 over 8 seeds
@@ -47,9 +47,9 @@ def inputs(seed: int = 1) -> list[torch.Tensor]:
 
 
 def rtn_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
-    """The RTN int4 that build_linear uses with bf16 activations: fp16 (d, m) for the tile layout (C kernels
-    built), bf16 (scale, zero) for torch's kernel."""
-    if native.library() is not None:
+    """The RTN int4 that build_linear uses with bf16 activations: fp16 (d, m) where it picks the tile layout
+    (``tiles.default_layout``), bf16 (scale, zero) for torch's kernel."""
+    if tiles.default_layout(None) == "tiles":
         return quantize_int4_min(weight, group)
     return quantize_int4(weight, group, torch.bfloat16)
 

@@ -81,6 +81,14 @@ static void store_row(void *out, int out_is_bf16, int64_t offset, const float *v
     }
 }
 
+/* An item's results: acc [tt][MAX_MB][16] (tiles t0.. of rows m0..m0 + mb) into out [M, N]. */
+static void store_item(void *out, int out_is_bf16, int64_t N, int64_t t0, int tt, int64_t m0, int64_t mb,
+                       const float *acc) {
+    for (int t = 0; t < tt; t++)
+        for (int64_t r = 0; r < mb; r++)
+            store_row(out, out_is_bf16, (m0 + r) * N + (t0 + t) * LANES, acc + (t * MAX_MB + r) * LANES, LANES);
+}
+
 /* ---------------------------------------------------------------------------------------------- int4 ---- */
 
 static inline float param(const void *p, int64_t index, int f16) {
@@ -210,10 +218,7 @@ int longfit_q4_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *co
 #else
             for (int j = 0; j < tt; j++) q4_tile_generic(x, K, G, item, dt, mt, f16, tt, j, xsum, m0, mb, acc);
 #endif
-            for (int t = 0; t < tt; t++)
-                for (int64_t r = 0; r < mb; r++)
-                    store_row(out, out_is_bf16, (m0 + r) * N + (t0 + t) * LANES, acc + (t * MAX_MB + r) * LANES,
-                              LANES);
+            store_item(out, out_is_bf16, N, t0, tt, m0, mb, acc);
         }
     }
     free(xsum);
@@ -295,10 +300,7 @@ int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const int8_t *cod
 #else
             for (int j = 0; j < tt; j++) q8_tile_generic(xf, K, item, tt, j, sc + j * LANES, m0, mb, acc);
 #endif
-            for (int t = 0; t < tt; t++)
-                for (int64_t r = 0; r < mb; r++)
-                    store_row(out, out_is_bf16, (m0 + r) * N + (t0 + t) * LANES, acc + (t * MAX_MB + r) * LANES,
-                              LANES);
+            store_item(out, out_is_bf16, N, t0, tt, m0, mb, acc);
         }
     }
     free(xf);
