@@ -190,7 +190,8 @@ class RuntimeConfig:
                                        "(use 1 on a machine other processes keep busy)"] = None
     weight_seed: Annotated[int, "seed of the random weights of tiny-* test models"] = 0
     compile: Annotated[bool, "run plain decode steps as one torch.compile graph (needs a C++ compiler; the engine "
-                             "compiles at start-up: ~4 min for SmolLM2 here; docs/PERFORMANCE.md)"] = False
+                             "compiles at start-up: ~4 min for SmolLM2 here; docs/PERFORMANCE.md); not used where "
+                             "the fused C decode step takes the model (Llama-family, packed weights: faster)"] = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -65,7 +65,11 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, max_model_len)
         self.runner = ModelRunner(loaded.model, self.model_config, self.kv_spec, max_model_len, config.runtime.device)
         if config.runtime.compile:
-            self.runner.graph = DecodeGraph(loaded.model)
+            if loaded.model.fused_decode() is not None:
+                # Measured faster than the compiled graph (docs/PERFORMANCE.md), and it needs no minutes of compiling.
+                logger.info("compile: plain decode steps run the fused C step (models/fused_decode.py); no graph")
+            else:
+                self.runner.graph = DecodeGraph(loaded.model)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or tuple(getattr(self.tokenizer, "eos_token_ids", ()))
         self.runner.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)

@@ -12,6 +12,7 @@ from torch import nn
 
 from longfit.config import ModelConfig
 from longfit.models.attention import AttentionMetadata
+from longfit.models.fused_decode import FusedDecode
 from longfit.models.layers import RMSNorm, WeightSource
 from longfit.quant import matmul
 from longfit.quant.linear import DenseLinear, Int8Linear
@@ -30,6 +31,7 @@ class DecoderModel(nn.Module):
     """Base of the causal LMs. Subclasses fill ``self.layers`` with modules ``layer(h, positions, meta)``."""
 
     norm_offset = False  # Gemma norms scale by (1 + w)
+    fused_decode_layers = False  # the layers are Llama's: a decode step may run them in C (models/fused_decode.py)
 
     def __init__(self, config: ModelConfig, source: WeightSource) -> None:
         super().__init__()
@@ -48,6 +50,7 @@ class DecoderModel(nn.Module):
         self.register_buffer("embed", embed, persistent=False)  # [V, d] model dtype
         self._init_exact_rows(tied)
         self.layers = nn.ModuleList()
+        self._fused: FusedDecode | None | bool = False  # False: not built yet (on the first eager step)
 
     def _init_exact_rows(self, tied: bool) -> None:
         """Which [V, d] rows ``compute_logits`` rescores the leading candidates with (``exact_rows``), and how far
@@ -84,9 +87,18 @@ class DecoderModel(nn.Module):
             # Gemma multiplies by sqrt(d) rounded to the activation dtype, as the reference does.
             h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
         h = h.float()
+        fused = None if torch.compiler.is_compiling() else self.fused_decode()
+        if fused is not None and fused.applies(meta, h.shape[0]):
+            return fused(h, positions, meta)  # every layer and the final norm in one call
         for layer in self.layers:
             h = layer(h, positions, meta)
         return self.norm(h)
+
+    def fused_decode(self) -> FusedDecode | None:
+        """The one-call decode step of these layers (built on first use), or None where it cannot take them."""
+        if self._fused is False:
+            self._fused = FusedDecode.build(self)
+        return self._fused
 
     def compute_logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: [M, d] → logits [M, V] fp32; ``bias`` (fp32 [M, V]: a request's logit_bias, -inf for the tokens

@@ -40,6 +40,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(DecoderModel):
+    fused_decode_layers = True
     def __init__(self, config: ModelConfig, source: WeightSource) -> None:
         super().__init__(config, source)
         rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, config.max_model_len)

@@ -1,10 +1,11 @@
 """CPU kernels in C, built on first use with the machine's C compiler and called through ctypes.
 
 Only what PyTorch has no fused op for lives here: decode attention that reads paged bf16 keys and values once
-(``csrc/paged_decode.c``), and few-row products with int4 / int8 weights stored in tiles of 16 output rows, each
-weight decoded once per call whatever the row count (``csrc/qlinear.c``). Everything has a torch path that is used
-when no compiler is found, when the build fails, on other devices, and when ``LONGFIT_NATIVE=0``; tests compare
-the two.
+(``csrc/paged_decode.c``); few-row products with int4 / int8 weights stored in tiles of 16 output rows, each weight
+decoded once per call whatever the row count (``csrc/qlinear.c``); and the layers of a Llama-family decode step with
+such weights in one call, the small ops between those kernels included (``csrc/decode_step.c``,
+``models/fused_decode.py``). Everything has a torch path that is used when no compiler is found, when the build
+fails, on other devices, and when ``LONGFIT_NATIVE=0``; tests compare the two.
 
 The library is compiled with ``-O3 -march=native -fopenmp`` (without OpenMP, then without ``-march=native``, where
 the compiler refuses them) into ``$LONGFIT_CACHE_DIR/kernels`` (default ``~/.cache/longfit/kernels``) under a name
@@ -31,7 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV_VAR = "LONGFIT_NATIVE"  # "0": never build or use the C kernels
-_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.c", "qlinear.c"))
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.c", "qlinear.c", "decode_step.c"))
+_HEADERS = (Path(__file__).with_name("csrc") / "bf16.h",)  # part of the build's cache key
 # Reassociation lets the compiler vectorize the fp32 dot products and sums; NaN and infinity keep their meaning
 # (no -ffinite-math-only).
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
@@ -63,7 +65,7 @@ def _build(compiler: str, extra: list[str]) -> Path:
     the library."""
     flags = [*_FLAGS, *extra]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    sources = [path.read_text() for path in _SOURCES]
+    sources = [path.read_text() for path in (*_SOURCES, *_HEADERS)]
     key = hashlib.sha256("\0".join([*sources, " ".join(flags), version, _cpu_flags()]).encode())
     from longfit.models.resolve import cache_dir
 
@@ -114,6 +116,9 @@ def library() -> ctypes.CDLL | None:
     lib.longfit_q4_linear.restype = lib.longfit_q8_linear.restype = _INT
     lib.longfit_q4_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _INT, _I64, _I64, _INT, _PTR, _INT]
     lib.longfit_q8_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _INT, _PTR, _INT]
+    lib.longfit_fused_decode.restype = lib.longfit_fused_layout.restype = _INT
+    lib.longfit_fused_decode.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64,
+                                         _I64, _PTR, ctypes.c_float, ctypes.c_float, _INT, _PTR, _PTR]
     return lib
 
 

@@ -31,6 +31,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define HAVE_BF16_PATH 1
@@ -45,19 +47,6 @@
  * of a SmolLM2 step, read from DRAM, at ~10 GB/s on one core; 8 KiB ahead: ~14-16 GB/s (4 KiB: ~11). */
 #define PREFETCH 8192
 #endif
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t i; float f; } u;
-    u.i = (uint32_t)h << 16;
-    return u.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    union { float f; uint32_t i; } u;
-    u.f = f;
-    if ((u.i & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u.i >> 16) | 0x40); /* NaN stays NaN */
-    return (uint16_t)((u.i + 0x7fffu + ((u.i >> 16) & 1u)) >> 16);
-}
 
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
