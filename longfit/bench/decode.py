@@ -51,6 +51,7 @@ class LongfitBackend:
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
         self.engine = llm.engine
+        self.kv_read: dict[str, float] = {}  # decode figure label → mean KV bytes the requests held while timed
 
     def info(self) -> dict[str, Any]:
         from longfit.quant.linear import Linear
@@ -71,7 +72,7 @@ class LongfitBackend:
         names = [dense if f == "dense" else f for f in sorted(forms, key=forms.get, reverse=True)]
         return {"name": "longfit", "weights": " + ".join(names),
                 "weight_bytes": sum(forms.values()) + small, "kv_element_bytes": float(spec.dtype_bytes),
-                "threads": _torch_threads(), "file": self.engine.model_path}
+                "kv_read_bytes": dict(self.kv_read), "threads": _torch_threads(), "file": self.engine.model_path}
 
     def prefill(self, length: int, seed: int) -> float:
         self.engine.kv_manager.reset_prefix_cache()  # a cold cache: every run computes the whole prompt
@@ -90,10 +91,15 @@ class LongfitBackend:
             engine.add_request(None, prompt, params)
         step_until_decoding(engine)  # then time pure decode steps
         produced = engine.stats["generation_tokens"]
+        pool, held = engine.kv_manager.pool, []
         started = time.perf_counter()
         while engine.has_unfinished_requests():
+            held.append(pool.num_used_blocks)  # the pages this step reads (a compressed cache holds fewer)
             engine.step()
-        return (engine.stats["generation_tokens"] - produced) / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        label = Figure("decode", batch=batch, depth=depth).label
+        self.kv_read[label] = sum(held) / max(len(held), 1) * engine.kv_spec.page_bytes
+        return (engine.stats["generation_tokens"] - produced) / elapsed
 
     def peak_rss(self) -> int:
         return peak_rss_bytes()
@@ -216,8 +222,13 @@ def step_bytes(info: dict[str, Any], figure: Figure, kv_bytes_per_token_element:
     """Bytes one decode step reads: the weights once, plus each sequence's KV at the run's mean depth.
 
     ``kv_bytes_per_token_element`` is ``2 (K and V) · num_kv_heads · head_dim`` per layer; the engine's element
-    size (``info["kv_element_bytes"]``) multiplies it. Sliding-window layers read at most their window.
+    size (``info["kv_element_bytes"]``) multiplies it. Sliding-window layers read at most their window. Where the
+    engine measured the KV its requests held during the figure's run (``info["kv_read_bytes"]``: longfit, whose
+    compressed caches hold and read fewer bytes than the full cache), that replaces the estimate.
     """
+    measured = info.get("kv_read_bytes", {}).get(figure.label)
+    if measured is not None:
+        return info["weight_bytes"] + measured
     mean_depth = max(figure.depth, 1) + (figure.tokens + 1) / 2
     kv_tokens = sum(mean_depth if w is None else min(mean_depth, w) for w in layer_windows)
     return info["weight_bytes"] + figure.batch * kv_tokens * kv_bytes_per_token_element * info["kv_element_bytes"]

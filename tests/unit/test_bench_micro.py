@@ -73,6 +73,29 @@ def test_step_bytes_counts_weights_once_and_kv_per_sequence():
     assert windowed == pytest.approx(1000 + 4 * (105 + 32) * 8 * 2)
 
 
+def test_step_bytes_takes_the_kv_the_engine_measured():
+    """longfit reports the KV its requests held while timed: a compressed cache reads less than the estimate."""
+    figure = Figure("decode", batch=1, depth=4096, tokens=16)
+    info = {"weight_bytes": 1000, "kv_element_bytes": 2.0, "kv_read_bytes": {figure.label: 5000.0}}
+    assert bench.step_bytes(info, figure, 8, layer_windows=(None,)) == 6000
+    other = Figure("decode", batch=4, depth=4096, tokens=16)  # not measured: the estimate
+    assert bench.step_bytes(info, other, 8, layer_windows=(None,)) > 6000
+
+
+def test_longfit_backend_measures_the_kv_held_while_decoding():
+    from tests.conftest import make_tiny_llm
+
+    held = {}
+    for spec in (None, "snapkv:keep=0.25"):
+        backend = bench.LongfitBackend(make_tiny_llm(kv_compression=spec))
+        backend.decode(batch=1, depth=400, tokens=4, seed=0)
+        held[spec] = backend.info()["kv_read_bytes"][Figure("decode", batch=1, depth=400).label]
+    page = make_tiny_llm().engine.kv_spec.page_bytes
+    layers = make_tiny_llm().engine.model_config.num_layers
+    assert held[None] >= layers * (400 // 8) * page  # every token's page in every layer
+    assert held["snapkv:keep=0.25"] < 0.4 * held[None]
+
+
 def test_render_prints_ratios_roofline_and_rss():
     figures = [Figure("prefill", length=512), Figure("decode", batch=1, depth=0, tokens=4)]
     info = {"weight_bytes": 100 * 2**20, "kv_element_bytes": 2.0, "weights": "int4"}
