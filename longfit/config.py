@@ -177,14 +177,16 @@ def env_num_threads() -> int | None:
 class RuntimeConfig:
     """How the model computes: activation dtype, weight form, threads, device.
 
-    ``weights="auto"`` keeps a GGUF's Q4_0/Q4_1 tensors as packed int4 and Q8_0 as int8 (bf16 activations; with
-    float32 activations it is the file's exact dequantization): on SmolLM2-135M Q4_1 it decodes ~2x faster than
-    "bf16" at batch 1 with the same top-1 agreement (docs/PERFORMANCE.md). Threads are set once per process.
+    ``weights="auto"`` (the default) keeps a GGUF's Q4_0/Q4_1 tensors as packed int4 and Q8_0 as int8 (bf16
+    activations; with float32 activations it is the file's exact dequantization); other tensors and float checkpoints
+    stay dense. On SmolLM2-135M Q4_1 it decodes ~2x faster than "bf16" at batch 1 (the fused C decode step) with
+    the same top-1 agreement, in a third of the weight memory (docs/PERFORMANCE.md). Threads are set once per
+    process.
     """
 
     dtype: Annotated[str, "activation and weight dtype: bfloat16 (default on CPU) or float32"] = "bfloat16"
     weights: Annotated[str, "weight compute form: auto (keep the file's 4/8-bit: fastest decode), bf16, int8, "
-                            "int4"] = "bf16"
+                            "int4"] = "auto"
     device: Annotated[str, "'cpu' or 'cuda' (cuda only where available)"] = "cpu"
     num_threads: Annotated[int | None, "torch threads, set once; None: $LONGFIT_NUM_THREADS, else every CPU "
                                        "(use 1 on a machine other processes keep busy)"] = None
