@@ -116,6 +116,8 @@ def library() -> ctypes.CDLL | None:
     lib.longfit_q4_linear.restype = lib.longfit_q8_linear.restype = _INT
     lib.longfit_q4_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _INT, _I64, _I64, _INT, _PTR, _INT]
     lib.longfit_q8_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _INT, _PTR, _INT]
+    lib.longfit_q4_dequantize.restype = _INT
+    lib.longfit_q4_dequantize.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _PTR, _INT]
     lib.longfit_fused_decode.restype = lib.longfit_fused_layout.restype = _INT
     lib.longfit_fused_decode.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64,
                                          _I64, _PTR, ctypes.c_float, ctypes.c_float, _INT, _PTR, _PTR]
@@ -200,6 +202,19 @@ def q4_linear(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Te
         int(out_dtype == torch.bfloat16))
     if status != 0:
         raise RuntimeError(f"int4 kernel refused its shapes (status {status})")
+    return out
+
+
+def q4_dequantize(tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group_size: int,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The int4 weight of ``q4_linear``'s tiles as ``[N, K]`` ``dtype`` (bf16 or fp32), ``w = code · d + m`` rounded
+    as ``Int4Linear.dequantized_t``'s torch expression. Call only where ``library()`` is not None."""
+    out = torch.empty(tiles.shape[0] * 16, tiles.shape[1] * 4, dtype=dtype)
+    status = library().longfit_q4_dequantize(
+        tiles.data_ptr(), d.data_ptr(), m.data_ptr(), int(d.dtype == torch.float16), out.shape[0], out.shape[1],
+        group_size, torch.get_num_threads(), out.data_ptr(), int(dtype == torch.bfloat16))
+    if status != 0:
+        raise RuntimeError(f"int4 dequantize refused its shapes (status {status})")
     return out
 
 

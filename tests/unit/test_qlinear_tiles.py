@@ -76,6 +76,22 @@ def test_int4_kernel_matches_fp64(rows: int, n_out: int, n_in: int, group: int, 
 
 
 @needs_kernels
+@pytest.mark.parametrize("n_out,n_in,group", [(48, 64, 32), (32, 256, 64), (16, 96, 32), (80, 128, 128)])
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_c_dequantize_equals_the_torch_expression(n_out: int, n_in: int, group: int, param_dtype: torch.dtype,
+                                                  dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Int4Linear.dequantized_t`` (the many-row path's weight) from C equals its torch expression bit for bit."""
+    codes, d, m = _int4_case(n_out, n_in, group, seed=n_out)
+    layer = Int4Linear(codes, d.to(param_dtype).float(), m.to(param_dtype).float(), group, layout="tiles")
+    fast = layer.dequantized_t(dtype)
+    monkeypatch.setattr(native, "library", lambda: None)  # the torch expression
+    slow = layer.dequantized_t(dtype)
+    assert fast.shape == slow.shape == (n_in, n_out) and fast.dtype == slow.dtype == dtype
+    assert torch.equal(fast, slow)
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 17])
 @pytest.mark.parametrize("n_out,n_in", [(48, 64), (32, 576), (16, 34)])
 def test_int8_kernel_matches_fp64(rows: int, n_out: int, n_in: int) -> None:

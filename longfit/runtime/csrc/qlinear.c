@@ -42,6 +42,7 @@
 
 #define LANES 16
 #define MAX_MB 4 /* activation rows per register block */
+#define MAX_GROUP 1024 /* inputs per int4 group that longfit_q4_dequantize takes */
 #ifndef PREFETCH
 /* Bytes ahead of the weight stream prefetched into L2 (0: none). The hardware prefetchers alone left the int4 layers
  * of a SmolLM2 step, read from DRAM, at ~10 GB/s on one core; 8 KiB ahead: ~14-16 GB/s (4 KiB: ~11). */
@@ -211,6 +212,40 @@ int longfit_q4_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *co
         }
     }
     free(xsum);
+    return 0;
+}
+
+/* The weight the int4 kernel multiplies by, w[n, k] = code · d + m, into out [N, K] (row-major) in fp32 or bf16:
+ * for the many-row products (prompt chunks), which multiply a dequantized weight with one GEMM. Rounded as
+ * longfit/quant/linear.py's torch expression (code · d rounded to fp32, then + m rounded, then bf16 once): the
+ * product is formed in double, where it is exact, so no fused multiply-add can merge the two roundings. Returns 0, or
+ * -1 for shapes the layout cannot hold. */
+int longfit_q4_dequantize(const uint8_t *codes, const void *d, const void *mn, int f16, int64_t N, int64_t K,
+                          int64_t G, int num_threads, void *out, int out_is_bf16) {
+    if (N % LANES || G <= 0 || G % 4 || K % G || G > MAX_GROUP) return -1;
+    const int64_t groups = K / G, num_tiles = N / LANES, tile_bytes = K / 4 * 32, param_stride = groups * LANES;
+    const size_t param_bytes = f16 ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t t = 0; t < num_tiles; t++) {
+        const int64_t t0 = t - (t & 1);  /* the item (pair of tiles) holding tile t, as j-th of its tt tiles */
+        const int j = (int)(t - t0), tt = t0 + 1 < num_tiles ? 2 : 1;
+        const uint8_t *item = codes + t0 * tile_bytes;
+        const void *dt = (const char *)d + t0 * param_stride * param_bytes;
+        const void *mt = (const char *)mn + t0 * param_stride * param_bytes;
+        /* Row by row, so that out is written front to back (the tile's few KiB of codes stay in L1). */
+        for (int i = 0; i < LANES; i++)
+            for (int64_t g = 0; g < groups; g++) {
+                const double dv = param(dt, (g * tt + j) * LANES + i, f16);
+                const float mv = param(mt, (g * tt + j) * LANES + i, f16);
+                float w[MAX_GROUP];
+                for (int64_t q = 0; q < G / 4; q++) {
+                    const uint8_t *bytes = item + ((g * G / 4 + q) * tt + j) * 32 + 2 * i;
+                    const int c[4] = {bytes[0] & 15, bytes[1] & 15, bytes[0] >> 4, bytes[1] >> 4};  /* 4q .. 4q+3 */
+                    for (int e = 0; e < 4; e++) w[4 * q + e] = (float)(c[e] * dv) + mv;
+                }
+                store_row(out, out_is_bf16, (t * LANES + i) * K + g * G, w, G);
+            }
+    }
     return 0;
 }
 
