@@ -266,12 +266,15 @@ class ModelRunner:
 
         meta.decode_quant = [None] * len(self.windows)
         reads: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * len(self.windows)  # pages, first, lens
+        converted: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(self.windows)
         # Plain layers (no quantized stream, no Quest) with equal lengths and windows differ only in their page
         # tables: their reads are gathered in one numpy pass (per layer this was ~1 ms of a 15 ms step at 30 layers).
         plain: dict[tuple, list[int]] = {}
+        quest_from = min((st.quest.dense_layers for st in states if st.quest is not None), default=None)
+        has_stream = q_tokens.any(axis=1)  # [L]
         for layer, window in enumerate(self.windows):
-            quest = window is None and any(st.quest is not None and layer >= st.quest.dense_layers for st in states)
-            if quest or (window is None and q_tokens[layer].any()):
+            quest = window is None and quest_from is not None and layer >= quest_from
+            if quest or (window is None and has_stream[layer]):
                 reads[layer] = self._layer_reads(states, tables, q_tokens, q_pages, seq_lens, layer, quest, meta)
             else:
                 plain.setdefault((window, seq_lens[layer].tobytes(), q_pages[layer].tobytes()), []).append(layer)
@@ -282,12 +285,22 @@ class ModelRunner:
             span = (first_page + (skip if window is None else 0))[:, None] + np.arange(width)  # [Bd, width]
             limit = (skip if window is None else 0) + -(-lens // bs)
             pages = self._gather_pages(tables[layers], span, limit)  # [len(layers), Bd, width]
+            if share:  # one conversion for the group: its layers' tables are views of one tensor (~0.3 ms a step)
+                group, first_t, lens_t = torch.from_numpy(pages).to(self.device), tensor(first_page * bs), tensor(lens)
+                for i, layer in enumerate(layers):
+                    converted[layer] = (group[i], first_t, lens_t)
+                continue
             for i, layer in enumerate(layers):
                 reads[layer] = (pages[i], first_page * bs, lens)
-        for pages, first_key, lens in reads:
-            meta.decode_block_tables.append(torch.from_numpy(pages if share else pages.copy()).to(self.device))
-            meta.decode_first_key.append(tensor(first_key))
-            meta.decode_seq_lens.append(tensor(lens))
+        for layer, read in enumerate(reads):
+            if converted[layer] is None:
+                pages, first_key, lens = read
+                converted[layer] = (torch.from_numpy(pages if share else pages.copy()).to(self.device),
+                                    tensor(first_key), tensor(lens))
+        for pages_t, first_t, lens_t in converted:
+            meta.decode_block_tables.append(pages_t)
+            meta.decode_first_key.append(first_t)
+            meta.decode_seq_lens.append(lens_t)
 
     def _layer_reads(self, states: list[RequestState], tables: np.ndarray, q_tokens: np.ndarray,
                      q_pages: np.ndarray, seq_lens: np.ndarray, layer: int, quest: bool,
