@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.real_model,
 
 def test_smollm2_fused_steps_equal_the_eager_layers() -> None:
     try:
-        llm = LLM("smollm2-135m", weights="auto", max_num_seqs=2, memory_bytes=64 << 20)  # a small pool: cloned per step
+        # a small pool: the check clones it every step
+        llm = LLM("smollm2-135m", weights="auto", max_num_seqs=2, memory_bytes=64 << 20)
     except ValueError as error:
         pytest.skip(str(error))
     model = llm.engine.runner.model
