@@ -39,6 +39,11 @@ def _linear_fields(layer: Linear) -> list[int] | None:
     return None
 
 
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous int64 tensor (itself when it is one)."""
+    return t if t.dtype is torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
 class FusedDecode:
     """A model's layer table for ``longfit_fused_decode``: built once (``build``), then called per eligible step.
 
@@ -105,13 +110,14 @@ class FusedDecode:
         cos, sin = meta.rope_cache.get(id(self.rope)) or meta.rope_cache.setdefault(
             id(self.rope), self.rope.cos_sin(positions))  # [B, 1, D] fp32 each
         threads = torch.get_num_threads()
-        alive = [t.to(torch.int64).contiguous() for layer in zip(meta.decode_block_tables, meta.decode_first_key,
-                                                                 meta.decode_seq_lens) for t in layer]
+        # The runner's tensors are int64 and contiguous already: checked, not converted (90 conversions cost ~0.1 ms)
+        alive = [(_int64(pages), _int64(first), _int64(lens)) for pages, first, lens
+                 in zip(meta.decode_block_tables, meta.decode_first_key, meta.decode_seq_lens)]
         steps = torch.tensor([[pages.data_ptr(), pages.shape[1], first.data_ptr(), lens.data_ptr(),
                                native.key_splits(batch, pages.shape[1], threads)]
-                              for pages, first, lens in zip(alive[0::3], alive[1::3], alive[2::3])], dtype=torch.int64)
+                              for pages, first, lens in alive], dtype=torch.int64)
         pool = meta.kv_pool
-        key_rows = meta.key_rows.to(torch.int64).contiguous()  # [L, B]
+        key_rows = _int64(meta.key_rows)  # [L, B]
         cos, sin = cos.contiguous(), sin.contiguous()
         out = torch.empty(h.shape, dtype=torch.bfloat16)
         status = native.library().longfit_fused_decode(
