@@ -123,6 +123,16 @@ class AttentionMetadata:
     decode_captured: list[torch.Tensor] = field(default_factory=list)  # ... here, in layer order: [R, Hq, D] each
     rope_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
+    def is_plain_decode(self) -> bool:
+        """Whether every token of the step is a decode row over full-precision pages: no prefill chunk, quantized
+        stream, Quest selection or query capture (the steps a compiled graph or the fused C step may take)."""
+        return (self.num_decode > 0 and not self.chunks and self.decode_capture is None
+                and self.decode_select is None and not any(self.decode_quant or ()))
+
+    def rope_rows(self, rope: RotaryEmbedding, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope.cos_sin(positions)`` ([N, 1, D] fp32 each), computed once per step and rope table."""
+        return self.rope_cache.get(id(rope)) or self.rope_cache.setdefault(id(rope), rope.cos_sin(positions))
+
 
 def write_kv(pool: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> None:
     """Store a step's keys and values: k, v [N, Hkv, D] at ``rows`` [N] of ``pool`` viewed as [-1, Hkv, D] (each
@@ -258,8 +268,7 @@ class Attention(nn.Module):
             [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=1)  # [N, Hq, D], [N, Hkv, D], [N, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = meta.rope_cache.get(id(self.rope)) or meta.rope_cache.setdefault(
-            id(self.rope), self.rope.cos_sin(positions))
+        cos, sin = meta.rope_rows(self.rope, positions)
         q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
 
         # Write first: a prefix shared with another request in this very step is read after it is written.

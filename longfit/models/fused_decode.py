@@ -89,26 +89,21 @@ class FusedDecode:
                          *(x for f in fields for x in f)])
             tensors.extend([n.weight for n in norms] + [t for p in projections for t in p.buffers()])
             max_rows.extend(p.dequantize_min_rows for p in projections)
-        if first.attn.head_dim > 512 or first.attn.num_heads > 64:  # paged_decode.c's limits
+        if first.attn.head_dim > native.PAGED_DECODE_MAX_DIM or first.attn.num_heads > native.PAGED_DECODE_MAX_HEADS:
             return None
         return cls(model, torch.tensor(rows, dtype=torch.int64), tensors, min(max_rows))
 
     def applies(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Whether this step is one the fused call takes: decode rows only, over plain full-precision pages."""
         pool = meta.kv_pool
-        return (not meta.chunks and meta.num_decode == num_tokens and 0 < num_tokens < self.max_rows
-                and meta.decode_capture is None
-                and (meta.decode_quant is None or not any(meta.decode_quant))
-                and (meta.decode_select is None or not any(meta.decode_select))
-                and pool.device.type == "cpu" and pool.dtype in (torch.bfloat16, torch.float32)
-                and pool.is_contiguous())
+        return (meta.is_plain_decode() and num_tokens < self.max_rows and pool.device.type == "cpu"
+                and pool.dtype in (torch.bfloat16, torch.float32) and pool.is_contiguous())
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """h [B, d] fp32 contiguous (the embeddings), updated in place through every layer as the eager layers do;
         positions [B] int64 → the model's output [B, d] bf16 (the final norm of h)."""
         batch = h.shape[0]
-        cos, sin = meta.rope_cache.get(id(self.rope)) or meta.rope_cache.setdefault(
-            id(self.rope), self.rope.cos_sin(positions))  # [B, 1, D] fp32 each
+        cos, sin = meta.rope_rows(self.rope, positions)  # [B, 1, D] fp32 each
         threads = torch.get_num_threads()
         # The runner's tensors are int64 and contiguous already: checked, not converted (90 conversions cost ~0.1 ms)
         alive = [(_int64(pages), _int64(first), _int64(lens)) for pages, first, lens

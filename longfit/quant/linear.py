@@ -394,12 +394,12 @@ class Int4Linear(Linear):
         zero`` from the bf16 parameters, ``zero - 8·scale`` exact in fp32), so in bf16 it differs from the
         kernel's product only by bf16 rounding, like a dense bf16 layer.
         """
-        groups, size = self.in_features // self.group_size, self.group_size
         if (self.layout == "tiles" and self.packed.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
                 and native.library() is not None and not torch.compiler.is_compiling()):
             # The same expression in C, from the tiles straight to [N, K] (a prompt chunk's int4 products dequantize
             # every weight once per step: 2.8 ms for a 3072x576 layer through the torch ops below, 2 threads).
             return native.q4_dequantize(self.packed, self.d, self.m, self.group_size, dtype).T
+        groups, size = self.in_features // self.group_size, self.group_size
         if self.layout == "tiles":
             codes = tiles.unpack_int4(self.packed).T  # [K, N] uint8
             scales = tiles.unpack_lanes(self.d).float().T  # [K/G, N]

@@ -73,9 +73,7 @@ class DecodeGraph:
         """Whether this step is a plain decode step the graph holds: decode rows only, full-precision pages, and
         (on CPU without the C kernel) few enough pages for one attention chunk: deeper steps then run the eager
         chunked attention (measured faster there)."""
-        if self.failed is not None or meta.num_decode == 0 or meta.chunks or meta.decode_capture is not None:
-            return False
-        if meta.decode_select is not None or any(meta.decode_quant or ()):
+        if self.failed is not None or not meta.is_plain_decode():
             return False
         if meta.kv_pool.device.type == "cpu" and not self.native_attention:
             widest = max(table.shape[1] for table in meta.decode_block_tables)

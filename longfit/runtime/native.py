@@ -124,13 +124,16 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+PAGED_DECODE_MAX_DIM, PAGED_DECODE_MAX_HEADS = 512, 64  # paged_decode.c's MAX_D, MAX_HQ
+
+
 def paged_decode_supported(q: torch.Tensor, kv_pool: torch.Tensor) -> bool:
-    """Whether ``paged_decode`` can take this call: CPU, a contiguous bf16/fp32 pool, head dim <= 512, at most 64
-    query heads, the kernels built."""
-    num_kv_heads, dim = kv_pool.shape[3], kv_pool.shape[4]
+    """Whether ``paged_decode`` can take this call: CPU, a contiguous bf16/fp32 pool, head dim and query heads within
+    ``PAGED_DECODE_MAX_DIM`` / ``PAGED_DECODE_MAX_HEADS``, the kernels built."""
+    dim = kv_pool.shape[4]
     return (enabled() and kv_pool.device.type == "cpu" and q.device.type == "cpu"
-            and kv_pool.dtype in (torch.bfloat16, torch.float32) and kv_pool.is_contiguous() and dim <= 512
-            and q.shape[1] <= 64 and library() is not None)
+            and kv_pool.dtype in (torch.bfloat16, torch.float32) and kv_pool.is_contiguous()
+            and dim <= PAGED_DECODE_MAX_DIM and q.shape[1] <= PAGED_DECODE_MAX_HEADS and library() is not None)
 
 
 def key_splits(batch: int, num_pages: int, threads: int) -> int:
