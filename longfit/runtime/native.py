@@ -32,7 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV_VAR = "LONGFIT_NATIVE"  # "0": never build or use the C kernels
-_SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.c", "qlinear.c", "decode_step.c"))
+_SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                 for name in ("paged_decode.c", "qlinear.c", "decode_step.c", "head.c"))
 _HEADERS = (Path(__file__).with_name("csrc") / "bf16.h",)  # part of the build's cache key
 # Reassociation lets the compiler vectorize the fp32 dot products and sums; NaN and infinity keep their meaning
 # (no -ffinite-math-only).
@@ -121,6 +122,10 @@ def library() -> ctypes.CDLL | None:
     lib.longfit_fused_decode.restype = lib.longfit_fused_layout.restype = _INT
     lib.longfit_fused_decode.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64,
                                          _I64, _PTR, ctypes.c_float, ctypes.c_float, _INT, _PTR, _PTR]
+    lib.longfit_head_leaders.restype = _I64
+    lib.longfit_head_leaders.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, ctypes.c_float, ctypes.c_float]
+    lib.longfit_argmax_rows.restype = None
+    lib.longfit_argmax_rows.argtypes = [_PTR, _I64, _I64, _PTR]
     return lib
 
 
@@ -232,6 +237,27 @@ def q8_linear(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
         torch.get_num_threads(), out.data_ptr(), int(out_dtype == torch.bfloat16))
     if status != 0:
         raise RuntimeError(f"int8 kernel refused its shapes (status {status})")
+    return out
+
+
+def head_leaders(logits: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor, row_error: torch.Tensor | None,
+                 rel: float, abs_: float) -> int:
+    """``DecoderModel.compute_logits``' leader rescoring in C (``csrc/head.c``, the same rule): logits [M, V] fp32
+    contiguous, rescored in place; hidden [M, d] bf16 and rows [V, d] bf16 contiguous; row_error [V] fp32 or None.
+    Returns how many logits were recomputed. Call only where ``library()`` is not None."""
+    count = library().longfit_head_leaders(
+        logits.data_ptr(), logits.shape[0], logits.shape[1], hidden.data_ptr(), hidden.shape[1], rows.data_ptr(),
+        None if row_error is None else row_error.data_ptr(), rel, abs_)
+    if count < 0:
+        raise RuntimeError("head leader kernel refused its shapes")
+    return count
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, V] fp32 contiguous (CPU) → [M] int64: each row's first maximal index, a NaN counting as maximal (what
+    ``x.max(dim=-1).indices`` gives). Call only where ``library()`` is not None."""
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().longfit_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from longfit.config import ModelConfig
-from longfit.models.base import PACKED_HEAD_MAX_ROWS
+from longfit.models.base import _LEAD_ABS, _LEAD_REL, PACKED_HEAD_MAX_ROWS, rescore_leaders
 from longfit.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, WeightSource, random_weights
 from longfit.models.llama import LlamaForCausalLM
 from longfit.quant.linear import DenseLinear, Int8Linear
+from longfit.runtime import native
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -134,3 +135,27 @@ def test_int8_head_leaders_are_rescored_after_the_bias() -> None:
         assert torch.isinf(got[~allowed]).all() and torch.isfinite(got[allowed]).all()
         assert torch.equal(got.argmax(-1), best)
         torch.testing.assert_close(got[rows, best], (exact + bias)[rows, best], rtol=1e-5, atol=1e-4)
+
+@pytest.mark.parametrize("with_error", [False, True])
+def test_head_leaders_in_c_equal_the_torch_rule(with_error: bool) -> None:
+    """``native.head_leaders`` (the C rescoring ``compute_logits`` uses on CPU) against ``rescore_leaders``: the same
+    logits recomputed, the same values to fp32 summation order; a row holding a NaN is left alone by both."""
+    if native.library() is None:
+        pytest.skip("the C kernels are not built here")
+    model = _tied_model("int8")
+    gen = _gen(5)
+    pairs = torch.randint(0, 512, (64, 2), generator=gen)
+    mix = torch.rand(64, 1, generator=gen)
+    hidden = ((model.embed[pairs[:, 0]].float() * mix + model.embed[pairs[:, 1]].float() * (1 - mix)) * 4).bfloat16()
+    row_error = model.head_row_error if with_error else None
+    with torch.inference_mode():
+        fast = model.lm_head(hidden).float()
+    fast = fast.clone()
+    fast[3, 7] = float("nan")
+    in_torch, in_c = fast.clone(), fast.clone()
+    rescore_leaders(in_torch, hidden, model.embed, row_error)
+    count = native.head_leaders(in_c, hidden, model.embed, row_error, _LEAD_REL, _LEAD_ABS)
+    changed = in_c != fast
+    assert count >= 63 and torch.equal(changed, in_torch != fast)
+    assert torch.equal(in_c[3].nan_to_num(), fast[3].nan_to_num())
+    torch.testing.assert_close(in_c, in_torch, rtol=1e-6, atol=1e-5, equal_nan=True)

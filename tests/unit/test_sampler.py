@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_logprobs, sample
+from longfit.runtime import native
+from longfit.runtime.sampler import SamplingTensors, apply_penalties, compute_logprobs, greedy, sample
 from longfit.sampling_params import SamplingParams
 
 V = 50
@@ -43,6 +44,23 @@ def test_greedy_rows_take_argmax():
     logits = _logits(4)
     out = _draw(logits, [SamplingParams(temperature=0)] * 4)
     assert out[0].tolist() == logits.argmax(-1).tolist()
+
+
+def test_greedy_in_c_is_torchs_argmax():
+    """``greedy``'s C path (``native.argmax_rows``) against ``max(dim).indices``: ties give the first index, a NaN
+    counts as maximal (the first NaN wins), -inf rows and a row of one token."""
+    if native.library() is None:
+        pytest.skip("the C kernels are not built here")
+    logits = torch.randn(8, 49152, generator=torch.Generator().manual_seed(3))
+    logits[1, [10, 20, 30]] = 50.0  # a tie
+    logits[2, [40, 7]] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, -1] = 99.0  # the last index
+    logits[5, 0] = float("inf")
+    for x in (logits, logits[:, :1].contiguous(), logits[:, :17].contiguous()):
+        assert torch.equal(native.argmax_rows(x), x.max(dim=-1).indices)
+        assert torch.equal(greedy(x), x.max(dim=-1).indices)
+    assert native.argmax_rows(logits)[:3].tolist() == [logits[0].argmax().item(), 10, 7]
 
 
 @pytest.mark.parametrize("params", [SamplingParams(top_k=3), SamplingParams(top_p=0.5), SamplingParams(min_p=0.2),

@@ -56,6 +56,20 @@ static int linear(const int64_t *lin, const uint16_t *x, int64_t M, int threads,
     return -3;
 }
 
+/* Start reading the next product's weight while the small ops before it run. The product kernels prefetch 8 KiB
+ * ahead of their own stream, but a call's first 8 KiB waited on DRAM: 120 calls a SmolLM2 step. Warming them
+ * after the previous call saved ~0.1-0.2 ms of ~3 ms of int4 layers (a C loop over SmolLM2's 120 shapes, 1 thread).
+ * Parameters: the first 512 bytes of d / scales and m. */
+#define WARM_BYTES 8192
+static void warm(const int64_t *lin) {
+    const char *codes = PTR(lin[LIN_CODES]), *d = PTR(lin[LIN_D]), *m = PTR(lin[LIN_M]);
+    for (int i = 0; i < WARM_BYTES; i += 64) __builtin_prefetch(codes + i, 0, 2);
+    for (int i = 0; i < 512; i += 64) {
+        __builtin_prefetch(d + i, 0, 2);
+        if (m) __builtin_prefetch(m + i, 0, 2);
+    }
+}
+
 /* out[b] = bf16(h[b] / rms(h[b]) * w): h [B, d] fp32, w [d] fp32. */
 static void rms_norm(const float *h, int64_t B, int64_t d, const float *w, float eps, uint16_t *out) {
     for (int64_t b = 0; b < B; b++) {
@@ -84,6 +98,28 @@ static void rope(const uint16_t *x, const float *cos, const float *sin, int64_t 
 static void store_head(const uint16_t *x, int64_t D, void *out, int out_bf16) {
     if (out_bf16) { memcpy(out, x, (size_t)D * 2); return; }
     for (int64_t i = 0; i < D; i++) ((float *)out)[i] = bf16_to_f32(x[i]);
+}
+
+/* e^x in fp32 for the SiLU below, in plain C that the compiler vectorizes (glibc's expf is one call per element).
+ * Cody-Waite reduction to r = x - n·ln2 in [-ln2/2, ln2/2], a degree-6 Taylor polynomial (truncation < 2^-26
+ * there), times 2^n built in the exponent bits. Measured against double exp: within 2.6e-7 relative for |x| <= 20,
+ * 4.4e-7 over [-87, 88] (the build's -fassociative-math may merge the two reduction steps); the SiLU is rounded
+ * to bf16 (steps of 2^-8) right after. x is clamped to [-87, 88], where 2^n stays a normal float; NaN passes
+ * through the clamp unchanged. */
+static inline float exp_f32(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { uint32_t i; float f; } scale;
+    scale.i = (uint32_t)((int32_t)n + 127) << 23;
+    return p * scale.f;
 }
 
 static void add_rows(float *h, const uint16_t *y, int64_t n) {
@@ -118,6 +154,7 @@ int longfit_fused_decode(float *h, int64_t B, int64_t d, int64_t L, const int64_
         const int64_t *layer = layers + l * L_FIELDS, *lin = layer + L_LINEAR, *step = steps + l * S_FIELDS;
         rms_norm(h, B, d, PTR(layer[L_NORM1]), eps, xn);
         if ((status = linear(lin + QKV * LIN_FIELDS, xn, B, threads, qkv))) break;
+        warm(lin + O * LIN_FIELDS);
         for (int64_t b = 0; b < B; b++) {  /* rotate q and k; write k and v first (attention reads the new key) */
             const uint16_t *row = qkv + b * qkv_n;
             const float *c = cos + b * D, *s = sin + b * D;
@@ -135,16 +172,19 @@ int longfit_fused_decode(float *h, int64_t B, int64_t d, int64_t L, const int64_
         if (status) break;
         for (int64_t i = 0; i < B * hq * D; i++) ab[i] = f32_to_bf16(att[i]);
         if ((status = linear(lin + O * LIN_FIELDS, ab, B, threads, y))) break;
+        warm(lin + GATE_UP * LIN_FIELDS);
         add_rows(h, y, B * d);
         rms_norm(h, B, d, PTR(layer[L_NORM2]), eps, xn);
         if ((status = linear(lin + GATE_UP * LIN_FIELDS, xn, B, threads, y))) break;
+        warm(lin + DOWN * LIN_FIELDS);
         for (int64_t b = 0; b < B; b++)
             for (int64_t f = 0; f < F; f++) {
                 const float g = bf16_to_f32(y[b * 2 * F + f]);
-                const float a = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
+                const float a = bf16_to_f32(f32_to_bf16(g / (1.0f + exp_f32(-g))));
                 act[b * F + f] = f32_to_bf16(a * bf16_to_f32(y[b * 2 * F + F + f]));
             }
         if ((status = linear(lin + DOWN * LIN_FIELDS, act, B, threads, y))) break;
+        if (l + 1 < L) warm(layers + (l + 1) * L_FIELDS + L_LINEAR + QKV * LIN_FIELDS);
         add_rows(h, y, B * d);
     }
     if (status == 0) rms_norm(h, B, d, final_norm, eps, out);
