@@ -213,10 +213,13 @@ static void attend_range(const float *qf, const uint16_t *qh, const char *pool, 
                 scores(qf + i * dim, qh + i * dim, keys + h * dim * elem, n, token_stride, dim, scale, is_bf16,
                        bf16_path, s);
                 float mx = m[i];
+                /* simd reductions: without them the compiler keeps these loops scalar (their order is fixed) */
+#pragma omp simd reduction(max : mx)
                 for (int64_t t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
                 const float correction = exp_neg(m[i] - mx);  /* m = -inf on the first tile: ~0 */
                 float sum = 0.0f;
                 float *pi = p_all + i * TILE;
+#pragma omp simd reduction(+ : sum)
                 for (int64_t t = 0; t < n; t++) {
                     pi[t] = exp_neg(s[t] - mx);
                     sum += pi[t];
