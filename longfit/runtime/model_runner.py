@@ -252,8 +252,11 @@ class ModelRunner:
         seq_lens = np.ascontiguousarray(np.asarray([it.num_cached_tokens for it in items]).T + 1)  # [L, Bd]
         # [L, Bd, maxP]; one request's tables as a view (the stack copies ~60 KiB a step at 8k tokens)
         tables = states[0].tables[:, None] if len(states) == 1 else np.stack([st.tables for st in states], axis=1)
-        q_tokens = np.stack([st.quant_tokens for st in states], axis=1)  # [L, Bd]
-        q_pages = np.stack([st.quant_pages for st in states], axis=1)
+        if len(states) == 1:
+            q_tokens, q_pages = states[0].quant_tokens[:, None], states[0].quant_pages[:, None]  # [L, 1] views
+        else:
+            q_tokens = np.stack([st.quant_tokens for st in states], axis=1)  # [L, Bd]
+            q_pages = np.stack([st.quant_pages for st in states], axis=1)
         meta.decode_block_tables, meta.decode_first_key, meta.decode_seq_lens = [], [], []
         # Layers with equal first keys (lengths) share one tensor: decode attention builds its mask once for them.
         # Not with a decode graph: it guards on which inputs alias, and values that coincide in one step and not in
@@ -298,7 +301,8 @@ class ModelRunner:
             width = int(-(-lens.max() // bs)) if window is None else -(-window // bs) + 1
             span = (first_page + (skip if window is None else 0))[:, None] + np.arange(width)  # [Bd, width]
             limit = (skip if window is None else 0) + -(-lens // bs)
-            pages = self._gather_pages(tables[layers], span, limit)  # [len(layers), Bd, width]
+            group_tables = tables if len(layers) == len(tables) else tables[layers]  # all layers: no copy
+            pages = self._gather_pages(group_tables, span, limit)  # [len(layers), Bd, width]
             if share:  # one conversion for the group: its layers' tables are views of one tensor (~0.3 ms a step)
                 group, first_t, lens_t = convert(pages, first_page * bs, lens)
                 for i, layer in enumerate(layers):
@@ -337,7 +341,14 @@ class ModelRunner:
         """Pool pages [..., Bd, width] at table indices ``span`` [Bd, width] of ``tables`` [..., Bd, maxP] (one
         layer's, or a stack of layers'). Entries from a row's ``limit`` [Bd] on read the null page: the mirror may
         still name pages that were freed and now hold another request's packed (non-float) bytes."""
-        index = np.broadcast_to(np.minimum(span, tables.shape[-1] - 1), (*tables.shape[:-1], span.shape[1]))
+        start, width = span[:, 0], span.shape[1]
+        if width and (start == start[0]).all() and start[0] + width <= tables.shape[-1]:
+            # Every row reads the same run of table entries (one request, or requests at equal lengths): a slice
+            pages = tables[..., start[0]:start[0] + width]
+            if (limit >= start[0] + width).all():
+                return np.ascontiguousarray(pages)
+            return np.where(span < limit[:, None], pages, 0)
+        index = np.broadcast_to(np.minimum(span, tables.shape[-1] - 1), (*tables.shape[:-1], width))
         return np.where(span < limit[:, None], np.take_along_axis(tables, index, axis=-1), 0)
 
     def _page_selects(self, states: list[RequestState], tables: np.ndarray, lens: np.ndarray,
