@@ -305,7 +305,7 @@ class Int4Linear(Linear):
     """Group-wise asymmetric int4 weight, ``w = (code - 8) · scale + zero`` per group of ``group_size`` inputs.
 
     Two layouts (``layout``):
-    - "tiles" (where the C kernels are built): ``packed`` uint8 [N/16, K/4, 32], and ``d``, ``m`` [N/16, K/G, 16]
+    - "tiles" (where the C kernels are built): ``packed`` uint8 [N/16, K/8, 64], and ``d``, ``m`` [N/16, K/G, 16]
       with ``w = code · d + m`` (``quant/tiles.py``), fp16 where that is exact (GGUF Q4_0/Q4_1: the file's own
       values), else fp32. The C kernel (``runtime/native.py``) multiplies by exactly these weights.
     - "torch": ``packed`` uint8 [N, K/2] (``torch._weight_int4pack_mm_for_cpu``'s layout, opaque) and

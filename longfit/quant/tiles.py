@@ -46,8 +46,8 @@ def tile_shape_problem(out_features: int, in_features: int, group_size: int | No
         return f"tiles need out_features % {TILE_ROWS} == 0, got {out_features}"
     if group_size is None:
         return None if in_features % 2 == 0 else f"int8 tiles need an even in_features, got {in_features}"
-    if group_size % 4 or in_features % group_size:
-        return f"int4 tiles need group_size % 4 == 0 and in_features % group_size == 0, got {in_features}, {group_size}"
+    if group_size % 8 or in_features % group_size:
+        return f"int4 tiles need group_size % 8 == 0 and in_features % group_size == 0, got {in_features}, {group_size}"
     return None
 
 
@@ -67,21 +67,24 @@ def _interleave_pairs(blocks: Tensor, inverse: bool = False) -> Tensor:
 
 
 def pack_int4(codes: Tensor) -> Tensor:
-    """codes [N, K] integers in 0..15 → tiles [N/16, K/4, 32] uint8: byte 2i + j of quad q of tile t holds row
-    16t + i's code for input 4q + j (low nibble) and 4q + 2 + j (high nibble); pairs of tiles interleaved by quad
-    (``_interleave_pairs``)."""
+    """codes [N, K] integers in 0..15 → tiles [N/16, K/8, 64] uint8: in oct o (inputs 8o..8o+7) of tile t, bytes
+    4i..4i+3 are row 16t + i's 32-bit word, little-endian, whose bits 4j..4j+3 hold the code of input 8o + 2j and bits
+    16 + 4j.. that of input 8o + 2j + 1 (j = 0..3): a shift by 4j and a mask leave a bf16 pair of inputs in every
+    32-bit lane (``qlinear.c``). Pairs of tiles interleaved by oct (``_interleave_pairs``)."""
     n_out, n_in = codes.shape
-    c = codes.to(torch.uint8).reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 4, 2, 2)  # [t, i, q, half, j]
-    packed = c[:, :, :, 0, :] | (c[:, :, :, 1, :] << 4)  # [t, i, q, j]
-    return _interleave_pairs(packed.permute(0, 2, 1, 3).reshape(n_out // TILE_ROWS, n_in // 4, 2 * TILE_ROWS))
+    c = codes.to(torch.uint8).reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 8, 4, 2)  # [t, i, o, j, even/odd]
+    nibbles = c[..., 0::2, :] | (c[..., 1::2, :] << 4)  # [t, i, o, 2, 2]: (j 0|1, j 2|3) x (even, odd)
+    words = nibbles.transpose(3, 4)  # [t, i, o, 2 (word), 2 (byte)]: word 0 the even inputs, word 1 the odd
+    packed = words.reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 8, 4).permute(0, 2, 1, 3)  # [t, o, i, 4]
+    return _interleave_pairs(packed.reshape(n_out // TILE_ROWS, n_in // 8, 4 * TILE_ROWS))
 
 
 def unpack_int4(tiles: Tensor) -> Tensor:
-    """Inverse of :func:`pack_int4`: tiles [N/16, K/4, 32] → codes [N, K] uint8."""
-    num_tiles, quads, _ = tiles.shape
-    b = _interleave_pairs(tiles, inverse=True).reshape(num_tiles, quads, TILE_ROWS, 2).permute(0, 2, 1, 3)
-    codes = torch.stack([b & 15, b >> 4], dim=3)  # [t, i, q, half, j]
-    return codes.reshape(num_tiles * TILE_ROWS, quads * 4)
+    """Inverse of :func:`pack_int4`: tiles [N/16, K/8, 64] → codes [N, K] uint8."""
+    num_tiles, octs, _ = tiles.shape
+    b = _interleave_pairs(tiles, inverse=True).reshape(num_tiles, octs, TILE_ROWS, 2, 2).permute(0, 2, 1, 4, 3)
+    codes = torch.stack([b & 15, b >> 4], dim=4)  # [t, i, o, j // 2, j % 2, even/odd]: input 8o + 2j + even/odd
+    return codes.reshape(num_tiles * TILE_ROWS, octs * 8)
 
 
 def pack_lanes(values: Tensor) -> Tensor:

@@ -200,7 +200,7 @@ _define_op("paged_decode", "(Tensor q, Tensor kv_pool, Tensor pages, Tensor firs
 def q4_linear(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group_size: int,
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [M, K] bf16 contiguous (CPU) @ int4 weight → [M, N] ``out_dtype`` (bf16 or fp32), with
-    ``w[n, k] = code · d + m`` per group (``quant/tiles.py`` builds ``tiles`` [N/16, K/4, 32] uint8 and ``d``,
+    ``w[n, k] = code · d + m`` per group (``quant/tiles.py`` builds ``tiles`` [N/16, K/8, 64] uint8 and ``d``,
     ``m`` [N/16, K/G, 16] fp16 or fp32). Call only where ``library()`` is not None."""
     num_rows, in_features = x.shape
     out = torch.empty(num_rows, tiles.shape[0] * 16, dtype=out_dtype)
@@ -217,7 +217,7 @@ def q4_dequantize(tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group_s
                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The int4 weight of ``q4_linear``'s tiles as ``[N, K]`` ``dtype`` (bf16 or fp32), ``w = code · d + m`` rounded
     as ``Int4Linear.dequantized_t``'s torch expression. Call only where ``library()`` is not None."""
-    out = torch.empty(tiles.shape[0] * 16, tiles.shape[1] * 4, dtype=dtype)
+    out = torch.empty(tiles.shape[0] * 16, tiles.shape[1] * 8, dtype=dtype)
     status = library().longfit_q4_dequantize(
         tiles.data_ptr(), d.data_ptr(), m.data_ptr(), int(d.dtype == torch.float16), out.shape[0], out.shape[1],
         group_size, torch.get_num_threads(), out.data_ptr(), int(dtype == torch.bfloat16))

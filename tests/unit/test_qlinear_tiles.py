@@ -40,14 +40,17 @@ def test_layouts_round_trip() -> None:
     assert torch.equal(tiles.unpack_lanes(tiles.pack_lanes(codes8)), codes8)
     params = torch.randn(48, 3, generator=gen)
     assert torch.equal(tiles.unpack_lanes(tiles.pack_lanes(params)), params)
-    # the documented byte, where the kernel reads it: row 16t + i, input 4q + j low nibble, 4q + 2 + j high nibble;
-    # tiles 0-1 a pair interleaved by quad, tile 2 alone
+    # the documented word, where the kernel reads it: row 16t + i, input 8o + 2j at bits 4j, 8o + 2j + 1 at bits
+    # 16 + 4j; tiles 0-1 a pair interleaved by oct, tile 2 alone
     flat = tiles.pack_int4(codes4).flatten()
-    quads = 64 // 4
+    octs = 64 // 8
     for t, tt in ((1, 2), (2, 1)):
-        for i, q, j in ((5, 3, 1), (15, 0, 0), (0, 15, 1)):
-            byte = int(flat[(t - t % 2) * quads * 32 + (q * tt + t % 2) * 32 + 2 * i + j])
-            assert byte & 15 == codes4[16 * t + i, 4 * q + j] and byte >> 4 == codes4[16 * t + i, 4 * q + 2 + j]
+        for i, o in ((5, 3), (15, 0), (0, 7)):
+            start = (t - t % 2) * octs * 64 + (o * tt + t % 2) * 64 + 4 * i
+            word = int.from_bytes(bytes(flat[start:start + 4].tolist()), "little")
+            for j in range(4):
+                assert (word >> 4 * j) & 15 == codes4[16 * t + i, 8 * o + 2 * j]
+                assert (word >> 16 + 4 * j) & 15 == codes4[16 * t + i, 8 * o + 2 * j + 1]
 
 
 def test_shape_problems_name_the_constraint() -> None:

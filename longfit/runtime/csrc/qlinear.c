@@ -10,14 +10,18 @@
  * one forward stream of memory, prefetched PREFETCH bytes ahead.
  *
  * int4 (llama.cpp's Q4_1 form, exact for GGUF Q4_1): w[n, k] = code · d[n, g] + m[n, g], g = k / G, codes 0..15,
- * d and m fp16. A tile's quad q (inputs 4q..4q+3) is 32 bytes: byte 2i + j holds row i's code for input 4q + j in
- * its low nibble and for 4q + 2 + j in its high one. Codes [N/16, K/4, 32] uint8 as memory, where a pair of tiles
- * stores quad 0 of both tiles, then quad 1 of both, ... (tt = 2 tiles per item; 1 for a last odd tile), and the
- * parameters [N/16, K/G, 16] are interleaved the same way per group. Decoding: the bytes widened to 16
- * bits, a 32-entry table lookup (vpermw) of bf16(code) for the low nibble, the same after a shift for the high one:
- * two vectors of 16 rows x 2 inputs, multiplied by the broadcast input pairs with vdpbf16ps, exactly (bf16 x bf16
- * products are exact in fp32). Per group: y += d · Σ code·x + m · Σ x. Parameters [N/16, K/G, 16] each, fp16
- * (GGUF's own) or fp32 (where fp16 would round them: RTN parameters in bf16 whose m needs more bits).
+ * d and m fp16. A tile's oct o (inputs 8o..8o+7) is 64 bytes: 32-bit word i is row i's, and its bits 4j..4j+3 hold
+ * the code for input 8o + 2j, bits 16 + 4j.. the code for input 8o + 2j + 1 (j = 0..3). Codes [N/16, K/8, 64] uint8
+ * as memory, where a pair of tiles stores oct 0 of both tiles, then oct 1 of both, ... (tt = 2 tiles per item; 1 for
+ * a last odd tile), and the parameters [N/16, K/G, 16] are interleaved the same way per group. Decoding, with no
+ * shuffle: (word >> 4j) & 0x000F000F | 0x43004300 is, in each 16-bit half, the bf16 number 128 + code (exponent 2^7,
+ * the code in the low mantissa bits), so one shift and one ternary-logic op give a vector of 16 rows x 2 inputs,
+ * multiplied by the broadcast input pair with vdpbf16ps, exactly (bf16 x bf16 products are exact in fp32). Per
+ * group: y += d · (Σ (128 + code)·x - 128 · Σ x) + m · Σ x. The former layout widened bytes and looked codes up
+ * with two vpermw per 64 weights: 3-11% slower over SmolLM2's 120 int4 layers from DRAM on one core (the shuffle
+ * unit, not memory, was busiest). The offset costs fp32 precision in the sum, ~17x the rounding of Σ code·x: still
+ * ~1e-6 relative, far below the bf16 output's 2^-9. Parameters [N/16, K/G, 16] each, fp16 (GGUF's own) or fp32
+ * (where fp16 would round them: RTN parameters in bf16 whose m needs more bits).
  *
  * int8 (per output channel): w[n, k] = code · s[n], codes -127..127. The 16 rows' codes at input k are 16
  * consecutive bytes (pairs of tiles interleaved per input, as above: [N/16, K, 16] as memory), widened to fp32 and
@@ -95,14 +99,16 @@ static inline void q4_tile_generic(const uint16_t *x, int64_t K, int64_t G, cons
         float total[LANES] = {0};
         for (int64_t g = 0; g < groups; g++) {
             float part[LANES] = {0};
-            for (int64_t q = g * G / 4; q < (g + 1) * G / 4; q++) {
-                const uint8_t *bytes = item + (q * tt + j) * 32;
-                float x0 = bf16_to_f32(xr[4 * q]), x1 = bf16_to_f32(xr[4 * q + 1]);
-                float x2 = bf16_to_f32(xr[4 * q + 2]), x3 = bf16_to_f32(xr[4 * q + 3]);
+            for (int64_t o = g * G / 8; o < (g + 1) * G / 8; o++) {
+                const uint8_t *bytes = item + (o * tt + j) * 64;
+                float xo[8];
+                for (int e = 0; e < 8; e++) xo[e] = bf16_to_f32(xr[8 * o + e]);
                 for (int i = 0; i < LANES; i++) {
-                    uint8_t b0 = bytes[2 * i], b1 = bytes[2 * i + 1];
-                    part[i] += (float)(b0 & 15) * x0 + (float)(b1 & 15) * x1 + (float)(b0 >> 4) * x2
-                               + (float)(b1 >> 4) * x3;
+                    const uint32_t w = (uint32_t)bytes[4 * i] | (uint32_t)bytes[4 * i + 1] << 8
+                                       | (uint32_t)bytes[4 * i + 2] << 16 | (uint32_t)bytes[4 * i + 3] << 24;
+                    for (int jj = 0; jj < 4; jj++)
+                        part[i] += (float)((w >> 4 * jj) & 15) * xo[2 * jj] + (float)((w >> (16 + 4 * jj)) & 15)
+                                   * xo[2 * jj + 1];
                 }
             }
             float s = xsum[(m0 + r) * groups + g];
@@ -115,50 +121,59 @@ static inline void q4_tile_generic(const uint16_t *x, int64_t K, int64_t G, cons
 }
 
 #if HAVE_BF16_PATH
-/* bf16(i & 15) for i in 0..31 */
-static const uint16_t CODE_BF16[32] = {
-    0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150,
-    0x4160, 0x4170, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130,
-    0x4140, 0x4150, 0x4160, 0x4170};
-
 static inline __m512 load_params(const void *p, int64_t index, int f16) {
     if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + index)));
     return _mm512_loadu_ps((const float *)p + index);
 }
 
-/* An item of TT interleaved tiles x MB activation rows; lo/hi nibbles accumulate apart (more independent chains). */
+/* An item of TT interleaved tiles x MB activation rows. Up to 2 rows, even and odd j accumulate apart (independent
+ * chains for the dot products' latency); from 3 rows on there are chains enough, and the registers are needed. */
 static inline __attribute__((always_inline)) void q4_block_bf16(
     const int TT, const int MB, const uint16_t *x, int64_t K, int64_t G, const uint8_t *item, const void *d,
     const void *mn, int f16, const float *xsum, int64_t m0, float *acc) {
-    /* bf16(i & 15) for word index i: vpermw only reads an index's low 5 bits, so a byte's low nibble needs no mask */
-    const __m512i lut = _mm512_loadu_si512((const void *)CODE_BF16);
+    const __m512i mask = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
     const int64_t groups = K / G;
     __m512 acc_v[2][MAX_MB];
     for (int t = 0; t < TT; t++)
         for (int r = 0; r < MB; r++) acc_v[t][r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
+        /* Σ (128 + code)·x - 128·Σx = Σ code·x: the sums start at -128·Σx (exact) */
         __m512 lo_v[2][MAX_MB], hi_v[2][MAX_MB];
         for (int t = 0; t < TT; t++)
-            for (int r = 0; r < MB; r++) lo_v[t][r] = hi_v[t][r] = _mm512_setzero_ps();
-        for (int64_t q = g * G / 4; q < (g + 1) * G / 4; q++) {
-            const uint8_t *quad = item + q * TT * 32;
-            if (PREFETCH && (TT == 2 || !(q & 1))) _mm_prefetch((const char *)quad + PREFETCH, _MM_HINT_T1);
-            for (int t = 0; t < TT; t++) {
-                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(quad + t * 32)));
-                __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(bytes, lut);
-                __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), lut);
+            for (int r = 0; r < MB; r++) {
+                lo_v[t][r] = _mm512_set1_ps(-128.0f * xsum[(m0 + r) * groups + g]);
+                hi_v[t][r] = _mm512_setzero_ps();
+            }
+        for (int64_t o = g * G / 8; o < (g + 1) * G / 8; o++) {
+            const uint8_t *oct = item + o * TT * 64;
+            if (PREFETCH) {
+                _mm_prefetch((const char *)oct + PREFETCH, _MM_HINT_T1);
+                if (TT == 2) _mm_prefetch((const char *)oct + PREFETCH + 64, _MM_HINT_T1);
+            }
+            __m512i w[2];
+            for (int t = 0; t < TT; t++) w[t] = _mm512_loadu_si512((const void *)(oct + t * 64));
+            /* j-major: two decoded vectors and one broadcast input pair live at a time (with all four decoded and
+             * every row's four pairs hoisted, the 4-row blocks ran out of registers) */
+            for (int j = 0; j < 4; j++) {
+                __m512bh c[2];
+                for (int t = 0; t < TT; t++)  /* (w >> 4j) & mask | magic: 0xEA is the table of (A & B) | C */
+                    c[t] = (__m512bh)_mm512_ternarylogic_epi32(j ? _mm512_srli_epi32(w[t], 4 * j) : w[t], mask,
+                                                               magic, 0xEA);
                 for (int r = 0; r < MB; r++) {
-                    const uint32_t *xr = (const uint32_t *)(x + (m0 + r) * K + 4 * q);
-                    lo_v[t][r] = _mm512_dpbf16_ps(lo_v[t][r], lo, (__m512bh)_mm512_set1_epi32((int)xr[0]));
-                    hi_v[t][r] = _mm512_dpbf16_ps(hi_v[t][r], hi, (__m512bh)_mm512_set1_epi32((int)xr[1]));
+                    const uint32_t pair = ((const uint32_t *)(x + (m0 + r) * K + 8 * o))[j];  /* inputs 2j, 2j+1 */
+                    const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)pair);
+                    for (int t = 0; t < TT; t++) {
+                        if (MB <= 2 && (j & 1)) hi_v[t][r] = _mm512_dpbf16_ps(hi_v[t][r], c[t], xb);
+                        else lo_v[t][r] = _mm512_dpbf16_ps(lo_v[t][r], c[t], xb);
+                    }
                 }
             }
         }
         for (int t = 0; t < TT; t++) {
-            __m512 dv = load_params(d, (g * TT + t) * LANES, f16);
-            __m512 mv = load_params(mn, (g * TT + t) * LANES, f16);
+            const __m512 dv = load_params(d, (g * TT + t) * LANES, f16);
+            const __m512 mv = load_params(mn, (g * TT + t) * LANES, f16);
             for (int r = 0; r < MB; r++) {
-                __m512 dot = _mm512_add_ps(lo_v[t][r], hi_v[t][r]);
+                const __m512 dot = MB <= 2 ? _mm512_add_ps(lo_v[t][r], hi_v[t][r]) : lo_v[t][r];
                 acc_v[t][r] = _mm512_fmadd_ps(dv, dot, acc_v[t][r]);
                 acc_v[t][r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xsum[(m0 + r) * groups + g]), acc_v[t][r]);
             }
@@ -177,12 +192,12 @@ static inline __attribute__((always_inline)) void q4_block_bf16(
     }
 #endif
 
-/* x [M, K] bf16; codes [N/16, K/4, 32] uint8 and d, mn [N/16, K/G, 16] fp16 (f16) or fp32, pairs interleaved (see
- * the top); out [M, N] fp32 or bf16. Returns 0, or -1 for shapes the layout cannot hold (N % 16, K % G, G % 4). */
+/* x [M, K] bf16; codes [N/16, K/8, 64] uint8 and d, mn [N/16, K/G, 16] fp16 (f16) or fp32, pairs interleaved (see
+ * the top); out [M, N] fp32 or bf16. Returns 0, or -1 for shapes the layout cannot hold (N % 16, K % G, G % 8). */
 int longfit_q4_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const void *d, const void *mn,
                       int f16, int64_t N, int64_t G, int num_threads, void *out, int out_is_bf16) {
-    if (M <= 0 || N % LANES || G <= 0 || G % 4 || K % G) return -1;
-    const int64_t groups = K / G, num_tiles = N / LANES, tile_bytes = K / 4 * 32, param_stride = groups * LANES;
+    if (M <= 0 || N % LANES || G <= 0 || G % 8 || K % G) return -1;
+    const int64_t groups = K / G, num_tiles = N / LANES, tile_bytes = K / 8 * 64, param_stride = groups * LANES;
     const size_t param_bytes = f16 ? 2 : 4;
     float *xsum = (float *)malloc((size_t)(M * groups) * sizeof(float));
     if (!xsum) return -2;
@@ -222,8 +237,8 @@ int longfit_q4_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *co
  * -1 for shapes the layout cannot hold. */
 int longfit_q4_dequantize(const uint8_t *codes, const void *d, const void *mn, int f16, int64_t N, int64_t K,
                           int64_t G, int num_threads, void *out, int out_is_bf16) {
-    if (N % LANES || G <= 0 || G % 4 || K % G || G > MAX_GROUP) return -1;
-    const int64_t groups = K / G, num_tiles = N / LANES, tile_bytes = K / 4 * 32, param_stride = groups * LANES;
+    if (N % LANES || G <= 0 || G % 8 || K % G || G > MAX_GROUP) return -1;
+    const int64_t groups = K / G, num_tiles = N / LANES, tile_bytes = K / 8 * 64, param_stride = groups * LANES;
     const size_t param_bytes = f16 ? 2 : 4;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t t = 0; t < num_tiles; t++) {
@@ -238,10 +253,14 @@ int longfit_q4_dequantize(const uint8_t *codes, const void *d, const void *mn, i
                 const double dv = param(dt, (g * tt + j) * LANES + i, f16);
                 const float mv = param(mt, (g * tt + j) * LANES + i, f16);
                 float w[MAX_GROUP];
-                for (int64_t q = 0; q < G / 4; q++) {
-                    const uint8_t *bytes = item + ((g * G / 4 + q) * tt + j) * 32 + 2 * i;
-                    const int c[4] = {bytes[0] & 15, bytes[1] & 15, bytes[0] >> 4, bytes[1] >> 4};  /* 4q .. 4q+3 */
-                    for (int e = 0; e < 4; e++) w[4 * q + e] = (float)(c[e] * dv) + mv;
+                for (int64_t o = 0; o < G / 8; o++) {
+                    const uint8_t *bytes = item + ((g * G / 8 + o) * tt + j) * 64 + 4 * i;
+                    /* byte 0: inputs 8o, 8o+2; 1: 8o+4, 8o+6; 2: 8o+1, 8o+3; 3: 8o+5, 8o+7 (low nibble first) */
+                    for (int b = 0; b < 4; b++) {
+                        const int first = 8 * (int)o + 4 * (b & 1) + (b >> 1);
+                        w[first] = (float)((bytes[b] & 15) * dv) + mv;
+                        w[first + 2] = (float)((bytes[b] >> 4) * dv) + mv;
+                    }
                 }
                 store_row(out, out_is_bf16, (t * LANES + i) * K + g * G, w, G);
             }
