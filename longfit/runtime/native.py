@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 ENV_VAR = "LONGFIT_NATIVE"  # "0": never build or use the C kernels
 _SOURCES = tuple(Path(__file__).with_name("csrc") / name
                  for name in ("paged_decode.c", "qlinear.c", "decode_step.c", "head.c"))
-_HEADERS = (Path(__file__).with_name("csrc") / "bf16.h",)  # part of the build's cache key
+_HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("bf16.h", "fast_exp.h"))  # in the cache key
 # Reassociation lets the compiler vectorize the fp32 dot products and sums; NaN and infinity keep their meaning
 # (no -ffinite-math-only).
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",

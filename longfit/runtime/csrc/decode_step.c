@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "fast_exp.h"
 
 int longfit_q4_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const void *d, const void *mn,
                       int f16, int64_t N, int64_t G, int num_threads, void *out, int out_is_bf16);
@@ -98,28 +99,6 @@ static void rope(const uint16_t *x, const float *cos, const float *sin, int64_t 
 static void store_head(const uint16_t *x, int64_t D, void *out, int out_bf16) {
     if (out_bf16) { memcpy(out, x, (size_t)D * 2); return; }
     for (int64_t i = 0; i < D; i++) ((float *)out)[i] = bf16_to_f32(x[i]);
-}
-
-/* e^x in fp32 for the SiLU below, in plain C that the compiler vectorizes (glibc's expf is one call per element).
- * Cody-Waite reduction to r = x - n·ln2 in [-ln2/2, ln2/2], a degree-6 Taylor polynomial (truncation < 2^-26
- * there), times 2^n built in the exponent bits. Measured against double exp: within 2.6e-7 relative for |x| <= 20,
- * 4.4e-7 over [-87, 88] (the build's -fassociative-math may merge the two reduction steps); the SiLU is rounded
- * to bf16 (steps of 2^-8) right after. x is clamped to [-87, 88], where 2^n stays a normal float; NaN passes
- * through the clamp unchanged. */
-static inline float exp_f32(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = rintf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { uint32_t i; float f; } scale;
-    scale.i = (uint32_t)((int32_t)n + 127) << 23;
-    return p * scale.f;
 }
 
 static void add_rows(float *h, const uint16_t *y, int64_t n) {

@@ -25,6 +25,8 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "fast_exp.h"
+
 #define TILE 32    /* tokens per tile: 8 KiB of fp32 values per head at D 64, in L1 */
 #define MAX_D 512
 #define MAX_HQ 64  /* query heads */
@@ -38,25 +40,6 @@
 #else
 #define HAVE_BF16_PATH 0
 #endif
-
-/* exp(x) for x <= 0 (and -inf): Cody-Waite range reduction and a degree-6 polynomial, relative error < 2e-7.
- * Plain arithmetic so the compiler vectorizes the loops that call it. */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { float f; int32_t i; } s;
-    s.i = ((int32_t)n + 127) << 23;
-    return p * s.f;
-}
 
 static inline void to_float(float *dst, const void *src, int64_t n, int is_bf16) {
     if (is_bf16) {
@@ -216,12 +199,12 @@ static void attend_range(const float *qf, const uint16_t *qh, const char *pool, 
                 /* simd reductions: without them the compiler keeps these loops scalar (their order is fixed) */
 #pragma omp simd reduction(max : mx)
                 for (int64_t t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
-                const float correction = exp_neg(m[i] - mx);  /* m = -inf on the first tile: ~0 */
+                const float correction = exp_f32(m[i] - mx);  /* m = -inf on the first tile: ~0 */
                 float sum = 0.0f;
                 float *pi = p_all + i * TILE;
 #pragma omp simd reduction(+ : sum)
                 for (int64_t t = 0; t < n; t++) {
-                    pi[t] = exp_neg(s[t] - mx);
+                    pi[t] = exp_f32(s[t] - mx);
                     sum += pi[t];
                 }
                 l[i] = l[i] * correction + sum;
@@ -312,7 +295,7 @@ int longfit_paged_decode(const void *q, int q_is_bf16, const void *pool, int is_
         for (int64_t sp = 0; sp < splits; sp++) {
             const float *r = base + sp * rec;
             if (r[hq + i] == 0.0f) continue;  /* an empty split */
-            const float w = exp_neg(r[i] - mx);
+            const float w = exp_f32(r[i] - mx);
             total += w * r[hq + i];
             const float *acc = r + 2 * hq + i * dim;
             for (int64_t d = 0; d < dim; d++) o[d] += w * acc[d];
