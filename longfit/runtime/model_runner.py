@@ -250,13 +250,14 @@ class ModelRunner:
         states = [self.states[it.request_id] for it in items]
         # C order: a layer's row is then contiguous whatever Bd (a compiled step guards on strides).
         seq_lens = np.ascontiguousarray(np.asarray([it.num_cached_tokens for it in items]).T + 1)  # [L, Bd]
-        # [L, Bd, maxP]; one request's tables as a view (the stack copies ~60 KiB a step at 8k tokens)
-        tables = states[0].tables[:, None] if len(states) == 1 else np.stack([st.tables for st in states], axis=1)
+        # tables [L, Bd, maxP], stream tokens and pages [L, Bd]: one request's as views (the stack copies ~60 KiB a
+        # step at 8k tokens)
         if len(states) == 1:
-            q_tokens, q_pages = states[0].quant_tokens[:, None], states[0].quant_pages[:, None]  # [L, 1] views
+            tables, q_tokens, q_pages = (a[:, None] for a in (states[0].tables, states[0].quant_tokens,
+                                                               states[0].quant_pages))
         else:
-            q_tokens = np.stack([st.quant_tokens for st in states], axis=1)  # [L, Bd]
-            q_pages = np.stack([st.quant_pages for st in states], axis=1)
+            tables, q_tokens, q_pages = (np.stack(arrays, axis=1) for arrays in zip(
+                *((st.tables, st.quant_tokens, st.quant_pages) for st in states)))
         meta.decode_block_tables, meta.decode_first_key, meta.decode_seq_lens = [], [], []
         # Layers with equal first keys (lengths) share one tensor: decode attention builds its mask once for them.
         # Not with a decode graph: it guards on which inputs alias, and values that coincide in one step and not in

@@ -26,12 +26,15 @@ static float exact_dot(const uint16_t *x, const uint16_t *w, int64_t d) {
     return s;
 }
 
-/* err[v] = s · row_error[v] + rounding (rounding alone without row_error) */
-static inline float bound(const float *row_error, int64_t v, float s, float rounding) {
-    return row_error ? s * row_error[v] + rounding : rounding;
+/* Whether logit v may be the leader: its upper end row[v] + s · row_error[v] + rounding reaches best_lower; without
+ * row_error, row[v] itself does (best_lower is then top - rounding). */
+static inline int leads(const float *row, const float *row_error, int64_t v, float s, float rounding,
+                        float best_lower) {
+    return (row_error ? s * row_error[v] + rounding : 0.0f) + row[v] >= best_lower;
 }
 
-/* max over v of row[v] - bound(v); *nan set when the row holds a NaN. The simd reductions vectorize it (plain C
+/* max over v of row[v] - (s · row_error[v] + rounding), or of row[v] - rounding without row_error; *nan set when
+ * the row holds a NaN. The simd reductions vectorize it (plain C
  * loops with a running maximum do not: the compiler keeps their order). */
 static float lower_max(const float *row, int64_t V, const float *row_error, float s, float rounding, int *nan) {
     float top = -INFINITY;
@@ -70,18 +73,15 @@ int64_t longfit_head_leaders(float *logits, int64_t M, int64_t V, const uint16_t
         const float rounding = fabsf(top) * rel + abs_;
         float s = 0.0f;
         for (int64_t k = 0; row_error && k < d; k++) s += fabsf(bf16_to_f32(x[k]));
-        /* leaders: upper end >= the best lower end (without row_error: row >= top - rounding) */
         const float best_lower = row_error ? lower_max(row, V, row_error, s, rounding, &nan) : top - rounding;
-        int64_t v = 0;
-        for (; v < V; v += BLOCK) {
-            const int64_t n = V - v < BLOCK ? V - v : BLOCK;
+        for (int64_t v = 0; v < V; v += BLOCK) {
+            const int64_t end = V - v < BLOCK ? V : v + BLOCK;
             int any = 0;
-            for (int64_t j = 0; j < n; j++)
-                any |= (row_error ? bound(row_error, v + j, s, rounding) : 0.0f) + row[v + j] >= best_lower;
+            for (int64_t u = v; u < end; u++) any |= leads(row, row_error, u, s, rounding, best_lower);
             if (!any) continue;
-            for (int64_t j = 0; j < n; j++)
-                if ((row_error ? bound(row_error, v + j, s, rounding) : 0.0f) + row[v + j] >= best_lower) {
-                    row[v + j] = exact_dot(x, rows + (v + j) * d, d);
+            for (int64_t u = v; u < end; u++)
+                if (leads(row, row_error, u, s, rounding, best_lower)) {
+                    row[u] = exact_dot(x, rows + u * d, d);
                     count++;
                 }
         }

@@ -89,6 +89,14 @@ static inline float param(const void *p, int64_t index, int f16) {
     return f16 ? f16_to_f32(((const uint16_t *)p)[index]) : ((const float *)p)[index];
 }
 
+/* A row's 32-bit word of an oct (the layout at the top), little-endian, and the code of its input 8o + e (e = 0..7):
+ * the portable way to read them. */
+static inline uint32_t oct_word(const uint8_t *b) {
+    return (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
+}
+
+static inline int oct_code(uint32_t word, int e) { return (int)((word >> (16 * (e & 1) + 4 * (e >> 1))) & 15); }
+
 /* Rows [m0, m0 + mb) of tile j of an item of tt tiles, the portable way: decode each code, accumulate per lane. */
 static inline void q4_tile_generic(const uint16_t *x, int64_t K, int64_t G, const uint8_t *item, const void *d,
                                    const void *mn, int f16, int tt, int j, const float *xsum, int64_t m0, int64_t mb,
@@ -101,14 +109,9 @@ static inline void q4_tile_generic(const uint16_t *x, int64_t K, int64_t G, cons
             float part[LANES] = {0};
             for (int64_t o = g * G / 8; o < (g + 1) * G / 8; o++) {
                 const uint8_t *bytes = item + (o * tt + j) * 64;
-                float xo[8];
-                for (int e = 0; e < 8; e++) xo[e] = bf16_to_f32(xr[8 * o + e]);
                 for (int i = 0; i < LANES; i++) {
-                    const uint32_t w = (uint32_t)bytes[4 * i] | (uint32_t)bytes[4 * i + 1] << 8
-                                       | (uint32_t)bytes[4 * i + 2] << 16 | (uint32_t)bytes[4 * i + 3] << 24;
-                    for (int jj = 0; jj < 4; jj++)
-                        part[i] += (float)((w >> 4 * jj) & 15) * xo[2 * jj] + (float)((w >> (16 + 4 * jj)) & 15)
-                                   * xo[2 * jj + 1];
+                    const uint32_t word = oct_word(bytes + 4 * i);
+                    for (int e = 0; e < 8; e++) part[i] += (float)oct_code(word, e) * bf16_to_f32(xr[8 * o + e]);
                 }
             }
             float s = xsum[(m0 + r) * groups + g];
@@ -254,13 +257,8 @@ int longfit_q4_dequantize(const uint8_t *codes, const void *d, const void *mn, i
                 const float mv = param(mt, (g * tt + j) * LANES + i, f16);
                 float w[MAX_GROUP];
                 for (int64_t o = 0; o < G / 8; o++) {
-                    const uint8_t *bytes = item + ((g * G / 8 + o) * tt + j) * 64 + 4 * i;
-                    /* byte 0: inputs 8o, 8o+2; 1: 8o+4, 8o+6; 2: 8o+1, 8o+3; 3: 8o+5, 8o+7 (low nibble first) */
-                    for (int b = 0; b < 4; b++) {
-                        const int first = 8 * (int)o + 4 * (b & 1) + (b >> 1);
-                        w[first] = (float)((bytes[b] & 15) * dv) + mv;
-                        w[first + 2] = (float)((bytes[b] >> 4) * dv) + mv;
-                    }
+                    const uint32_t word = oct_word(item + ((g * G / 8 + o) * tt + j) * 64 + 4 * i);
+                    for (int e = 0; e < 8; e++) w[8 * o + e] = (float)(oct_code(word, e) * dv) + mv;
                 }
                 store_row(out, out_is_bf16, (t * LANES + i) * K + g * G, w, G);
             }
