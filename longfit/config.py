@@ -146,6 +146,9 @@ class CacheConfig:
             raise _fail("CacheConfig", "kv_dtype", f"one of {('auto',) + _DTYPES}", self.kv_dtype)
 
 
+MAX_DECODE_STEPS = 64  # SchedulerConfig.decode_steps: beyond it a step's tokens would reach a stream in long bursts
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """Token-budget scheduling (Sarathi-Serve: decodes first, then prompt chunks)."""
@@ -154,6 +157,8 @@ class SchedulerConfig:
     max_num_batched_tokens: Annotated[int, "most tokens (decode + prefill chunks) in one step"] = 512
     max_model_len: Annotated[int | None, "longest prompt + output; None: the model's context"] = None
     max_queue: Annotated[int | None, "most waiting requests; beyond it new requests are refused"] = None
+    decode_steps: Annotated[int, "decode steps the runner may take per scheduled step when every running request "
+                                 "decodes and none waits (multi-step decoding); 1: one token per step"] = 4
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -164,6 +169,9 @@ class SchedulerConfig:
             raise _fail("SchedulerConfig", "max_model_len", "a positive integer", self.max_model_len)
         if self.max_queue is not None and self.max_queue < 0:
             raise _fail("SchedulerConfig", "max_queue", ">= 0", self.max_queue)
+        if isinstance(self.decode_steps, bool) or not isinstance(self.decode_steps, int) \
+                or not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
+            raise _fail("SchedulerConfig", "decode_steps", f"an integer in [1, {MAX_DECODE_STEPS}]", self.decode_steps)
 
 
 

@@ -90,6 +90,7 @@ class ScheduledRequest:
     prompt_token_ids: list[int] = field(default_factory=list)
     kv_compression: str | None = None
     compress_at: int = 0  # prompt tokens after which compression runs
+    eos_token_ids: tuple[int, ...] = ()  # the request's EOS ids (a multi-step decode stops at them)
 
 
 @dataclass(slots=True)
@@ -99,6 +100,10 @@ class SchedulerOutput:
     num_batched_tokens: int
     # Pages whose contents must be copied (source, destination) before the step (unused for now).
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Decode steps the runner may take (multi-step decoding): above 1 only when every scheduled request decodes one
+    # token, and each has pages for this many tokens. The runner returns 1 to num_steps tokens per request, the same
+    # count for all; a request's token ids then run on from the first as its inputs.
+    num_steps: int = 1
 
     @property
     def is_empty(self) -> bool:

@@ -187,7 +187,7 @@ def measure_engine_steps(points: Sequence[tuple[int, int, int] | tuple[int, int,
         with synthetic_config("tiny-llama", config) as name:  # LLM(name) builds config, random weights
             llm = LLM(name, dtype="bfloat16", weights="bf16", block_size=32,
                       memory_bytes=(pages + 2) * cm.page_bytes(config), max_num_seqs=max_batch,
-                      max_num_batched_tokens=2048, num_threads=num_threads)
+                      max_num_batched_tokens=2048, num_threads=num_threads, decode_steps=1)  # one step timed
         if llm.engine.model_config != config:
             raise RuntimeError("calibration could not build its synthetic model (the loader changed?)")
         _time_decode(llm.engine, max_batch, 8, 4, config.vocab_size)  # warm-up

@@ -172,11 +172,35 @@ class Scheduler:
             num_tokens[request.request_id] = num_new
             budget -= num_new
 
+        num_steps = 1 if preempted or scheduled_new else self._decode_steps(scheduled_running)
         scheduled = [self._scheduled_request(r, num_tokens[r.request_id]) for r in scheduled_running + scheduled_new]
         finished = self._finished_ids
         self._finished_ids = set()
         return SchedulerOutput(scheduled=scheduled, finished_request_ids=finished,
-                               num_batched_tokens=sum(num_tokens.values()))
+                               num_batched_tokens=sum(num_tokens.values()), num_steps=num_steps)
+
+    def _decode_steps(self, scheduled: list[Request]) -> int:
+        """Steps the runner may take this time (multi-step decoding, vLLM's ``num_scheduler_steps``): up to
+        ``decode_steps`` while nobody waits and every scheduled request decodes over plain pages (no KV
+        compression, no sliding window: those read or rewrite pages between tokens) with output that token ids
+        alone finish (no stop strings, penalties, logit bias or grammar, which need each token's text or the
+        output so far); never past a request's ``max_tokens`` or the context. Pages for the extra tokens are
+        reserved here (none if the pool is short: then one step)."""
+        steps = self.config.decode_steps
+        if steps == 1 or self.waiting or not scheduled or any(w is not None for w in self.kv.spec.layer_windows):
+            return 1
+        for request in scheduled:
+            params = request.sampling_params
+            if (request.num_computed_tokens != request.num_tokens - 1 or request.is_prefilling
+                    or request.kv_compression or params.stop
+                    or params.needs_penalties or params.logit_bias or params.structured_output is not None):
+                return 1
+            if request.max_tokens is not None:
+                steps = min(steps, request.max_tokens - request.num_output_tokens)
+            steps = min(steps, self.max_model_len - request.num_tokens)
+        if steps <= 1 or not all(self.kv.reserve_slots(request, steps - 1) for request in scheduled):
+            return 1
+        return steps
 
     def _scheduled_request(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
@@ -198,6 +222,7 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             kv_compression=None if request.is_compressed else request.kv_compression,
             compress_at=request.compress_at,
+            eos_token_ids=request.eos_token_ids,
         )
 
     # ------------------------------------------------------------------ results
@@ -227,13 +252,24 @@ class Scheduler:
             if request.max_tokens == 0:  # prompt only (e.g. echo + prompt logprobs): nothing to append
                 status = RequestStatus.FINISHED_LENGTH
                 token_ids = []
+            appended = 0
             for token_id in token_ids:
                 request.append_output_token(token_id)
+                appended += 1
                 status = request.check_stop()
                 if status is None and request.num_tokens >= self.max_model_len:
                     status = RequestStatus.FINISHED_LENGTH
                 if status is not None:
                     break
+            if appended < len(token_ids):  # a multi-step decode ran past a stop: its later tokens are dropped
+                result.sampled_token_ids[item.request_id] = token_ids[:appended]
+                if item.request_id in result.logprobs:
+                    result.logprobs[item.request_id] = result.logprobs[item.request_id][:appended]
+            if appended > 1 and status is None:
+                # The tokens fed back within the step are computed now, and their slots (reserved) are counted.
+                if not self.kv.allocate_slots(request, appended - 1):
+                    raise RuntimeError("a multi-step decode's reserved pages are missing")
+                request.num_computed_tokens += appended - 1
             touched.append(request)
             if status is not None:
                 self.finish_request(request, status)

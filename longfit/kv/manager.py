@@ -165,13 +165,9 @@ class KVCacheManager:
     def pages_needed(self, request: Request, num_new_tokens: int) -> int:
         return sum(self._layer_needs(self._state(request), num_new_tokens))
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for ``num_new_tokens`` more tokens in every layer; False if the pool is too full.
-
-        On success the physical counts advance as if the step had run (the scheduler runs it next) and
-        sliding-window layers release the pages no future query can see.
-        """
-        state = self._state(request)
+    def _take_pages(self, state: RequestKV, num_new_tokens: int) -> bool:
+        """Append to each layer's table the pages ``num_new_tokens`` more tokens need; False (nothing taken) if
+        the pool has too few free pages."""
         needs = self._layer_needs(state, num_new_tokens)
         needed = sum(needs)
         if needed > self.pool.num_free_blocks:
@@ -185,12 +181,30 @@ class KVCacheManager:
                     cursor += need
                     state.tables[layer].extend(chunk)
                     state.new_blocks[layer].extend(chunk)
+        return True
+
+    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+        """Make room for ``num_new_tokens`` more tokens in every layer; False if the pool is too full.
+
+        On success the physical counts advance as if the step had run (the scheduler runs it next) and
+        sliding-window layers release the pages no future query can see.
+        """
+        state = self._state(request)
+        if not self._take_pages(state, num_new_tokens):
+            return False
         for layer in range(self.num_layers):
             state.num_cached[layer] += num_new_tokens
         if state.cacheable:
             self._cache_full_blocks(request, state, request.num_computed_tokens + num_new_tokens)
         self._release_out_of_window(request, state, request.num_computed_tokens)
         return True
+
+    def reserve_slots(self, request: Request, num_tokens: int) -> bool:
+        """Pages for ``num_tokens`` tokens after those already counted, without counting them: a multi-step
+        decode's lookahead, whose tokens are not known yet, so neither the counts nor the blocks' prefix hashes
+        advance (``allocate_slots`` counts them once they are). False, with nothing taken, if the pool is too
+        full."""
+        return self._take_pages(self._state(request), num_tokens)
 
     def _cache_full_blocks(self, request: Request, state: RequestKV, num_tokens: int) -> None:
         self._update_hashes(request, state, num_tokens)

@@ -332,7 +332,18 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
 
     def push(self, new_ids: Sequence[int]) -> str:
-        """Append token ids; return the text they completed ("" while a character is still incomplete)."""
+        """Append token ids; return the text they completed ("" while a character is still incomplete).
+
+        Several ids at once (a multi-step decode) give the text one push each would: decoded together when it is
+        all valid, else one by one, since where invalid bytes become U+FFFD depends on where decoding cuts."""
+        if len(new_ids) > 1:
+            saved = (list(self.ids), self.prefix_offset, self.read_offset)
+            self.ids.extend(int(i) for i in new_ids)
+            text = self._advance(force=False)
+            if "\ufffd" not in text and self.read_offset == len(self.ids):
+                return text
+            self.ids, self.prefix_offset, self.read_offset = saved
+            return "".join(self.push([token]) for token in new_ids)
         self.ids.extend(int(i) for i in new_ids)
         return self._advance(force=False)
 

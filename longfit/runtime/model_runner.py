@@ -25,6 +25,7 @@ from longfit.outputs import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from longfit.runtime import decode_loop
 from longfit.runtime.compactor import Compactor, QueryWindow
 from longfit.runtime.decode_graph import DecodeGraph
 from longfit.runtime.kv_store import allocate_kv_pool
@@ -142,6 +143,9 @@ class ModelRunner:
 
         decodes = [it for it in scheduler_output.scheduled if is_decode(it)]
         chunks = [it for it in scheduler_output.scheduled if not is_decode(it)]
+        if scheduler_output.num_steps > 1 and not chunks and decode_loop.applies(self, decodes):
+            decode_loop.run(self, decodes, scheduler_output.num_steps, result)
+            return result
         ordered = decodes + chunks
         input_ids, positions, key_rows = self._flat_inputs(ordered)
         meta = AttentionMetadata(kv_pool=self.kv_pool, block_size=self.block_size, key_rows=key_rows,
@@ -532,7 +536,9 @@ class ModelRunner:
             out.extend(compute_logprobs(logits, target_ids, [item.sampling_params.prompt_logprobs] * len(targets)))
         return out
 
-    def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest], result: ModelRunnerOutput) -> None:
+    def _sample(self, logits: torch.Tensor, items: list[ScheduledRequest], result: ModelRunnerOutput) -> torch.Tensor:
+        """One token per row of ``logits`` [B, V], appended to ``result`` (with its logprobs where asked); returns
+        them ([B] int64, CPU)."""
         # Sampling runs on the CPU: [B, V] is small next to a step, and the per-request generators live there.
         logits = logits.cpu()
         params = [it.sampling_params for it in items]
@@ -553,9 +559,10 @@ class ModelRunner:
             rows = torch.tensor(wanted)
             entries = compute_logprobs(raw[rows], token_ids[rows], [params[r].logprobs for r in wanted])
             for row, entry in zip(wanted, entries):
-                result.logprobs[items[row].request_id] = [entry]
+                result.logprobs.setdefault(items[row].request_id, []).append(entry)
         for item, token in zip(items, token_ids.tolist()):
-            result.sampled_token_ids[item.request_id] = [token]
+            result.sampled_token_ids.setdefault(item.request_id, []).append(token)
             grammar = self.states[item.request_id].grammar
             if grammar is not None:
                 grammar.consume(token)
+        return token_ids

@@ -98,7 +98,10 @@ def test_n_completions_share_the_prompt(tiny_llm):
 
 def test_streaming_yields_growing_text_and_abort_frees(tiny_llm):
     chunks = list(tiny_llm.generate_stream("stream", GREEDY))
-    assert chunks[-1].finished and len(chunks) == 12
+    # One chunk per engine step: a multi-step decode (decode_steps, 4 by default) brings up to 4 tokens at once
+    counts = [len(c.outputs[0].token_ids) for c in chunks]
+    assert chunks[-1].finished and counts == [1, 5, 9, 12]
+    assert all(b.outputs[0].text.startswith(a.outputs[0].text) for a, b in zip(chunks, chunks[1:]))
     assert chunks[-1].outputs[0].token_ids == tiny_llm.generate("stream", GREEDY)[0].outputs[0].token_ids
     stream = tiny_llm.generate_stream("stream", SamplingParams(max_tokens=100, ignore_eos=True))
     next(stream)

@@ -37,7 +37,7 @@ def _window_start(meta, layer: int, row: int, block: int) -> int:
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gemma3"])
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
 def test_equal_layers_get_equal_pages_and_own_tensors_under_a_graph(graph: bool, model: str) -> None:
-    llm = make_tiny_llm(model)
+    llm = make_tiny_llm(model, decode_steps=1)  # every step through the metadata builder
     if graph:  # a graph that never runs: the runner builds its metadata as for one (no shared tensors)
         llm.engine.runner.graph = types.SimpleNamespace(failed=None, eligible=lambda meta: False)
     seen = _capture(llm)

@@ -28,3 +28,18 @@ def test_smollm2_fused_steps_equal_the_eager_layers() -> None:
     assert 2 in checked.batches
     model._fused = None
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == fused
+
+
+def test_smollm2_several_steps_a_call_equal_one_step_a_call() -> None:
+    """Multi-step decoding (the default decode_steps=4 and 7) gives SmolLM2's own tokens and text, EOS included."""
+    try:
+        llms = {steps: LLM("smollm2-135m", weights="auto", max_num_seqs=2, memory_bytes=64 << 20,
+                           decode_steps=steps) for steps in (1, 4, 7)}
+    except ValueError as error:
+        pytest.skip(str(error))
+    prompts = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number."]
+    for params in (SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+                   SamplingParams(max_tokens=40, temperature=0.7, seed=11)):
+        outs = {steps: [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+                        for o in llm.generate(prompts, params)] for steps, llm in llms.items()}
+        assert outs[4] == outs[1] and outs[7] == outs[1]

@@ -140,3 +140,68 @@ def test_prefix_hit_skips_cached_tokens():
     out = run_step(scheduler)
     assert [(i.request_id, i.num_computed_tokens, len(i.token_ids)) for i in out.scheduled] == [
         ("r0", 40, 1), ("r1", 32, 8)]
+
+
+# ---------------------------------------------------------------- multi-step decoding (SchedulerConfig.decode_steps)
+def _multi(scheduler: Scheduler, tokens: dict[str, list[int]] | None = None):
+    """One step whose runner returns ``tokens[id]`` (default: as many 7s as the step allows) per decode."""
+    out = scheduler.schedule()
+    sampled = {item.request_id: (tokens or {}).get(item.request_id, [7] * out.num_steps)
+               for item in out.scheduled if item.do_sample}
+    result = ModelRunnerOutput(sampled_token_ids=sampled)
+    scheduler.update_from_output(out, result)
+    return out, result
+
+
+def test_multi_step_reserves_pages_then_counts_the_tokens():
+    scheduler = make_scheduler(block_size=4, decode_steps=4, prefix=True)
+    (request,) = make_requests(1, 6, max_tokens=10)
+    scheduler.add_request(request)
+    out, _ = _multi(scheduler)
+    assert out.num_steps == 1  # a prefill step
+    state = scheduler.kv.requests["r0"]
+    out, _ = _multi(scheduler)
+    assert out.num_steps == 4 and len(out.scheduled[0].token_ids) == 1
+    # the step's own token (the 7th) counted; pages for 3 more reserved, not counted, their blocks not hashed yet
+    assert len(state.tables[0]) == 3 and out.scheduled[0].new_block_ids == [[state.tables[0][2]]]
+    assert request.num_computed_tokens == 10 and request.num_output_tokens == 5 and state.num_cached == [10]
+    assert state.block_hashes == [hash((None, (10,) * 4)), hash((state.block_hashes[0], (10, 10, 7, 7)))]
+    out, _ = _multi(scheduler)
+    assert out.num_steps == 4 and request.num_output_tokens == 9
+    out, _ = _multi(scheduler)
+    assert out.num_steps == 1  # one token left before max_tokens
+    assert request.status == RequestStatus.FINISHED_LENGTH and request.num_output_tokens == 10
+    assert scheduler.kv.pool.num_used_blocks == 0
+
+
+def test_multi_step_drops_the_tokens_after_a_stop():
+    scheduler = make_scheduler(block_size=4, decode_steps=4)
+    request = Request("r0", [10] * 6, SamplingParams(max_tokens=20, stop_token_ids=[3]))
+    scheduler.add_request(request)
+    _multi(scheduler)
+    out, result = _multi(scheduler, {"r0": [5, 3, 9, 9]})
+    assert out.num_steps == 4 and result.sampled_token_ids["r0"] == [5, 3]
+    assert request.output_token_ids == [7, 5, 3] and request.status == RequestStatus.FINISHED_STOPPED
+    assert scheduler.kv.pool.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("params", [dict(stop=["x"]), dict(repetition_penalty=1.2), dict(logit_bias={1: 2.0})])
+def test_multi_step_needs_plain_decodes_and_an_empty_queue(params):
+    scheduler = make_scheduler(decode_steps=4)
+    scheduler.add_request(Request("r0", [10] * 6, SamplingParams(max_tokens=20, **params)))
+    for _ in range(2):
+        out, _ = _multi(scheduler)
+        assert out.num_steps == 1  # the prefill, then a decode whose output is needed between tokens
+    full = make_scheduler(decode_steps=4, max_num_seqs=1)
+    full.add_request(Request("r0", [10] * 6, SamplingParams(max_tokens=20)))
+    _multi(full)
+    assert _multi(full)[0].num_steps == 4
+    full.add_request(Request("r1", [11] * 6, SamplingParams(max_tokens=20)))  # waits: no seat
+    out, _ = _multi(full)
+    assert full.num_waiting == 1 and out.num_steps == 1  # it is not kept waiting for several steps
+
+
+def test_decode_steps_is_validated():
+    for bad in (0, 65, 2.5, True):
+        with pytest.raises(ValueError, match="decode_steps"):
+            SchedulerConfig(decode_steps=bad)
