@@ -5,7 +5,8 @@
 One request with a ``--depth``-token random prompt is prefilled, 10 decode steps warm up, then ``--steps`` steps are
 timed (per token: with ``--decode-steps`` above 1 an engine step makes several). Each part's time is inclusive (``DecoderModel.forward`` holds ``FusedDecode.__call__``, ``compute_logits``
 holds the LM head's product ``Int8Linear.forward``); what a step spends outside the named parts is the engine's own
-Python; "outside the kernels" is the token's time less the fused layers' and the LM head's product calls.
+Python; "outside the kernels" is the token's time less the fused layers' and the LM head's product calls (and the
+greedy multi-step loops run wholly in C, ``FusedDecode.greedy``).
 docs/PERFORMANCE.md ("Batch-1 step overhead", "Multi-step decoding") quotes it.
 """
 
@@ -30,7 +31,7 @@ from longfit.runtime.model_runner import ModelRunner
 PARTS = ((LLMEngine, "step"), (Scheduler, "schedule"), (Scheduler, "update_from_output"), (ModelRunner, "execute"),
          (ModelRunner, "_flat_inputs"), (ModelRunner, "_decode_metadata"), (ModelRunner, "_sample"),
          (DecoderModel, "forward"), (FusedDecode, "__call__"), (DecoderModel, "compute_logits"),
-         (Int8Linear, "forward"))
+         (Int8Linear, "forward"), (FusedDecode, "greedy"))
 
 
 def _timed(seconds: dict[str, float], label: str, fn):
@@ -73,7 +74,7 @@ def main() -> None:
           f"decode_steps {args.decode_steps}, {tokens} tokens after depth {args.depth} + warm-up)")
     for label, total in sorted(seconds.items(), key=lambda item: -item[1]):
         print(f"  {label:<34}{total / tokens * 1e3:8.3f} ms")
-    kernels = seconds["FusedDecode.__call__"] + seconds["Int8Linear.forward"]
+    kernels = seconds["FusedDecode.__call__"] + seconds["Int8Linear.forward"] + seconds["FusedDecode.greedy"]
     print(f"  {'outside the kernels':<34}{(wall - kernels) / tokens * 1e3:8.3f} ms")
 
 

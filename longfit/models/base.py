@@ -106,6 +106,21 @@ class DecoderModel(nn.Module):
             self._fused = FusedDecode.build(self)
         return self._fused
 
+    def native_greedy(self, batch: int) -> tuple | None:
+        """(codes, scales, exact rows or None, row_error or None, rel, abs) where a greedy token of ``batch`` rows
+        can be taken in C as this model takes it: the embedding row as it is (bf16, no multiplier), and
+        ``compute_logits`` without a bias being the int8 tile kernel rounded to bf16, then (with exact rows)
+        ``native.head_leaders`` with margin ``|top| · rel + abs``, then the first argmax (``FusedDecode.greedy``
+        repeats these). None otherwise."""
+        head, rows = self.lm_head, self.exact_rows
+        if (not isinstance(head, Int8Linear) or getattr(head, "layout", None) != "tiles" or head.bias is not None
+                or (rows is not None and (rows.dtype != torch.bfloat16 or not rows.is_contiguous()))
+                or batch >= min(TILED_HEAD_MAX_ROWS, head.dequantize_min_rows)
+                or self.config.final_logit_softcapping or self.config.embedding_multiplier != 1.0
+                or self.embed.dtype != torch.bfloat16 or not self.embed.is_contiguous() or native.library() is None):
+            return None
+        return head.codes, head.scales, rows, self.head_row_error, _LEAD_REL, _LEAD_ABS
+
     def compute_logits(self, hidden: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: [M, d] → logits [M, V] fp32; ``bias`` (fp32 [M, V]: a request's logit_bias, -inf for the tokens
         a structured request's grammar forbids) is added first, so the leading candidates rescored below are the

@@ -5,8 +5,11 @@ batch-1 SmolLM2 step computes in ~5 ms on one core, and the engine around it (sc
 page metadata, output processing) added ~0.9 ms of Python per token (docs/PERFORMANCE.md). When every scheduled
 row decodes over plain pages, the scheduler reserves pages for ``num_steps`` tokens per request and the runner
 feeds each sampled token straight back: per step only the model, the LM head and the sampler run, on inputs built
-once for all the steps ([num_steps, B] positions, key slots and lengths). Each step computes exactly what a single
-step would (same metadata, same kernels, the seeded generators advanced once per token): tests compare the two.
+once for all the steps ([num_steps, B] positions, key slots, lengths and RoPE rows). Where the rows are greedy
+without logprobs and the model's layers and int8 LM head have C kernels (``FusedDecode.greedy``,
+``DecoderModel.native_greedy``), the whole loop is one C call (``longfit_decode_greedy``): embedding, layers, head,
+leader rescoring and argmax per step with no Python between tokens. Each step computes exactly what a single step
+would (same metadata, same kernels, same roundings, the seeded generators advanced once per token): tests compare.
 
 The loop ends early, after the step that produced it, when any row samples one of its stop tokens (EOS unless
 ``ignore_eos``, ``stop_token_ids``, once ``min_tokens`` is reached); every row then returns the same number of
@@ -71,21 +74,55 @@ def run(runner, items: list[ScheduledRequest], num_steps: int, result: ModelRunn
     tables_t = torch.from_numpy(tables).to(device)
     first_key = [torch.zeros(batch, dtype=torch.int64, device=device)] * num_layers
     stops = [_stops(it) for it in items]
-    min_tokens = [it.sampling_params.min_tokens - len(it.output_token_ids) for it in items]  # outputs still due
+    due = [it.sampling_params.min_tokens - len(it.output_token_ids) for it in items]  # a stop counts from this step
     tokens = torch.tensor([it.token_ids[0] for it in items], dtype=torch.int64, device=device)
-    width, block_tables = 0, []
-    for step in range(num_steps):
-        if widths[step] != width:  # the pages a step reads: as the runner's own step, one [L, B, width] tensor
-            width = widths[step]
-            block_tables = list(tables_t[:, :, :width].contiguous().unbind(0))
+
+    def metadata(step: int, block_tables: list[torch.Tensor]) -> AttentionMetadata:
         meta = AttentionMetadata(kv_pool=runner.kv_pool, block_size=bs, key_rows=key_rows[step], num_decode=batch,
                                  decode_block_tables=block_tables, decode_first_key=first_key,
                                  decode_seq_lens=[seq_lens[step]] * num_layers, decode_quant=[None] * num_layers)
         if cos is not None:
             meta.rope_cache[id(rope)] = (cos[step], sin[step])
+        return meta
+
+    width, block_tables = 0, []
+    for step in range(num_steps):
+        if widths[step] != width:  # the pages a step reads: as the runner's own step, one [L, B, width] tensor
+            width = widths[step]
+            block_tables = list(tables_t[:, :, :width].contiguous().unbind(0))
+        meta = metadata(step, block_tables)
+        if step == 0 and cos is not None and _greedy_in_c(runner, items, meta):
+            _run_greedy(runner, items, tokens, tables_t, widths, key_rows, seq_lens, cos, sin, stops, due, result)
+            return
         hidden = runner.model(tokens, positions[step], meta)  # [B, d]
         tokens = runner._sample(runner.model.compute_logits(hidden), items, result)
         sampled = tokens.tolist()
-        if any(token in stop and step + 1 >= due for token, stop, due in zip(sampled, stops, min_tokens)):
+        if any(token in stop and step + 1 >= first for token, stop, first in zip(sampled, stops, due)):
             break
         tokens = tokens.to(device)
+
+
+def _greedy_in_c(runner, items: list[ScheduledRequest], meta: AttentionMetadata) -> bool:
+    """Whether the whole loop can run in C (``FusedDecode.greedy``): greedy rows without logprobs, the fused layers
+    taking this step, and a head ``native_greedy`` takes."""
+    plan = runner.model.fused_decode()
+    return (plan is not None and all(it.sampling_params.temperature == 0 and it.sampling_params.logprobs is None
+                                     for it in items)
+            and plan.applies(meta, len(items)) and runner.model.native_greedy(len(items)) is not None)
+
+
+def _run_greedy(runner, items: list[ScheduledRequest], tokens: torch.Tensor, tables: torch.Tensor, widths: list[int],
+                key_rows: torch.Tensor, seq_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                stops: list[set[int]], due: list[int], result: ModelRunnerOutput) -> None:
+    """The loop in one C call: the same steps as ``run``'s, with no Python between tokens."""
+    num_steps, batch = seq_lens.shape
+    out = torch.empty(num_steps + 1, batch, dtype=torch.int64)  # row 0 the inputs, then each step's tokens
+    out[0] = tokens
+    width = max(1, max(len(stop) for stop in stops))
+    stop_ids = torch.tensor([sorted(stop) + [-1] * (width - len(stop)) for stop in stops], dtype=torch.int64)
+    done = runner.model.fused_decode().greedy(
+        runner.model, out, tables, torch.tensor(widths, dtype=torch.int64), key_rows, seq_lens,
+        cos.reshape(num_steps, batch, -1).contiguous(), sin.reshape(num_steps, batch, -1).contiguous(),
+        runner.kv_pool, runner.block_size, stop_ids, torch.tensor(due, dtype=torch.int64))
+    for row, item in enumerate(items):
+        result.sampled_token_ids.setdefault(item.request_id, []).extend(out[1:done + 1, row].tolist())

@@ -126,6 +126,13 @@ def library() -> ctypes.CDLL | None:
     lib.longfit_head_leaders.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, ctypes.c_float, ctypes.c_float]
     lib.longfit_argmax_rows.restype = None
     lib.longfit_argmax_rows.argtypes = [_PTR, _I64, _I64, _PTR]
+    lib.longfit_key_splits.restype = _I64
+    lib.longfit_key_splits.argtypes = [_I64, _I64, _INT]
+    lib.longfit_decode_greedy.restype = _I64
+    lib.longfit_decode_greedy.argtypes = [
+        _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64,
+        ctypes.c_float, ctypes.c_float, _INT, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, ctypes.c_float, ctypes.c_float,
+        _PTR, _I64, _PTR, _PTR]
     return lib
 
 
@@ -143,10 +150,9 @@ def paged_decode_supported(q: torch.Tensor, kv_pool: torch.Tensor) -> bool:
 
 def key_splits(batch: int, num_pages: int, threads: int) -> int:
     """Key splits per row: enough work items to keep ``threads`` busy (4 per thread), each split at least 4 pages;
-    1 on one thread (a split only adds a merge)."""
-    if threads <= 1 or batch >= 4 * threads:
-        return 1
-    return max(1, min(-(-4 * threads // batch), num_pages // 4))
+    1 on one thread (a split only adds a merge). The rule is ``longfit_key_splits`` (decode_step.c), which the
+    greedy loop also applies. Call only where ``library()`` is not None."""
+    return library().longfit_key_splits(batch, num_pages, threads)
 
 
 def paged_decode(q: torch.Tensor, kv_pool: torch.Tensor, pages: torch.Tensor, first_key: torch.Tensor,

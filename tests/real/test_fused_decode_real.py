@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.real_model,
 
 def test_smollm2_fused_steps_equal_the_eager_layers() -> None:
     try:
-        # a small pool: the check clones it every step
-        llm = LLM("smollm2-135m", weights="auto", max_num_seqs=2, memory_bytes=64 << 20)
+        # a small pool: the check clones it every step; one step a call, so that every step goes through the check
+        llm = LLM("smollm2-135m", weights="auto", max_num_seqs=2, memory_bytes=64 << 20, decode_steps=1)
     except ValueError as error:
         pytest.skip(str(error))
     model = llm.engine.runner.model
@@ -31,7 +31,8 @@ def test_smollm2_fused_steps_equal_the_eager_layers() -> None:
 
 
 def test_smollm2_several_steps_a_call_equal_one_step_a_call() -> None:
-    """Multi-step decoding (the default decode_steps=4 and 7) gives SmolLM2's own tokens and text, EOS included."""
+    """Multi-step decoding (the default decode_steps=4 and 7; greedy rows in one C call, sampled ones in the Python
+    loop) gives SmolLM2's own tokens and text, EOS included."""
     try:
         llms = {steps: LLM("smollm2-135m", weights="auto", max_num_seqs=2, memory_bytes=64 << 20,
                            decode_steps=steps) for steps in (1, 4, 7)}

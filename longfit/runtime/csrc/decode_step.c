@@ -173,3 +173,88 @@ done:
     free(scratch);
     return status;
 }
+
+int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes, const uint16_t *scales,
+                      int64_t N, int num_threads, void *out, int out_is_bf16);
+int64_t longfit_head_leaders(float *logits, int64_t M, int64_t V, const uint16_t *hidden, int64_t d,
+                             const uint16_t *rows, const float *row_error, float rel, float abs_);
+void longfit_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out);
+
+/* Key splits per row of paged decode attention: enough work items for the threads (4 each), each split at least 4
+ * pages; 1 on one thread (a split only adds a merge). native.key_splits calls this. */
+int64_t longfit_key_splits(int64_t batch, int64_t num_pages, int threads) {
+    if (threads <= 1 || batch >= 4 * (int64_t)threads) return 1;
+    const int64_t want = (4 * (int64_t)threads + batch - 1) / batch, cap = num_pages / 4;
+    const int64_t splits = want < cap ? want : cap;
+    return splits > 1 ? splits : 1;
+}
+
+/* Up to S greedy decode steps of B rows in one call (runtime/decode_loop.py: multi-step decoding), each what the
+ * runner's own step computes: the embedding row (bf16, widened), the fused layers above, the int8 LM head rounded to
+ * bf16 and widened, its leaders rescored (head.c), the first argmax. Between steps only integers move: each step's
+ * key rows, lengths, page count and RoPE rows are the caller's, built for all steps at once.
+ *
+ * tables [L, B, W] int64: every step's pages (a step reads its first widths[s]; W is the row stride); key_rows
+ * [S, L, B]; seq_lens [S, B] (keys including the new one); cos, sin [S, B, D] fp32; embed [V, d] bf16; head codes
+ * and scales in the int8 tile layout (qlinear.c), rows [V, d] bf16 the exact weights (NULL: no rescoring, as
+ * compute_logits without them), row_error [V] fp32 or NULL;
+ * stops [B, num_stops] int64 (-1: none) and due [B]: a row's stop token ends the loop once the step's number (from
+ * 1) reaches due[b]. tokens [S + 1, B] int64: row 0 the inputs, step s writes row s + 1.
+ * Returns the steps done (1..S), or a negative status: -1 a token outside [0, V), -2 out of memory, -3 a kernel
+ * refused its inputs. */
+int64_t longfit_decode_greedy(int64_t S, int64_t B, int64_t d, int64_t L, const int64_t *layers,
+                              const int64_t *tables, int64_t W, const int64_t *widths, const int64_t *key_rows,
+                              const int64_t *seq_lens, const float *cos, const float *sin, void *pool, int pool_bf16,
+                              int64_t bs, int64_t hq, int64_t hkv, int64_t D, float scale, float eps, int threads,
+                              const float *final_norm, const uint16_t *embed, const int8_t *head_codes,
+                              const uint16_t *head_scales, int64_t V, const uint16_t *rows, const float *row_error,
+                              float rel, float abs_, const int64_t *stops, int64_t num_stops, const int64_t *due,
+                              int64_t *tokens) {
+    float *h = malloc((size_t)(B * d) * 4), *logits = malloc((size_t)(B * V) * 4);
+    uint16_t *hidden = malloc((size_t)(B * d) * 2), *head = malloc((size_t)(B * V) * 2);
+    int64_t *steps = malloc((size_t)(L * S_FIELDS) * 8), *first = calloc((size_t)B, 8);
+    int64_t done = -2;
+    if (!h || !logits || !hidden || !head || !steps || !first) goto out;
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t *in = tokens + s * B;
+        for (int64_t b = 0; b < B; b++) {
+            if (in[b] < 0 || in[b] >= V) { done = -1; goto out; }
+            for (int64_t i = 0; i < d; i++) h[b * d + i] = bf16_to_f32(embed[in[b] * d + i]);
+        }
+        const int64_t splits = longfit_key_splits(B, widths[s], threads);
+        for (int64_t l = 0; l < L; l++) {
+            int64_t *step = steps + l * S_FIELDS;
+            step[S_PAGES] = (int64_t)(intptr_t)(tables + l * B * W);
+            step[S_WIDTH] = W;
+            step[S_FIRST] = (int64_t)(intptr_t)first;
+            step[S_LENS] = (int64_t)(intptr_t)(seq_lens + s * B);
+            step[S_SPLITS] = splits;
+        }
+        int status = longfit_fused_decode(h, B, d, L, layers, steps, cos + s * B * D, sin + s * B * D, pool, pool_bf16,
+                                          bs, hq, hkv, D, key_rows + s * L * B, scale, eps, threads, final_norm,
+                                          hidden);
+        if (status == 0) status = longfit_q8_linear(hidden, B, d, head_codes, head_scales, V, threads, head, 1);
+        if (status != 0) { done = -3; goto out; }
+        for (int64_t i = 0; i < B * V; i++) logits[i] = bf16_to_f32(head[i]);
+        if (rows && longfit_head_leaders(logits, B, V, hidden, d, rows, row_error, rel, abs_) < 0) {
+            done = -3;
+            goto out;
+        }
+        int64_t *next = tokens + (s + 1) * B;
+        longfit_argmax_rows(logits, B, V, next);
+        done = s + 1;
+        int stop = 0;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < num_stops; j++)
+                stop |= stops[b * num_stops + j] == next[b] && s + 1 >= due[b];
+        if (stop) break;
+    }
+out:
+    free(h);
+    free(logits);
+    free(hidden);
+    free(head);
+    free(steps);
+    free(first);
+    return done;
+}
