@@ -158,7 +158,8 @@ class SchedulerConfig:
     max_model_len: Annotated[int | None, "longest prompt + output; None: the model's context"] = None
     max_queue: Annotated[int | None, "most waiting requests; beyond it new requests are refused"] = None
     decode_steps: Annotated[int, "decode steps the runner may take per scheduled step when every running request "
-                                 "decodes and none waits (multi-step decoding); 1: one token per step"] = 4
+                                 "decodes and no waiting one could start (multi-step decoding); 1: one token per "
+                                 "step"] = 4
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:

@@ -181,13 +181,16 @@ class Scheduler:
 
     def _decode_steps(self, scheduled: list[Request]) -> int:
         """Steps the runner may take this time (multi-step decoding, vLLM's ``num_scheduler_steps``): up to
-        ``decode_steps`` while nobody waits and every scheduled request decodes over plain pages (no KV
+        ``decode_steps`` while nobody waits for a free seat and every scheduled request decodes over plain pages (no KV
         compression, no sliding window: those read or rewrite pages between tokens) with output that token ids
         alone finish (no stop strings, penalties, logit bias or grammar, which need each token's text or the
         output so far); never past a request's ``max_tokens`` or the context. Pages for the extra tokens are
         reserved here (none if the pool is short: then one step)."""
         steps = self.config.decode_steps
-        if steps == 1 or self.waiting or not scheduled or any(w is not None for w in self.kv.spec.layer_windows):
+        # A waiting request with a free seat could be admitted next step: one step. Without a seat it waits for a
+        # request to finish, and a loop ends at the step where one does (a stop token, max_tokens): no delay.
+        blocked = not self.waiting or len(self.running) >= self.config.max_num_seqs
+        if steps == 1 or not blocked or not scheduled or any(w is not None for w in self.kv.spec.layer_windows):
             return 1
         for request in scheduled:
             params = request.sampling_params

@@ -126,12 +126,14 @@ class FusedDecode:
 
     def greedy(self, model, tokens: torch.Tensor, tables: torch.Tensor, widths: torch.Tensor,
                key_rows: torch.Tensor, seq_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               pool: torch.Tensor, block_size: int, stops: torch.Tensor, due: torch.Tensor) -> int:
+               pool: torch.Tensor, block_size: int, stops: torch.Tensor, due: torch.Tensor,
+               max_seconds: float) -> int:
         """Up to S greedy steps of B rows in one C call (``longfit_decode_greedy``): each embeds its tokens, runs
         these layers, the LM head (``model.native_greedy``: the caller checked it) and the argmax. tokens [S + 1, B]
         int64 (row 0 the inputs; step s fills row s + 1); tables [L, B, W]; widths [S] (pages each step reads);
         key_rows [S, L, B]; seq_lens [S, B]; cos, sin [S, B, D] fp32; stops [B, n] (-1 pads) end the loop at a
-        step >= due [B]. All int64 and contiguous. Returns the steps done."""
+        step >= due [B], and so does a step that ends past ``max_seconds``. All int64 and contiguous. Returns the
+        steps done."""
         codes, scales, rows, row_error, rel, abs_ = model.native_greedy(tokens.shape[1])
         num_steps, batch = tokens.shape[0] - 1, tokens.shape[1]
         done = native.library().longfit_decode_greedy(
@@ -142,7 +144,7 @@ class FusedDecode:
             model.embed.data_ptr(), codes.data_ptr(), scales.data_ptr(), scales.shape[0],
             None if rows is None else rows.data_ptr(),
             None if row_error is None else row_error.data_ptr(), rel, abs_, stops.data_ptr(),
-            stops.shape[1], due.data_ptr(), tokens.data_ptr())
+            stops.shape[1], due.data_ptr(), max_seconds, tokens.data_ptr())
         if done < 1:
             raise RuntimeError(f"greedy decode loop refused its inputs (status {done})")
         return done

@@ -12,19 +12,25 @@ leader rescoring and argmax per step with no Python between tokens. Each step co
 would (same metadata, same kernels, same roundings, the seeded generators advanced once per token): tests compare.
 
 The loop ends early, after the step that produced it, when any row samples one of its stop tokens (EOS unless
-``ignore_eos``, ``stop_token_ids``, once ``min_tokens`` is reached); every row then returns the same number of
-tokens. Requests whose stop needs text (stop strings) or whose next logits depend on the output so far (penalties,
+``ignore_eos``, ``stop_token_ids``, once ``min_tokens`` is reached), and after the step that takes it past
+``MAX_BURST_S``: a stream then never waits much longer than that for its next tokens (at 16 rows with prompt chunks
+around, a SmolLM2 step takes ~50 ms on one core, and four steps held tokens back for ~220 ms with no throughput to
+show for it; at batch 1 four steps take ~20 ms). Every row returns the same number of tokens. Requests whose stop needs text (stop strings) or whose next logits depend on the output so far (penalties,
 logit bias, grammars) are never given more than one step by the scheduler; rows this module does not take
 (quantized or Quest pages, decode-time eviction, sliding windows, a compiled graph) run one ordinary step.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from longfit.models.attention import AttentionMetadata
 from longfit.outputs import ModelRunnerOutput, ScheduledRequest
+
+MAX_BURST_S = 0.05  # no step starts after a loop has run this long
 
 
 def applies(runner, items: list[ScheduledRequest]) -> bool:
@@ -86,6 +92,7 @@ def run(runner, items: list[ScheduledRequest], num_steps: int, result: ModelRunn
         return meta
 
     width, block_tables = 0, []
+    started = time.perf_counter()
     for step in range(num_steps):
         if widths[step] != width:  # the pages a step reads: as the runner's own step, one [L, B, width] tensor
             width = widths[step]
@@ -97,7 +104,8 @@ def run(runner, items: list[ScheduledRequest], num_steps: int, result: ModelRunn
         hidden = runner.model(tokens, positions[step], meta)  # [B, d]
         tokens = runner._sample(runner.model.compute_logits(hidden), items, result)
         sampled = tokens.tolist()
-        if any(token in stop and step + 1 >= first for token, stop, first in zip(sampled, stops, due)):
+        if any(token in stop and step + 1 >= first for token, stop, first in zip(sampled, stops, due)) \
+                or time.perf_counter() - started > MAX_BURST_S:
             break
         tokens = tokens.to(device)
 
@@ -123,6 +131,6 @@ def _run_greedy(runner, items: list[ScheduledRequest], tokens: torch.Tensor, tab
     done = runner.model.fused_decode().greedy(
         runner.model, out, tables, torch.tensor(widths, dtype=torch.int64), key_rows, seq_lens,
         cos.reshape(num_steps, batch, -1).contiguous(), sin.reshape(num_steps, batch, -1).contiguous(),
-        runner.kv_pool, runner.block_size, stop_ids, torch.tensor(due, dtype=torch.int64))
+        runner.kv_pool, runner.block_size, stop_ids, torch.tensor(due, dtype=torch.int64), MAX_BURST_S)
     for row, item in enumerate(items):
         result.sampled_token_ids.setdefault(item.request_id, []).extend(out[1:done + 1, row].tolist())

@@ -132,7 +132,7 @@ def library() -> ctypes.CDLL | None:
     lib.longfit_decode_greedy.argtypes = [
         _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64,
         ctypes.c_float, ctypes.c_float, _INT, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, ctypes.c_float, ctypes.c_float,
-        _PTR, _I64, _PTR, _PTR]
+        _PTR, _I64, _PTR, ctypes.c_double, _PTR]
     return lib
 
 

@@ -110,3 +110,17 @@ def test_rows_the_loop_cannot_take_run_one_step(monkeypatch) -> None:
     llm = make_tiny_llm(decode_steps=5)
     llm.engine.runner.graph = types.SimpleNamespace(failed=None, eligible=lambda meta: False)
     assert _outputs(llm, PROMPTS, params) == one and not calls
+
+
+@pytest.mark.parametrize("form", [FORMS["fp32-eager"], FORMS["bf16-int8"]], ids=["python", "c"])
+def test_a_loop_stops_after_its_time_bound(monkeypatch, form) -> None:
+    """With no time to spare (MAX_BURST_S = 0) every loop stops after its first step: one token per engine step,
+    the same tokens."""
+    params = SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)
+    one = _outputs(_llm(form, decode_steps=1), PROMPTS[:1], params)
+    monkeypatch.setattr(decode_loop, "MAX_BURST_S", 0.0)
+    calls, _ = _counting(monkeypatch)
+    llm = _llm(form, decode_steps=4)
+    chunks = list(llm.generate_stream(PROMPTS[0], params))
+    assert calls and [len(c.outputs[0].token_ids) for c in chunks] == list(range(1, 16))
+    assert chunks[-1].outputs[0].token_ids == one[0][0]

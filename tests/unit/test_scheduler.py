@@ -186,19 +186,35 @@ def test_multi_step_drops_the_tokens_after_a_stop():
 
 
 @pytest.mark.parametrize("params", [dict(stop=["x"]), dict(repetition_penalty=1.2), dict(logit_bias={1: 2.0})])
-def test_multi_step_needs_plain_decodes_and_an_empty_queue(params):
+def test_multi_step_needs_plain_decodes_and_no_request_that_could_start(params):
     scheduler = make_scheduler(decode_steps=4)
     scheduler.add_request(Request("r0", [10] * 6, SamplingParams(max_tokens=20, **params)))
     for _ in range(2):
         out, _ = _multi(scheduler)
         assert out.num_steps == 1  # the prefill, then a decode whose output is needed between tokens
-    full = make_scheduler(decode_steps=4, max_num_seqs=1)
-    full.add_request(Request("r0", [10] * 6, SamplingParams(max_tokens=20)))
+    # A request waiting for pages while seats are free could be admitted any step: one step at a time.
+    spec = KVCacheSpec(1, 1, 8, 4, "bfloat16", 2, 16, (None,))  # 15 pages of 4 tokens
+    short = Scheduler(SchedulerConfig(decode_steps=4), KVCacheManager(spec, False), 4096)
+    short.add_request(Request("r0", [10] * 6, SamplingParams(max_tokens=20)))
+    _multi(short)
+    short.add_request(Request("r1", [11] * 56, SamplingParams(max_tokens=4)))  # 14 pages: not while r0 holds 2
+    out, _ = _multi(short)
+    assert short.num_waiting == 1 and out.num_steps == 1
+
+
+def test_multi_step_goes_on_while_the_queue_waits_for_a_seat():
+    """Without a free seat a waiting request is admitted only once a running one finishes, and a loop ends at the
+    step where one does: it gets its seat on the same step as with one step a call."""
+    full = make_scheduler(block_size=4, decode_steps=4, max_num_seqs=1)
+    full.add_request(Request("r0", [10] * 6, SamplingParams(max_tokens=6, ignore_eos=True)))
     _multi(full)
-    assert _multi(full)[0].num_steps == 4
     full.add_request(Request("r1", [11] * 6, SamplingParams(max_tokens=20)))  # waits: no seat
     out, _ = _multi(full)
-    assert full.num_waiting == 1 and out.num_steps == 1  # it is not kept waiting for several steps
+    assert full.num_waiting == 1 and out.num_steps == 4  # r0 has 5 tokens to go
+    out, _ = _multi(full)
+    assert out.num_steps == 1 and full.requests.get("r0") is None  # its last token; it finishes
+    out, _ = _multi(full)
+    assert [item.request_id for item in out.scheduled] == ["r1"] and full.num_waiting == 0
 
 
 def test_decode_steps_is_validated():

@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "bf16.h"
 #include "fast_exp.h"
@@ -180,6 +181,12 @@ int64_t longfit_head_leaders(float *logits, int64_t M, int64_t V, const uint16_t
                              const uint16_t *rows, const float *row_error, float rel, float abs_);
 void longfit_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out);
 
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
 /* Key splits per row of paged decode attention: enough work items for the threads (4 each), each split at least 4
  * pages; 1 on one thread (a split only adds a merge). native.key_splits calls this. */
 int64_t longfit_key_splits(int64_t batch, int64_t num_pages, int threads) {
@@ -199,7 +206,8 @@ int64_t longfit_key_splits(int64_t batch, int64_t num_pages, int threads) {
  * and scales in the int8 tile layout (qlinear.c), rows [V, d] bf16 the exact weights (NULL: no rescoring, as
  * compute_logits without them), row_error [V] fp32 or NULL;
  * stops [B, num_stops] int64 (-1: none) and due [B]: a row's stop token ends the loop once the step's number (from
- * 1) reaches due[b]. tokens [S + 1, B] int64: row 0 the inputs, step s writes row s + 1.
+ * 1) reaches due[b], and so does a step that ends max_seconds or more after the call began (a stream's tokens are
+ * not held back long). tokens [S + 1, B] int64: row 0 the inputs, step s writes row s + 1.
  * Returns the steps done (1..S), or a negative status: -1 a token outside [0, V), -2 out of memory, -3 a kernel
  * refused its inputs. */
 int64_t longfit_decode_greedy(int64_t S, int64_t B, int64_t d, int64_t L, const int64_t *layers,
@@ -209,7 +217,8 @@ int64_t longfit_decode_greedy(int64_t S, int64_t B, int64_t d, int64_t L, const 
                               const float *final_norm, const uint16_t *embed, const int8_t *head_codes,
                               const uint16_t *head_scales, int64_t V, const uint16_t *rows, const float *row_error,
                               float rel, float abs_, const int64_t *stops, int64_t num_stops, const int64_t *due,
-                              int64_t *tokens) {
+                              double max_seconds, int64_t *tokens) {
+    const double started = seconds_now();
     float *h = malloc((size_t)(B * d) * 4), *logits = malloc((size_t)(B * V) * 4);
     uint16_t *hidden = malloc((size_t)(B * d) * 2), *head = malloc((size_t)(B * V) * 2);
     int64_t *steps = malloc((size_t)(L * S_FIELDS) * 8), *first = calloc((size_t)B, 8);
@@ -247,7 +256,7 @@ int64_t longfit_decode_greedy(int64_t S, int64_t B, int64_t d, int64_t L, const 
         for (int64_t b = 0; b < B; b++)
             for (int64_t j = 0; j < num_stops; j++)
                 stop |= stops[b * num_stops + j] == next[b] && s + 1 >= due[b];
-        if (stop) break;
+        if (stop || seconds_now() - started > max_seconds) break;
     }
 out:
     free(h);
