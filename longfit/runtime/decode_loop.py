@@ -15,9 +15,10 @@ The loop ends early, after the step that produced it, when any row samples one o
 ``ignore_eos``, ``stop_token_ids``, once ``min_tokens`` is reached), and after the step that takes it past
 ``MAX_BURST_S``: a stream then never waits much longer than that for its next tokens (at 16 rows with prompt chunks
 around, a SmolLM2 step takes ~50 ms on one core, and four steps held tokens back for ~220 ms with no throughput to
-show for it; at batch 1 four steps take ~20 ms). Every row returns the same number of tokens. Requests whose stop needs text (stop strings) or whose next logits depend on the output so far (penalties,
-logit bias, grammars) are never given more than one step by the scheduler; rows this module does not take
-(quantized or Quest pages, decode-time eviction, sliding windows, a compiled graph) run one ordinary step.
+show for it; at batch 1 four steps take ~20 ms). Every row returns the same number of tokens. Requests whose stop
+needs text (stop strings) or whose next logits depend on the output so far (penalties, logit bias, grammars) are
+never given more than one step by the scheduler; rows this module does not take (quantized or Quest pages,
+decode-time eviction, sliding windows, a compiled graph) run one ordinary step.
 """
 
 from __future__ import annotations
