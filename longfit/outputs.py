@@ -90,7 +90,7 @@ class ScheduledRequest:
     prompt_token_ids: list[int] = field(default_factory=list)
     kv_compression: str | None = None
     compress_at: int = 0  # prompt tokens after which compression runs
-    eos_token_ids: tuple[int, ...] = ()  # the request's EOS ids (a multi-step decode stops at them)
+    stop_ids: frozenset[int] = frozenset()  # ``Request.stop_ids``: a multi-step decode stops at them
 
 
 @dataclass(slots=True)

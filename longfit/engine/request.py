@@ -49,6 +49,9 @@ class Request:
         self.sampling_params = sampling_params
         self.max_tokens = max_tokens if max_tokens is not None else sampling_params.max_tokens
         self.eos_token_ids = eos_token_ids
+        # Tokens that end the request once min_tokens are out: EOS (unless ignore_eos) and stop_token_ids
+        self.stop_ids = frozenset(sampling_params.stop_token_ids) | frozenset(
+            () if sampling_params.ignore_eos else eos_token_ids)
         self.kv_compression = kv_compression
         boundary = sampling_params.kv_compression_boundary
         # Prompt tokens after which compression runs (the rest of the prompt is prefilled uncompressed).
@@ -85,13 +88,11 @@ class Request:
         """Token-level stop conditions after a new token: EOS, stop token ids, max_tokens."""
         params = self.sampling_params
         last = self.output_token_ids[-1]
-        if self.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and last in self.eos_token_ids:
-                self.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-            if last in params.stop_token_ids:
-                self.stop_reason = last
-                return RequestStatus.FINISHED_STOPPED
+        if self.num_output_tokens >= params.min_tokens and last in self.stop_ids:
+            # EOS reports no stop reason, even when it is also one of the stop token ids
+            eos = not params.ignore_eos and last in self.eos_token_ids
+            self.stop_reason = None if eos else last
+            return RequestStatus.FINISHED_STOPPED
         if self.max_tokens is not None and self.num_output_tokens >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

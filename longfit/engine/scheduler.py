@@ -225,7 +225,7 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             kv_compression=None if request.is_compressed else request.kv_compression,
             compress_at=request.compress_at,
-            eos_token_ids=request.eos_token_ids,
+            stop_ids=request.stop_ids,
         )
 
     # ------------------------------------------------------------------ results

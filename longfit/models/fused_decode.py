@@ -124,24 +124,24 @@ class FusedDecode:
             raise RuntimeError(f"fused decode step refused its inputs (status {status})")
         return out
 
-    def greedy(self, model, tokens: torch.Tensor, tables: torch.Tensor, widths: torch.Tensor,
+    def greedy(self, model, head: tuple, tokens: torch.Tensor, tables: torch.Tensor, widths: torch.Tensor,
                key_rows: torch.Tensor, seq_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                pool: torch.Tensor, block_size: int, stops: torch.Tensor, due: torch.Tensor,
                max_seconds: float) -> int:
         """Up to S greedy steps of B rows in one C call (``longfit_decode_greedy``): each embeds its tokens, runs
-        these layers, the LM head (``model.native_greedy``: the caller checked it) and the argmax. tokens [S + 1, B]
-        int64 (row 0 the inputs; step s fills row s + 1); tables [L, B, W]; widths [S] (pages each step reads);
-        key_rows [S, L, B]; seq_lens [S, B]; cos, sin [S, B, D] fp32; stops [B, n] (-1 pads) end the loop at a
-        step >= due [B], and so does a step that ends past ``max_seconds``. All int64 and contiguous. Returns the
-        steps done."""
-        codes, scales, rows, row_error, rel, abs_ = model.native_greedy(tokens.shape[1])
+        these layers, the LM head (``head``: what ``model.native_greedy`` returned for B rows) and the argmax.
+        tokens [S + 1, B] int64 (row 0 the inputs; step s fills row s + 1); tables [L, B, W]; widths [S] (pages each
+        step reads); key_rows [S, L, B]; seq_lens [S, B]; cos, sin [S, B, D] fp32; stops [B, n] (-1 pads) end the
+        loop at a step >= due [B], and so does a step that ends past ``max_seconds``. All int64 and contiguous.
+        Returns the steps done."""
+        codes, scales, rows, row_error, rel, abs_ = head
         num_steps, batch = tokens.shape[0] - 1, tokens.shape[1]
         done = native.library().longfit_decode_greedy(
             num_steps, batch, model.embed.shape[1], self.table.shape[0], self.table.data_ptr(), tables.data_ptr(),
             tables.shape[2], widths.data_ptr(), key_rows.data_ptr(), seq_lens.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), pool.data_ptr(), int(pool.dtype == torch.bfloat16), block_size, self.num_heads,
-            self.num_kv_heads, self.head_dim, self.scale, self.eps, torch.get_num_threads(), self.final_norm.data_ptr(),
-            model.embed.data_ptr(), codes.data_ptr(), scales.data_ptr(), scales.shape[0],
+            self.num_kv_heads, self.head_dim, self.scale, self.eps, torch.get_num_threads(),
+            self.final_norm.data_ptr(), model.embed.data_ptr(), codes.data_ptr(), scales.data_ptr(), scales.shape[0],
             None if rows is None else rows.data_ptr(),
             None if row_error is None else row_error.data_ptr(), rel, abs_, stops.data_ptr(),
             stops.shape[1], due.data_ptr(), max_seconds, tokens.data_ptr())

@@ -36,24 +36,18 @@ MAX_BURST_S = 0.05  # no step starts after a loop has run this long
 
 def applies(runner, items: list[ScheduledRequest]) -> bool:
     """Whether ``runner`` (a ``ModelRunner``) may loop over these decode rows: plain pages whose layers all hold
-    the same number of keys, no sliding window, no compiled graph, nothing read or written between tokens."""
+    the same number of keys, no sliding window, no compiled graph, nothing read or written between tokens. (The
+    scheduler gave the step several steps only for requests whose sampling needs nothing between tokens.)"""
     if any(window is not None for window in runner.windows) or (runner.graph is not None
                                                                and runner.graph.failed is None):
         return False
     for item in items:
         state = runner.states[item.request_id]
-        params = item.sampling_params
         if (state.formats is not None or state.quest is not None or state.budgets is not None
-                or state.recent is not None or state.grammar is not None or params.needs_penalties
-                or params.logit_bias or params.structured_output is not None or item.kv_compression
+                or state.recent is not None or state.grammar is not None
                 or min(item.num_cached_tokens) != max(item.num_cached_tokens)):
             return False
     return True
-
-
-def _stops(item: ScheduledRequest) -> set[int]:
-    params = item.sampling_params
-    return set(params.stop_token_ids) | (set() if params.ignore_eos else set(item.eos_token_ids))
 
 
 def run(runner, items: list[ScheduledRequest], num_steps: int, result: ModelRunnerOutput) -> None:
@@ -80,7 +74,7 @@ def run(runner, items: list[ScheduledRequest], num_steps: int, result: ModelRunn
     widths = (-(-(slots.max(axis=1) + 1) // bs)).tolist()  # [S]: pages each step reads
     tables_t = torch.from_numpy(tables).to(device)
     first_key = [torch.zeros(batch, dtype=torch.int64, device=device)] * num_layers
-    stops = [_stops(it) for it in items]
+    stops = [it.stop_ids for it in items]
     due = [it.sampling_params.min_tokens - len(it.output_token_ids) for it in items]  # a stop counts from this step
     tokens = torch.tensor([it.token_ids[0] for it in items], dtype=torch.int64, device=device)
 
@@ -99,8 +93,10 @@ def run(runner, items: list[ScheduledRequest], num_steps: int, result: ModelRunn
             width = widths[step]
             block_tables = list(tables_t[:, :, :width].contiguous().unbind(0))
         meta = metadata(step, block_tables)
-        if step == 0 and cos is not None and _greedy_in_c(runner, items, meta):
-            _run_greedy(runner, items, tokens, tables_t, widths, key_rows, seq_lens, cos, sin, stops, due, result)
+        head = _greedy_head(runner, items, meta) if step == 0 and cos is not None else None
+        if head is not None:
+            _run_greedy(runner, items, head, tokens, tables_t, widths, key_rows, seq_lens, cos, sin, stops, due,
+                        result)
             return
         hidden = runner.model(tokens, positions[step], meta)  # [B, d]
         tokens = runner._sample(runner.model.compute_logits(hidden), items, result)
@@ -111,18 +107,19 @@ def run(runner, items: list[ScheduledRequest], num_steps: int, result: ModelRunn
         tokens = tokens.to(device)
 
 
-def _greedy_in_c(runner, items: list[ScheduledRequest], meta: AttentionMetadata) -> bool:
-    """Whether the whole loop can run in C (``FusedDecode.greedy``): greedy rows without logprobs, the fused layers
-    taking this step, and a head ``native_greedy`` takes."""
+def _greedy_head(runner, items: list[ScheduledRequest], meta: AttentionMetadata) -> tuple | None:
+    """``DecoderModel.native_greedy``'s head where the whole loop can run in C (``FusedDecode.greedy``): greedy rows
+    without logprobs, the fused layers taking this step, a head it takes. None otherwise."""
     plan = runner.model.fused_decode()
-    return (plan is not None and all(it.sampling_params.temperature == 0 and it.sampling_params.logprobs is None
-                                     for it in items)
-            and plan.applies(meta, len(items)) and runner.model.native_greedy(len(items)) is not None)
+    if plan is None or not plan.applies(meta, len(items)) or not all(
+            it.sampling_params.temperature == 0 and it.sampling_params.logprobs is None for it in items):
+        return None
+    return runner.model.native_greedy(len(items))
 
 
-def _run_greedy(runner, items: list[ScheduledRequest], tokens: torch.Tensor, tables: torch.Tensor, widths: list[int],
-                key_rows: torch.Tensor, seq_lens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                stops: list[set[int]], due: list[int], result: ModelRunnerOutput) -> None:
+def _run_greedy(runner, items: list[ScheduledRequest], head: tuple, tokens: torch.Tensor, tables: torch.Tensor,
+                widths: list[int], key_rows: torch.Tensor, seq_lens: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, stops: list[frozenset[int]], due: list[int], result: ModelRunnerOutput) -> None:
     """The loop in one C call: the same steps as ``run``'s, with no Python between tokens."""
     num_steps, batch = seq_lens.shape
     out = torch.empty(num_steps + 1, batch, dtype=torch.int64)  # row 0 the inputs, then each step's tokens
@@ -130,7 +127,7 @@ def _run_greedy(runner, items: list[ScheduledRequest], tokens: torch.Tensor, tab
     width = max(1, max(len(stop) for stop in stops))
     stop_ids = torch.tensor([sorted(stop) + [-1] * (width - len(stop)) for stop in stops], dtype=torch.int64)
     done = runner.model.fused_decode().greedy(
-        runner.model, out, tables, torch.tensor(widths, dtype=torch.int64), key_rows, seq_lens,
+        runner.model, head, out, tables, torch.tensor(widths, dtype=torch.int64), key_rows, seq_lens,
         cos.reshape(num_steps, batch, -1).contiguous(), sin.reshape(num_steps, batch, -1).contiguous(),
         runner.kv_pool, runner.block_size, stop_ids, torch.tensor(due, dtype=torch.int64), MAX_BURST_S)
     for row, item in enumerate(items):

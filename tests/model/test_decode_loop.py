@@ -40,9 +40,9 @@ def _counting(monkeypatch) -> tuple[list[int], list[int]]:
         calls.append(num_steps)
         return run(runner, items, num_steps, result)
 
-    def counted_c(runner, items, tokens, tables, widths, *args):
+    def counted_c(runner, items, head, tokens, tables, widths, *args):
         in_c.append(len(widths))
-        return greedy(runner, items, tokens, tables, widths, *args)
+        return greedy(runner, items, head, tokens, tables, widths, *args)
 
     monkeypatch.setattr(decode_loop, "run", counted)
     monkeypatch.setattr(decode_loop, "_run_greedy", counted_c)
