@@ -21,7 +21,7 @@
 
 int longfit_q4_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const void *d, const void *mn,
                       int f16, int64_t N, int64_t G, int num_threads, void *out, int out_is_bf16);
-int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes, const uint16_t *scales,
+int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
                       int64_t N, int num_threads, void *out, int out_is_bf16);
 
 static double now(void) {
@@ -52,9 +52,9 @@ int main(int argc, char **argv) {
         }
         int4_bytes += n / 2 + n / GROUP * 4;
     }
-    int8_t *head = aligned_alloc(64, (size_t)VOCAB * DIM);
+    uint8_t *head = aligned_alloc(64, (size_t)VOCAB * DIM);
     uint16_t *scales = aligned_alloc(64, (size_t)VOCAB * 2);
-    for (size_t j = 0; j < (size_t)VOCAB * DIM; j++) head[j] = (int8_t)rand();
+    for (size_t j = 0; j < (size_t)VOCAB * DIM; j++) head[j] = (uint8_t)rand();
     for (int j = 0; j < VOCAB; j++) scales[j] = 0x3c00;
     const size_t head_bytes = (size_t)VOCAB * DIM + (size_t)VOCAB * 2;
     uint16_t x[1536];

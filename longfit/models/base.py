@@ -22,14 +22,17 @@ from longfit.runtime import native
 
 # bf16 has 8 significant bits: a product or a sum rounded to it moves by at most 2^-9 of its magnitude.
 _BF16_REL = 2.0**-9
+# The tile kernels' activation split (qlinear.c): each input is within max|x| / 64516 of what they multiply.
+_ACT_SPLIT_STEPS = 127 * 508
 # compute_logits' margin for the head's output rounding: |top logit| · _LEAD_REL + _LEAD_ABS, several bf16 steps.
 _LEAD_REL, _LEAD_ABS = 2.0**-6, 0.05
 # From this many rows on, a tied int8 LM head is computed as one bf16 matmul over the embedding table instead:
 # the int8 kernel's time grows about linearly with rows (measured, 49152x576, 1-2 threads: torch's int8 kernel
-# faster up to 4 rows, even at 6-8, 2x slower at 16; the tile kernel, 1 thread: 8.9 vs 10.0 ms at 12 rows, 11.5 vs
-# 11.1 at 16).
+# faster up to 4 rows, even at 6-8, 2x slower at 16; the tile kernel with 8-bit activations (AVX512-VNNI), against
+# the matmul: 1 thread 5.6 vs 10.6 ms at 16 rows, 25.8 vs 25.3 at 64, 38.6 vs 34.0 at 96; 2 threads 3.6 vs 7.3 at
+# 16, 12.5 vs 13.6 at 64, 18.5 vs 17.8 at 96).
 PACKED_HEAD_MAX_ROWS = 8
-TILED_HEAD_MAX_ROWS = 16
+TILED_HEAD_MAX_ROWS = 64
 
 
 class DecoderModel(nn.Module):
@@ -75,6 +78,11 @@ class DecoderModel(nn.Module):
             self._exact_rows_name = "embed"
             # RTN: |code·s - w| ≤ s/2; the bf16 rows differ from w by ≤ 2^-9·|w| ≤ 2^-9·127·s.
             self.head_row_error = head.scales.float() * (0.5 + 127 * _BF16_REL)
+            if head.layout == "tiles":
+                # The tile kernel splits x into 8-bit integers, |x_k - x̂_k| ≤ max|x| / 64516 ≤ Σ|x| / 64516
+                # (runtime/csrc/qlinear.c), which moves logit n by ≤ s_n·Σ_k|code[n, k]|·Σ|x| / 64516 more.
+                code_l1 = head.plain_codes().abs().sum(1, dtype=torch.int32).float()
+                self.head_row_error += head.scales.float() * code_l1 / _ACT_SPLIT_STEPS
 
     @property
     def exact_rows(self) -> torch.Tensor | None:

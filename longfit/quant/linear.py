@@ -206,8 +206,8 @@ def _few_rows(x: Tensor, limit: int) -> bool:
 class Int8Linear(Linear):
     """Per-output-channel symmetric int8 weight, ``w[n, k] = codes[n, k] · scales[n]``, computed in bf16.
 
-    Buffers: codes int8, [N/16, K, 16] in the "tiles" layout (``quant/tiles.py``; the C kernel of
-    ``runtime/native.py``) or [N, K] in the "torch" one (``torch._weight_int8pack_mm``); scales bf16 [N]; bias
+    Buffers: codes, uint8 [N/16, K/4, 64] (code + 128) in the "tiles" layout (``quant/tiles.py``; the C kernel
+    of ``runtime/native.py``) or int8 [N, K] in the "torch" one (``torch._weight_int8pack_mm``); scales bf16 [N]; bias
     bf16 [N] or None. Other activation dtypes are cast to bf16 for the kernel and the output cast back (bf16
     numerics). Tests compare with ``rtn.dequantize_int8`` + matmul.
     """
@@ -231,12 +231,12 @@ class Int8Linear(Linear):
         self.dequantize_min_rows = TILES_DEQUANTIZE_MIN_ROWS["int8"] if self.layout == "tiles" else DEQUANTIZE_MIN_ROWS
         self.codes: Tensor
         self.scales: Tensor
-        self.register_buffer("codes", tiles.pack_lanes(codes) if self.layout == "tiles" else codes.contiguous())
+        self.register_buffer("codes", tiles.pack_int8(codes) if self.layout == "tiles" else codes.contiguous())
         self.register_buffer("scales", scales.detach().to(_KERNEL_DTYPE).contiguous())
 
     def plain_codes(self) -> Tensor:
         """codes [N, K] int8, whatever the layout."""
-        return tiles.unpack_lanes(self.codes) if self.layout == "tiles" else self.codes
+        return tiles.unpack_int8(self.codes) if self.layout == "tiles" else self.codes
 
     def _kernel(self, x: Tensor) -> Tensor:
         """x [M, K] bf16 contiguous → [M, N] bf16."""

@@ -1,7 +1,7 @@
 """Tile layouts of int4 / int8 weights for the few-row C kernels (``runtime/csrc/qlinear.c``, which documents them).
 
-A tile is 16 output rows: one 512-bit register holds the 16 rows' weights at an input (int8), or at two inputs as
-bf16 pairs (int4), so each weight is decoded once per call and multiplied by every activation row; pairs of tiles
+A tile is 16 output rows: one 512-bit register holds the 16 rows' codes at four (int8) or eight (int4) inputs, one
+32-bit lane per row, so each weight is loaded once per call and multiplied by every activation row; pairs of tiles
 are stored interleaved so that a kernel work item reads one forward stream. These functions build the layouts from
 plain ``[N, K]`` codes and take them apart again (the many-row path dequantizes, the tests compare); they are plain
 tensor reshapes, exact both ways. ``default_layout`` / ``choose_layout`` decide which layout a packed layer gets.
@@ -45,7 +45,7 @@ def tile_shape_problem(out_features: int, in_features: int, group_size: int | No
     if out_features % TILE_ROWS:
         return f"tiles need out_features % {TILE_ROWS} == 0, got {out_features}"
     if group_size is None:
-        return None if in_features % 2 == 0 else f"int8 tiles need an even in_features, got {in_features}"
+        return None if in_features % 4 == 0 else f"int8 tiles need in_features % 4 == 0, got {in_features}"
     if group_size % 8 or in_features % group_size:
         return f"int4 tiles need group_size % 8 == 0 and in_features % group_size == 0, got {in_features}, {group_size}"
     return None
@@ -68,28 +68,44 @@ def _interleave_pairs(blocks: Tensor, inverse: bool = False) -> Tensor:
 
 def pack_int4(codes: Tensor) -> Tensor:
     """codes [N, K] integers in 0..15 → tiles [N/16, K/8, 64] uint8: in oct o (inputs 8o..8o+7) of tile t, bytes
-    4i..4i+3 are row 16t + i's 32-bit word, little-endian, whose bits 4j..4j+3 hold the code of input 8o + 2j and bits
-    16 + 4j.. that of input 8o + 2j + 1 (j = 0..3): a shift by 4j and a mask leave a bf16 pair of inputs in every
-    32-bit lane (``qlinear.c``). Pairs of tiles interleaved by oct (``_interleave_pairs``)."""
+    4i..4i+3 are row 16t + i's 32-bit word, whose byte e (e = 0..3) holds the code of input 8o + e in its low 4 bits
+    and that of input 8o + 4 + e in its high 4 bits: a mask, or a shift and a mask, leave four inputs' codes as the
+    bytes of every 32-bit lane (``qlinear.c``). Pairs of tiles interleaved by oct (``_interleave_pairs``)."""
     n_out, n_in = codes.shape
-    c = codes.to(torch.uint8).reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 8, 4, 2)  # [t, i, o, j, even/odd]
-    nibbles = c[..., 0::2, :] | (c[..., 1::2, :] << 4)  # [t, i, o, 2, 2]: (j 0|1, j 2|3) x (even, odd)
-    words = nibbles.transpose(3, 4)  # [t, i, o, 2 (word), 2 (byte)]: word 0 the even inputs, word 1 the odd
-    packed = words.reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 8, 4).permute(0, 2, 1, 3)  # [t, o, i, 4]
+    c = codes.to(torch.uint8).reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 8, 2, 4)  # [t, i, o, low|high, e]
+    words = c[..., 0, :] | (c[..., 1, :] << 4)  # [t, i, o, 4 bytes]
+    packed = words.permute(0, 2, 1, 3)  # [t, o, i, 4]
     return _interleave_pairs(packed.reshape(n_out // TILE_ROWS, n_in // 8, 4 * TILE_ROWS))
 
 
 def unpack_int4(tiles: Tensor) -> Tensor:
     """Inverse of :func:`pack_int4`: tiles [N/16, K/8, 64] → codes [N, K] uint8."""
     num_tiles, octs, _ = tiles.shape
-    b = _interleave_pairs(tiles, inverse=True).reshape(num_tiles, octs, TILE_ROWS, 2, 2).permute(0, 2, 1, 4, 3)
-    codes = torch.stack([b & 15, b >> 4], dim=4)  # [t, i, o, j // 2, j % 2, even/odd]: input 8o + 2j + even/odd
+    b = _interleave_pairs(tiles, inverse=True).reshape(num_tiles, octs, TILE_ROWS, 4).transpose(1, 2)  # [t, i, o, e]
+    codes = torch.stack([b & 15, b >> 4], dim=3)  # [t, i, o, low|high, e]: input 8o + 4·high + e
     return codes.reshape(num_tiles * TILE_ROWS, octs * 8)
 
 
+def pack_int8(codes: Tensor) -> Tensor:
+    """codes [N, K] int8 (-127..127, K % 4 == 0) → tiles [N/16, K/4, 64] uint8 of code + 128 (vpdpbusd's unsigned
+    operand): in quad q (inputs 4q..4q+3) of tile t, bytes 4i..4i+3 are row 16t + i's codes of the four inputs.
+    Pairs of tiles interleaved by quad."""
+    n_out, n_in = codes.shape
+    shifted = (codes.to(torch.int16) + 128).to(torch.uint8)
+    quads = shifted.reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 4, 4).transpose(1, 2)  # [t, q, i, 4]
+    return _interleave_pairs(quads.reshape(n_out // TILE_ROWS, n_in // 4, 4 * TILE_ROWS))
+
+
+def unpack_int8(tiles: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int8`: tiles [N/16, K/4, 64] uint8 → codes [N, K] int8."""
+    num_tiles, quads, _ = tiles.shape
+    b = _interleave_pairs(tiles, inverse=True).reshape(num_tiles, quads, TILE_ROWS, 4).transpose(1, 2)  # [t, i, q, 4]
+    return (b.to(torch.int16) - 128).to(torch.int8).reshape(num_tiles * TILE_ROWS, quads * 4)
+
+
 def pack_lanes(values: Tensor) -> Tensor:
-    """Per-output-row values [N, X] (int8 codes at X = K inputs, or int4 parameters at X = K/G groups) →
-    [N/16, X, 16]: a tile's 16 rows side by side, one register's lanes; pairs of tiles interleaved by x."""
+    """Per-output-row values [N, X] (int4 parameters at X = K/G groups) → [N/16, X, 16]: a tile's 16 rows side by
+    side, one register's lanes; pairs of tiles interleaved by x."""
     n_out, width = values.shape
     return _interleave_pairs(values.reshape(n_out // TILE_ROWS, TILE_ROWS, width).transpose(1, 2))
 

@@ -207,7 +207,8 @@ def q4_linear(x: torch.Tensor, tiles: torch.Tensor, d: torch.Tensor, m: torch.Te
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [M, K] bf16 contiguous (CPU) @ int4 weight → [M, N] ``out_dtype`` (bf16 or fp32), with
     ``w[n, k] = code · d + m`` per group (``quant/tiles.py`` builds ``tiles`` [N/16, K/8, 64] uint8 and ``d``,
-    ``m`` [N/16, K/G, 16] fp16 or fp32). Call only where ``library()`` is not None."""
+    ``m`` [N/16, K/G, 16] fp16 or fp32). Call only where ``library()`` is not None. Per group, the products are
+    within ``max|x| / 64516 · Σ|w|`` of exact ones (``csrc/qlinear.c``)."""
     num_rows, in_features = x.shape
     out = torch.empty(num_rows, tiles.shape[0] * 16, dtype=out_dtype)
     status = library().longfit_q4_linear(
@@ -235,7 +236,8 @@ def q4_dequantize(tiles: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group_s
 def q8_linear(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [M, K] bf16 contiguous (CPU) @ int8 weight → [M, N] ``out_dtype``, ``w[n, k] = code · scales[n]``
-    (``tiles`` [N/16, K, 16] int8, ``scales`` [N] bf16). Call only where ``library()`` is not None."""
+    (``tiles`` [N/16, K/4, 64] uint8 of code + 128, ``scales`` [N] bf16). Call only where ``library()`` is not None.
+    The products are within ``max|x| / 64516 · Σ|w|`` of exact ones (``csrc/qlinear.c``)."""
     num_rows, in_features = x.shape
     out = torch.empty(num_rows, scales.shape[0], dtype=out_dtype)
     status = library().longfit_q8_linear(

@@ -33,7 +33,7 @@
 
 int longfit_q4_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const void *d, const void *mn,
                       int f16, int64_t N, int64_t G, int num_threads, void *out, int out_is_bf16);
-int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes, const uint16_t *scales,
+int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
                       int64_t N, int num_threads, void *out, int out_is_bf16);
 int longfit_paged_decode(const void *q, int q_is_bf16, const void *pool, int is_bf16, const int64_t *pages,
                          const int64_t *first_key, const int64_t *seq_lens, int64_t batch, int64_t num_pages,
@@ -175,7 +175,7 @@ done:
     return status;
 }
 
-int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes, const uint16_t *scales,
+int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
                       int64_t N, int num_threads, void *out, int out_is_bf16);
 int64_t longfit_head_leaders(float *logits, int64_t M, int64_t V, const uint16_t *hidden, int64_t d,
                              const uint16_t *rows, const float *row_error, float rel, float abs_);
@@ -214,7 +214,7 @@ int64_t longfit_decode_greedy(int64_t S, int64_t B, int64_t d, int64_t L, const 
                               const int64_t *tables, int64_t W, const int64_t *widths, const int64_t *key_rows,
                               const int64_t *seq_lens, const float *cos, const float *sin, void *pool, int pool_bf16,
                               int64_t bs, int64_t hq, int64_t hkv, int64_t D, float scale, float eps, int threads,
-                              const float *final_norm, const uint16_t *embed, const int8_t *head_codes,
+                              const float *final_norm, const uint16_t *embed, const uint8_t *head_codes,
                               const uint16_t *head_scales, int64_t V, const uint16_t *rows, const float *row_error,
                               float rel, float abs_, const int64_t *stops, int64_t num_stops, const int64_t *due,
                               double max_seconds, int64_t *tokens) {
