@@ -1,11 +1,11 @@
 """Packed int4 / int8 products: the tile layout's C kernels against torch's packed kernels, at SmolLM2's shapes.
 
-    python scripts/bench_qlinear.py [--num-threads 1] [--repeats 20]
+    python scripts/bench_qlinear.py [--num-threads 1] [--repeats 20] [--rows 1,4,16]
 
 Two tables (docs/PERFORMANCE.md, "Packed products in C"):
 - per call, median of ``--repeats``, one weight in cache: the four layer shapes of SmolLM2-135M (fused q/k/v
   960x576, o 576x576, fused gate/up 3072x576, down 576x1536; int4, groups of 32) and its tied LM head (49152x576,
-  int8), at 1, 4 and 16 rows;
+  int8), at 1, 4 and 16 rows (``--rows``; from 512 rows on an int4 layer dequantizes, from 160 an int8 one);
 - one decode step's worth, out of cache: the 120 int4 layers of 30 layers in order, then the LM head, 1 row,
   each weight read once per pass (the pass is ~80 MiB, more than the last-level cache).
 Weights are random codes with random parameters (the time does not depend on the values); the relative difference
@@ -51,14 +51,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def in_cache(repeats: int) -> None:
+def in_cache(repeats: int, row_counts: list[int]) -> None:
     print(f"{'weight':<22}{'rows':>5}{'torch ms':>10}{'tiles ms':>10}{'speed-up':>10}{'GB/s (tiles)':>14}"
           f"{'rel. diff':>11}")
     cases = [("int4", shape) for shape in LAYERS] + [("int8", HEAD)]
     for form, shape in cases:
         torch_layer, tile_layer = _pair(_int4 if form == "int4" else _int8, shape, seed=shape[0] + shape[1])
         nbytes = tile_layer.weight_nbytes()
-        for rows in (1, 4, 16):
+        for rows in row_counts:
             x = torch.randn(rows, shape[1], generator=torch.Generator().manual_seed(rows)).bfloat16()
             a, b = _ms(lambda: torch_layer(x), repeats), _ms(lambda: tile_layer(x), repeats)
             label = f"{form} {shape[0]}x{shape[1]}"
@@ -91,12 +91,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rows", default="1,4,16", help="comma-separated activation row counts of the first table")
     args = parser.parse_args()
+    row_counts = [int(v) for v in args.rows.split(",")]
+    if not row_counts or min(row_counts) < 1:
+        raise SystemExit(f"--rows must be positive integers, got {args.rows!r}")
     if native.library() is None:
         raise SystemExit("the C kernels are not built here (no compiler, or LONGFIT_NATIVE=0): nothing to compare")
     torch.set_num_threads(args.num_threads)
     with torch.inference_mode():
-        in_cache(args.repeats)
+        in_cache(args.repeats, row_counts)
         one_step(args.repeats)
 
 

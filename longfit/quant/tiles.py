@@ -91,7 +91,7 @@ def pack_int8(codes: Tensor) -> Tensor:
     operand): in quad q (inputs 4q..4q+3) of tile t, bytes 4i..4i+3 are row 16t + i's codes of the four inputs.
     Pairs of tiles interleaved by quad."""
     n_out, n_in = codes.shape
-    shifted = (codes.to(torch.int16) + 128).to(torch.uint8)
+    shifted = codes.contiguous().view(torch.uint8) ^ 0x80  # two's complement byte with its top bit flipped: c + 128
     quads = shifted.reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 4, 4).transpose(1, 2)  # [t, q, i, 4]
     return _interleave_pairs(quads.reshape(n_out // TILE_ROWS, n_in // 4, 4 * TILE_ROWS))
 
@@ -100,7 +100,7 @@ def unpack_int8(tiles: Tensor) -> Tensor:
     """Inverse of :func:`pack_int8`: tiles [N/16, K/4, 64] uint8 → codes [N, K] int8."""
     num_tiles, quads, _ = tiles.shape
     b = _interleave_pairs(tiles, inverse=True).reshape(num_tiles, quads, TILE_ROWS, 4).transpose(1, 2)  # [t, i, q, 4]
-    return (b.to(torch.int16) - 128).to(torch.int8).reshape(num_tiles * TILE_ROWS, quads * 4)
+    return (b.reshape(num_tiles * TILE_ROWS, quads * 4) ^ 0x80).view(torch.int8)
 
 
 def pack_lanes(values: Tensor) -> Tensor:
