@@ -6,6 +6,8 @@ Two tables (docs/PERFORMANCE.md, "Packed products in C"):
 - per call, median of ``--repeats``, one weight in cache: the four layer shapes of SmolLM2-135M (fused q/k/v
   960x576, o 576x576, fused gate/up 3072x576, down 576x1536; int4, groups of 32) and its tied LM head (49152x576,
   int8), at 1, 4 and 16 rows (``--rows``; from 512 rows on an int4 layer dequantizes, from 160 an int8 one);
+- the tied LM head as the int8 tile kernel against one bf16 matmul over the embedding table, at the same row
+  counts (``DecoderModel.compute_logits`` switches to the matmul from ``TILED_HEAD_MAX_ROWS`` rows on);
 - one decode step's worth, out of cache: the 120 int4 layers of 30 layers in order, then the LM head, 1 row,
   each weight read once per pass (the pass is ~80 MiB, more than the last-level cache).
 Weights are random codes with random parameters (the time does not depend on the values); the relative difference
@@ -19,6 +21,7 @@ import argparse
 import torch
 
 from longfit.bench.calibrate import _median_seconds
+from longfit.quant import matmul
 from longfit.quant.linear import Int4Linear, Int8Linear
 from longfit.runtime import native
 
@@ -66,6 +69,17 @@ def in_cache(repeats: int, row_counts: list[int]) -> None:
                   f"{_rel(tile_layer(x), torch_layer(x)):>11.1e}")
 
 
+def head_switch(repeats: int, row_counts: list[int]) -> None:
+    """The int8 tile head against the bf16 matmul ``compute_logits`` uses from ``TILED_HEAD_MAX_ROWS`` rows on."""
+    head = _int8(*HEAD, "tiles", torch.Generator().manual_seed(2))
+    table = head.plain_codes().float().mul(head.scales.float()[:, None]).bfloat16()  # [V, d], as the embedding
+    print(f"\n{'LM head':<22}{'rows':>5}{'tiles ms':>10}{'bf16 ms':>10}")
+    for rows in row_counts:
+        x = torch.randn(rows, HEAD[1], generator=torch.Generator().manual_seed(rows)).bfloat16()
+        a, b = _ms(lambda: head(x), repeats), _ms(lambda: matmul.linear(x, table), repeats)
+        print(f"{'int8 tiles vs bf16':<22}{rows:>5}{a:>10.3f}{b:>10.3f}")
+
+
 def one_step(repeats: int) -> None:
     """SmolLM2's 120 int4 layers in order, then the head, one row: every weight comes from DRAM."""
     layouts = {"torch": [], "tiles": []}
@@ -101,6 +115,7 @@ def main() -> None:
     torch.set_num_threads(args.num_threads)
     with torch.inference_mode():
         in_cache(args.repeats, row_counts)
+        head_switch(args.repeats, row_counts)
         one_step(args.repeats)
 
 

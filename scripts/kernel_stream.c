@@ -1,16 +1,17 @@
 /* How fast the packed-weight kernels stream one SmolLM2 decode step's weights, against a plain read of memory,
- * with no Python around the calls (docs/PERFORMANCE.md, "Multi-step decoding"):
+ * with no Python around the calls (docs/PERFORMANCE.md, "Multi-step decoding", "8-bit activations"):
  *
  *   gcc -O3 -march=native -fopenmp -fno-math-errno -fassociative-math -fno-signed-zeros -fno-trapping-math \
  *       -o /tmp/kernel_stream scripts/kernel_stream.c longfit/runtime/csrc/qlinear.c -lm
- *   taskset -c 1 /tmp/kernel_stream [passes]
+ *   taskset -c 1 /tmp/kernel_stream [passes] [rows]
  *
- * Each pass, 1 thread, 1 activation row: the 120 int4 products of SmolLM2's 30 layers (q/k/v 960x576, o 576x576,
- * gate/up 3072x576, down 576x1536, groups of 32, fp16 d and m), each weight read once from DRAM (63 MiB a pass);
- * the int8 LM head 49152x576; the o-shape product 10 times over one weight held in L2 (the kernel's compute rate);
- * and a sum over 512 MiB of fp32 with AVX-512 loads (what one core reads from DRAM). Weights are random: the time
- * does not depend on the values. Rates are bytes read (codes and parameters) per second, and weights per second
- * for the L2 row.
+ * Each pass, 1 thread, 1 activation row (`rows`, up to 512, for the first two): the 120 int4 products of SmolLM2's
+ * 30 layers (q/k/v 960x576, o 576x576, gate/up 3072x576, down 576x1536, groups of 32, fp16 d and m), each weight
+ * read once from DRAM (63 MiB a pass); the int8 LM head 49152x576; the o-shape product 10 times over one weight held
+ * in L2 (the kernel's compute rate); and a sum over 512 MiB of fp32 with AVX-512 loads (what one core reads from
+ * DRAM). Weights are random: the time does not depend on the values. Rates are bytes read (codes and parameters)
+ * per second, and weights per second for the L2 row. Adding -DQ4_BF16_MIN_ROWS=N to the build moves the row count
+ * from which int4 products take bf16 products (qlinear.c).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -35,7 +36,11 @@ enum { LAYERS = 120, GROUP = 32, VOCAB = 49152, DIM = 576, L2_REPEATS = 10 };
 #define READ_BYTES ((size_t)512 << 20)
 
 int main(int argc, char **argv) {
-    const int passes = argc > 1 ? atoi(argv[1]) : 10;
+    const int passes = argc > 1 ? atoi(argv[1]) : 10, rows = argc > 2 ? atoi(argv[2]) : 1;
+    if (passes < 1 || rows < 1 || rows > 512) {
+        fprintf(stderr, "usage: kernel_stream [passes >= 1] [rows in 1..512]\n");
+        return 1;
+    }
     uint8_t *codes[LAYERS];
     uint16_t *d[LAYERS], *m[LAYERS];
     size_t int4_bytes = 0;
@@ -57,22 +62,23 @@ int main(int argc, char **argv) {
     for (size_t j = 0; j < (size_t)VOCAB * DIM; j++) head[j] = (uint8_t)rand();
     for (int j = 0; j < VOCAB; j++) scales[j] = 0x3c00;
     const size_t head_bytes = (size_t)VOCAB * DIM + (size_t)VOCAB * 2;
-    uint16_t x[1536];
-    for (int j = 0; j < 1536; j++) x[j] = (uint16_t)(0x3f80 + (rand() & 0x7f)); /* bf16 in [1, 2) */
-    uint16_t *out = malloc((size_t)VOCAB * 2);
+    uint16_t *x = malloc((size_t)rows * 1536 * 2);
+    for (int j = 0; j < rows * 1536; j++) x[j] = (uint16_t)(0x3f80 + (rand() & 0x7f)); /* bf16 in [1, 2) */
+    uint16_t *out = malloc((size_t)rows * VOCAB * 2);
     float *big = aligned_alloc(64, READ_BYTES);
     memset(big, 0, READ_BYTES);
     const int64_t o_n = SHAPES[1][0], o_k = SHAPES[1][1];
-    printf("%-5s %22s %22s %24s %16s\n", "pass", "120 int4 ms (GB/s)", "int8 head ms (GB/s)", "o in L2 us (G weights/s)",
-           "read GB/s");
+    printf("%-5s %22s %22s %24s %16s\n", "pass", "120 int4 ms (GB/s)", "int8 head ms (GB/s)",
+           "o in L2 us (G weights/s)", "read GB/s");
     for (int pass = 0; pass < passes; pass++) {
         const double t0 = now();
         for (int i = 0; i < LAYERS; i++)
-            longfit_q4_linear(x, 1, SHAPES[i % 4][1], codes[i], d[i], m[i], 1, SHAPES[i % 4][0], GROUP, 1, out, 1);
+            longfit_q4_linear(x, rows, SHAPES[i % 4][1], codes[i], d[i], m[i], 1, SHAPES[i % 4][0], GROUP, 1, out, 1);
         const double t1 = now();
-        longfit_q8_linear(x, 1, DIM, head, scales, VOCAB, 1, out, 1);
+        longfit_q8_linear(x, rows, DIM, head, scales, VOCAB, 1, out, 1);
         const double t2 = now();
-        for (int r = 0; r < L2_REPEATS; r++) longfit_q4_linear(x, 1, o_k, codes[1], d[1], m[1], 1, o_n, GROUP, 1, out, 1);
+        for (int r = 0; r < L2_REPEATS; r++)
+            longfit_q4_linear(x, 1, o_k, codes[1], d[1], m[1], 1, o_n, GROUP, 1, out, 1);
         const double t3 = now();
         __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
         for (size_t j = 0; j < READ_BYTES / 4; j += 32) {

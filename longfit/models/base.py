@@ -29,8 +29,8 @@ _LEAD_REL, _LEAD_ABS = 2.0**-6, 0.05
 # From this many rows on, a tied int8 LM head is computed as one bf16 matmul over the embedding table instead:
 # the int8 kernel's time grows about linearly with rows (measured, 49152x576, 1-2 threads: torch's int8 kernel
 # faster up to 4 rows, even at 6-8, 2x slower at 16; the tile kernel with 8-bit activations (AVX512-VNNI), against
-# the matmul: 1 thread 5.6 vs 10.6 ms at 16 rows, 25.8 vs 25.3 at 64, 38.6 vs 34.0 at 96; 2 threads 3.6 vs 7.3 at
-# 16, 12.5 vs 13.6 at 64, 18.5 vs 17.8 at 96).
+# the matmul, 1 thread (scripts/bench_qlinear.py --rows 16,32,48,64,96): 6.9 vs 12.3 ms at 16 rows, 23.5 vs 25.4 at
+# 64, 31.6 vs 33.2 at 96; the two cross between 64 and ~128 rows from run to run).
 PACKED_HEAD_MAX_ROWS = 8
 TILED_HEAD_MAX_ROWS = 64
 
