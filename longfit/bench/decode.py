@@ -7,7 +7,8 @@
 
 Every command also prints each engine's peak resident memory and, for decode figures, the roofline fraction: bytes
 read per decode step (weights in their compute form + the KV cache at the step's mean depth, for every sequence) ×
-steps/s ÷ the memory read bandwidth this command measures at the end (``bench.calibrate.measure_bandwidth``).
+steps/s ÷ the memory read bandwidth this command measures, the median of samples before each figure and at the end
+(``BandwidthSampler``, ``bench.calibrate.measure_bandwidth``).
 
 ``--peer llama.cpp`` / ``--peer transformers`` run the same figures on the same GGUF in their own processes
 (``bench/peers.py``). For each figure every engine runs once as a warm-up, then ``--repeats`` times, alternating
@@ -25,6 +26,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from longfit.bench.peers import (KV_TYPES, PEER_NAMES, PeerProcess, PeerSpec, PeerUnavailable, peak_rss_bytes,
@@ -187,14 +189,18 @@ def build_plan(command: str, args: argparse.Namespace, max_context: int) -> list
 
 
 def measure(figures: list[Figure], engines: list[tuple[str, Any]], repeats: int, seed: int = 0,
-            progress: bool = True) -> dict[str, dict[str, list[float]]]:
+            progress: bool = True,
+            before_figure: Callable[[], None] | None = None) -> dict[str, dict[str, list[float]]]:
     """Run every figure on every engine: one warm-up each, then ``repeats`` alternating rounds.
 
     A peer that fails (its process died, llama_decode refused) is dropped from ``engines`` with one line on stderr;
-    the run goes on with the others. Returns engine name → figure label → the measured tokens/s of each run.
+    the run goes on with the others. ``before_figure`` (if any) is called before each figure (a bandwidth sample).
+    Returns engine name → figure label → the measured tokens/s of each run.
     """
     runs: dict[str, dict[str, list[float]]] = {name: {} for name, _ in engines}
     for index, figure in enumerate(figures):
+        if before_figure is not None:
+            before_figure()
         if progress:
             print(f"[{index + 1}/{len(figures)}] {figure.label} ...", file=sys.stderr, flush=True)
         for round_index in range(repeats + 1):
@@ -215,6 +221,57 @@ def measure(figures: list[Figure], engines: list[tuple[str, Any]], repeats: int,
                 if round_index:  # round 0 is the warm-up
                     runs[name].setdefault(figure.label, []).append(rate)
     return runs
+
+
+class BandwidthSampler:
+    """Read-bandwidth samples taken by the command itself: before each figure and once at the end. The roofline's
+    denominator is their median, so that one sample in a fast or slow moment of a shared machine does not set it
+    (single samples of this machine's 1-thread read spread over 19.5-27.4 GB/s within 30 s).
+
+    A sample's buffer would count in this process's peak RSS, which the table reports: the peak before each sample
+    is kept and the kernel's high-water mark reset after it (``/proc/self/clear_refs``, Linux). Where that reset is
+    refused, only the final sample (after the peaks are read) is taken, as before.
+    """
+
+    def __init__(self, num_bytes: int, repeats: int = 3) -> None:
+        self.num_bytes, self.repeats = num_bytes, repeats
+        self.samples: list[float] = []
+        self._peak = 0
+        self._can_reset = _reset_peak_rss()
+
+    def _sample(self) -> None:
+        import torch
+
+        from longfit.bench.calibrate import measure_bandwidth
+
+        with torch.inference_mode():
+            self.samples.append(measure_bandwidth(self.num_bytes, self.repeats)["read_bytes_per_s"])
+
+    def between(self) -> None:
+        """A sample between figures (skipped where the peak RSS cannot be reset after it)."""
+        if self._can_reset:
+            self._peak = max(self._peak, peak_rss_bytes())
+            self._sample()
+            self._can_reset = _reset_peak_rss()
+
+    def final(self) -> float:
+        """The last sample (after every engine's peak RSS was read); returns the median of all."""
+        self._sample()
+        return statistics.median(self.samples)
+
+    def peak_rss(self, current: int) -> int:
+        """This process's peak RSS over the runs: ``current`` (VmHWM since the last reset) or an earlier peak."""
+        return max(self._peak, current)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ≥ 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def step_bytes(info: dict[str, Any], figure: Figure, kv_bytes_per_token_element: float,
@@ -241,7 +298,7 @@ def _cell(value: float, fmt: str) -> str:
 
 def render(command: str, results: list[EngineResult], figures: list[Figure], bandwidth: float,
            kv_elements: float, layer_windows: tuple[int | None, ...], header: list[str],
-           statistic: str = "median") -> list[str]:
+           statistic: str = "median", bandwidth_samples: Sequence[float] = ()) -> list[str]:
     """The side-by-side table: each peer's column is followed by the ratio longfit / peer."""
     peers = results[1:]
     columns = ["longfit"] + [c for p in peers for c in (p.name, "ratio")]
@@ -268,7 +325,11 @@ def render(command: str, results: list[EngineResult], figures: list[Figure], ban
     lines.append("weights: " + "; ".join(f"{r.name} {r.info['weights']}" for r in results))
     roofline = ("; % of roofline = bytes read per step (weights + KV at the mean depth) x steps/s / bandwidth"
                 if any(f.kind == "decode" for f in figures) else "")
-    lines.append(f"memory read bandwidth {bandwidth / 1e9:.2f} GB/s (measured by this command){roofline}")
+    measured = "measured by this command"
+    if len(bandwidth_samples) > 1:
+        measured = (f"median of {len(bandwidth_samples)} samples taken by this command before each figure and at the "
+                    f"end, {min(bandwidth_samples) / 1e9:.1f}-{max(bandwidth_samples) / 1e9:.1f} GB/s")
+    lines.append(f"memory read bandwidth {bandwidth / 1e9:.2f} GB/s ({measured}){roofline}")
     if not peers:
         lines.append("(no peer: add --peer llama.cpp and/or --peer transformers for ratios)")
     return lines
@@ -326,8 +387,6 @@ def _start_peers(args: argparse.Namespace, llm: LLM, figures: list[Figure], thre
 
 def run_micro_bench(args: argparse.Namespace, llm: LLM, command: str) -> int:
     """Measure, print the table (and JSON); returns the exit status."""
-    from longfit.bench.calibrate import measure_bandwidth
-
     if args.bandwidth_mib < 1:
         raise ValueError("--bandwidth-mib must be >= 1")
     config = llm.engine.model_config
@@ -336,19 +395,19 @@ def run_micro_bench(args: argparse.Namespace, llm: LLM, command: str) -> int:
     ours = LongfitBackend(llm)
     peers = _start_peers(args, llm, figures, threads) if args.peer else []
     engines: list[tuple[str, Any]] = [("longfit", ours)] + [(p.spec.label, p) for p in peers]
+    sampler = BandwidthSampler(args.bandwidth_mib << 20)
     try:
-        runs = measure(figures, engines, args.repeats, args.seed, progress=not args.no_progress)
-        results = [EngineResult(name, engine.info(), runs[name], engine.peak_rss()) for name, engine in engines]
+        runs = measure(figures, engines, args.repeats, args.seed, progress=not args.no_progress,
+                       before_figure=sampler.between)
+        results = [EngineResult(name, engine.info(), runs[name],
+                                sampler.peak_rss(engine.peak_rss()) if engine is ours else engine.peak_rss())
+                   for name, engine in engines]
     except PeerUnavailable as error:  # a peer died after its measurements: one line, as any CLI error
         raise ValueError(str(error)) from None
     finally:
         for _, engine in engines:
             engine.close()
-    # Bandwidth last: its buffers would otherwise count in longfit's peak RSS.
-    import torch
-
-    with torch.inference_mode():
-        bandwidth = measure_bandwidth(args.bandwidth_mib << 20, repeats=5)["read_bytes_per_s"]
+    bandwidth = sampler.final()  # after the peaks were read: its buffer would count in longfit's
     kv_elements = 2 * config.num_kv_heads * config.head_dim
     windows = tuple(config.layer_window(i) for i in range(config.num_layers))
     engine_config = llm.engine.config
@@ -356,10 +415,12 @@ def run_micro_bench(args: argparse.Namespace, llm: LLM, command: str) -> int:
               f"--weights {engine_config.runtime.weights}, {threads} threads, {args.statistic} of {args.repeats} "
               f"runs after a warm-up, engines alternated, {args.decode_tokens} decode steps per run",
               f"load: {os.getloadavg()[0]:.2f} (1-min load average at the end; the machine may be shared)"]
-    print("\n".join(render(command, results, figures, bandwidth, kv_elements, windows, header, args.statistic)))
+    print("\n".join(render(command, results, figures, bandwidth, kv_elements, windows, header, args.statistic,
+                           sampler.samples)))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"command": command, "bandwidth_bytes_per_s": bandwidth,
+                       "bandwidth_samples_bytes_per_s": sampler.samples,
                        "figures": [asdict(f) | {"label": f.label} for f in figures],
                        "engines": [asdict(r) for r in results]}, handle, indent=2)
     return 0

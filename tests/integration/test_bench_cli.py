@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -29,6 +30,8 @@ def test_bench_command_prints_its_fields(command, extra, figures, tmp_path, caps
     assert ("% of roofline" in text) == (command != "prefill")
     data = json.loads(out_json.read_text())
     assert data["bandwidth_bytes_per_s"] > 0 and data["engines"][0]["name"] == "longfit"
+    samples = data["bandwidth_samples_bytes_per_s"]  # one before each figure and one at the end (Linux)
+    assert len(samples) in (1, len(figures) + 1) and data["bandwidth_bytes_per_s"] == statistics.median(samples)
     assert all(len(runs) == 1 and runs[0] > 0 for runs in data["engines"][0]["runs"].values())
 
 

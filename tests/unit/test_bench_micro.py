@@ -64,6 +64,40 @@ def test_measure_warms_up_then_alternates_engines():
     assert runs["a"]["prefill 8 tokens"] == [20.0] * 3 and runs["b"]["decode batch 2, depth 4"] == [10.0] * 3
 
 
+def test_measure_calls_before_figure_once_per_figure():
+    log: list[str] = []
+    engines = [("a", _Fake("a", log, 10.0))]
+    figures = [Figure("prefill", length=8), Figure("decode", batch=2, depth=4, tokens=3)]
+    bench.measure(figures, engines, repeats=1, progress=False, before_figure=lambda: log.append("sample"))
+    assert log == ["sample", "a", "a", "sample", "a", "a"]
+
+
+@pytest.mark.skipif(not bench._reset_peak_rss(), reason="the peak RSS cannot be reset here (not Linux)")
+def test_bandwidth_samples_do_not_count_in_the_peak_rss():
+    """A sample between figures allocates its buffer; the reported peak must stay the runs' own."""
+    from longfit.bench.peers import peak_rss_bytes
+
+    bench._reset_peak_rss()
+    before = peak_rss_bytes()
+    sampler = bench.BandwidthSampler(256 << 20, repeats=1)
+    sampler.between()
+    sampler.between()
+    assert len(sampler.samples) == 2 and all(s > 0 for s in sampler.samples)
+    assert peak_rss_bytes() < before + (128 << 20)  # the 256 MiB buffer is not in the current high-water mark
+    assert sampler.peak_rss(peak_rss_bytes()) >= before
+    median = sampler.final()
+    assert len(sampler.samples) == 3 and median == sorted(sampler.samples)[1]
+
+
+def test_render_names_the_bandwidth_samples():
+    figures = [Figure("decode", batch=1, depth=0, tokens=4)]
+    info = {"weight_bytes": 2**20, "kv_element_bytes": 2.0, "weights": "int4"}
+    ours = EngineResult("longfit", info, {"decode batch 1, depth 0": [50.0]}, 2**30)
+    text = "\n".join(bench.render("context", [ours], figures, bandwidth=20e9, kv_elements=64, layer_windows=(None,),
+                                  header=[], bandwidth_samples=[18e9, 20e9, 25e9]))
+    assert "20.00 GB/s (median of 3 samples" in text and "18.0-25.0 GB/s" in text
+
+
 def test_step_bytes_counts_weights_once_and_kv_per_sequence():
     info = {"weight_bytes": 1000, "kv_element_bytes": 2.0}
     figure = Figure("decode", batch=4, depth=100, tokens=9)  # mean depth 100 + 5 = 105
