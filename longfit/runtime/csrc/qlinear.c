@@ -219,6 +219,7 @@ static inline __attribute__((always_inline)) void q4_block_vnni(
     const int TT, const int MB, const QuantizedRows *q, int64_t K, int64_t G, const uint8_t *item, const void *d,
     const void *mn, int f16, int64_t m0, float *acc) {
     const __m512i mask = _mm512_set1_epi8(0x0F);
+    const __m512 inv254 = _mm512_set1_ps(1.0f / 254.0f);
     const int64_t groups = K / G;
     __m512 acc_v[2][MAX_MB];
     for (int t = 0; t < TT; t++)
@@ -253,9 +254,9 @@ static inline __attribute__((always_inline)) void q4_block_vnni(
             const __m512 mv = load_params(mn, (g * TT + t) * LANES, f16);
             for (int r = 0; r < MB; r++) {
                 const int64_t blk = (m0 + r) * groups + g;
-                const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib[t][r]), _mm512_set1_ps(q->s[blk] / 254.0f),
-                                                   _mm512_mul_ps(_mm512_cvtepi32_ps(ia[t][r]),
-                                                                 _mm512_set1_ps(q->s[blk])));
+                const __m512 dot = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(ib[t][r]), inv254,
+                                                                 _mm512_cvtepi32_ps(ia[t][r])),
+                                                 _mm512_set1_ps(q->s[blk])); /* s · (Σ code·a + Σ code·b / 254) */
                 acc_v[t][r] = _mm512_fmadd_ps(dv, dot, acc_v[t][r]);
                 acc_v[t][r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(q->sum[blk]), acc_v[t][r]);
             }
@@ -502,6 +503,7 @@ static inline __attribute__((always_inline)) void q8_block_vnni(const int TT, co
                                                                 int64_t K, const uint8_t *item,
                                                                 const uint16_t *scales, int64_t m0, float *acc) {
     /* Σ (code + 128)·a, the same with b: at most 255·127·K in magnitude (K < 66000 fits in 32 bits) */
+    const __m512 inv254 = _mm512_set1_ps(1.0f / 254.0f);
     __m512i ia[2][MAX_MB], ib[2][MAX_MB];
     for (int t = 0; t < TT; t++)
         for (int r = 0; r < MB; r++) ia[t][r] = ib[t][r] = _mm512_setzero_si512();
@@ -529,8 +531,8 @@ static inline __attribute__((always_inline)) void q8_block_vnni(const int TT, co
             /* minus 128 · Σ a: Σ code · a, at most 127·127·K: exact in fp32 up to K = 1040, then rounded (2^-24) */
             const __m512i da = _mm512_sub_epi32(ia[t][r], _mm512_set1_epi32(128 * q->asum[row]));
             const __m512i db = _mm512_sub_epi32(ib[t][r], _mm512_set1_epi32(128 * q->bsum[row]));
-            const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(db), _mm512_set1_ps(q->s[row] / 254.0f),
-                                               _mm512_mul_ps(_mm512_cvtepi32_ps(da), _mm512_set1_ps(q->s[row])));
+            const __m512 dot = _mm512_mul_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(db), inv254, _mm512_cvtepi32_ps(da)),
+                                             _mm512_set1_ps(q->s[row]));
             _mm512_storeu_ps(acc + (t * MAX_MB + r) * LANES, _mm512_mul_ps(dot, sc));
         }
     }
