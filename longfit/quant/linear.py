@@ -69,6 +69,13 @@ DEQUANTIZE_MIN_ROWS = 64
 # four layer shapes, dequantize + bf16 matmul vs the kernel): int4 at 256 rows 15.3 vs 10.6 ms (1 thread), at 512
 # 23.6 vs 20.5; int8 at 128 rows 11.2 vs 10.7, at 192 10.9 vs 15.7. So tiles dequantize from these row counts on.
 TILES_DEQUANTIZE_MIN_ROWS = {"int4": 512, "int8": 160}
+# Below this many rows a bf16 dense layer's product is the C kernel over its plain weight (csrc/dense.c), which the
+# layer then keeps instead of oneDNN's prepacked copy (``DenseLinear.prepack``). Measured, 1 thread, each call from
+# DRAM (scripts/matmul_blocks.py --shapes 1024x640,2048x640,640x2048,49152x576 --rows 1,4,16): Gemma-3's shapes
+# 0.22 / 0.32 / 0.27 ms at 1 row against 0.48 / 0.51 / 0.45 prepacked, 0.25 / 0.46 / 0.49 against 0.43 / 0.65 / 0.71
+# at 16; SmolLM2's bf16 LM head 4.60 vs 4.90 at 1 row, 7.37 vs 7.29 at 16. Prompt chunks then multiply the plain
+# weight, which oneDNN reorders on each call (docs/PERFORMANCE.md, "A few rows of a dense bf16 weight").
+DENSE_KERNEL_MAX_ROWS = 16
 # The CPU int4 kernel packs output rows in blocks whose width depends on the ISA torch dispatches to (torch 2.13:
 # 64 with AVX-512, 32 with AVX2); ``_int4_cpu_block`` finds which one this machine uses (see _unpack_int4_cpu).
 _INT4_BLOCK_CANDIDATES = (64, 32)
@@ -132,7 +139,9 @@ class DenseLinear(Linear):
 
     ``prepack()`` (the loader calls it for a model's CPU layers) replaces the plain bf16 ``weight`` buffer by
     oneDNN's blocked layout, ``packed`` (``matmul.prepack``): same results, no per-call reorder. ``weight`` is then
-    None; ``dense_weight()`` rebuilds the plain one.
+    None; ``dense_weight()`` rebuilds the plain one. Where the C kernels are built and ``in_features % 32 == 0``, a
+    bf16 weight stays plain instead (unless the layer keeps both, as the LM head does): fewer than
+    ``DENSE_KERNEL_MAX_ROWS`` rows are multiplied by ``native.bf16_linear`` (exact bf16 products, fp32 sums).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
@@ -152,6 +161,8 @@ class DenseLinear(Linear):
         weight = self.weight
         if weight is None or not matmul.should_prepack(weight):
             return False
+        if _dense_kernel_takes(weight) and not keep_plain and not matmul.prepack_forced():
+            return False  # the few-row C kernel reads the plain weight; prompt chunks multiply it as it is
         self.packed = matmul.prepack(weight)
         if not keep_plain:
             self.weight = None
@@ -162,9 +173,13 @@ class DenseLinear(Linear):
         return self.weight if self.packed is None else self.packed.to_dense()
 
     def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if weight is not None and _few_rows(x, DENSE_KERNEL_MAX_ROWS) and _dense_kernel_takes(weight):
+            out = native.bf16_linear_op(x, weight) if torch.compiler.is_compiling() else native.bf16_linear(x, weight)
+            return out if self.bias is None else out.add_(self.bias)
         if self.packed is not None:
             return matmul.packed_linear(x, self.packed, self.bias)
-        return matmul.linear(x, self.weight, self.bias)  # fp32 product where this CPU's bf16 GEMM is slow
+        return matmul.linear(x, weight, self.bias)  # fp32 product where this CPU's bf16 GEMM is slow
 
     def weight_nbytes(self) -> int:
         packed = 0 if self.packed is None else self.packed.numel() * self.packed.element_size()
@@ -195,6 +210,12 @@ def prepack_dense_layers(model: nn.Module, keep_plain: tuple[str, ...] = ("lm_he
             if after_each is not None:
                 after_each()
     return count
+
+
+def _dense_kernel_takes(weight: Tensor) -> bool:
+    """Whether ``native.bf16_linear`` (plain row-major bf16, ``csrc/dense.c``) takes this weight's few-row products."""
+    return (weight.dtype == _KERNEL_DTYPE and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.shape[1] % 32 == 0 and weight.is_contiguous() and native.library() is not None)
 
 
 def _few_rows(x: Tensor, limit: int) -> bool:

@@ -140,7 +140,7 @@ def prepack_available() -> bool:
 def should_prepack(weight: Tensor) -> bool:
     """Whether a dense layer's ``weight`` is worth prepacking (``prepack``): a bf16 CPU weight where the bf16 GEMM
     is fast, oneDNN's ops present, and ``$LONGFIT_PREPACK`` not ``0`` (``force``: also where the bf16 GEMM is slow,
-    for tests).
+    for tests). ``DenseLinear.prepack`` also keeps the plain weight where the few-row C kernel takes it.
 
     ``F.linear`` on a plain bf16 weight reorders it into oneDNN's blocked layout on every call, a read and a write
     of the whole weight before the product. Measured on the project's 2-core EPYC (AVX-512 bf16), 1 thread, weights
@@ -154,6 +154,12 @@ def should_prepack(weight: Tensor) -> bool:
     if mode == "0" or weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2:
         return False
     return (mode == "force" or bf16_matmul_fast()) and prepack_available()
+
+
+def prepack_forced() -> bool:
+    """``LONGFIT_PREPACK=force``: prepack every bf16 CPU layer, also where the bf16 GEMM is slow and where the few-row
+    C kernel would keep the plain weight (``DenseLinear.prepack``; tests of the prepacked path)."""
+    return os.environ.get(PREPACK_ENV_VAR, "").strip().lower() == "force"
 
 
 def prepack(weight: Tensor) -> Tensor:

@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "LONGFIT_NATIVE"  # "0": never build or use the C kernels
 _SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                 for name in ("paged_decode.c", "qlinear.c", "decode_step.c", "head.c"))
-_HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("bf16.h", "fast_exp.h"))  # in the cache key
+                 for name in ("paged_decode.c", "qlinear.c", "dense.c", "decode_step.c", "head.c"))
+_HEADERS = tuple(Path(__file__).with_name("csrc") / name
+                 for name in ("bf16.h", "fast_exp.h", "parallel.h"))  # in the cache key
 # Reassociation lets the compiler vectorize the fp32 dot products and sums; NaN and infinity keep their meaning
 # (no -ffinite-math-only).
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
@@ -117,6 +118,7 @@ def library() -> ctypes.CDLL | None:
     lib.longfit_q4_linear.restype = lib.longfit_q8_linear.restype = _INT
     lib.longfit_q4_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _INT, _I64, _I64, _INT, _PTR, _INT]
     lib.longfit_q8_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _INT, _PTR, _INT]
+    lib.longfit_bf16_linear.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _INT, _PTR, _INT]
     lib.longfit_q4_dequantize.restype = _INT
     lib.longfit_q4_dequantize.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _INT, _PTR, _INT]
     lib.longfit_fused_decode.restype = lib.longfit_fused_layout.restype = _INT
@@ -248,6 +250,19 @@ def q8_linear(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor,
     return out
 
 
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] bf16 contiguous (CPU) @ weight [N, K] bf16 contiguous (row-major, K % 32 == 0) → [M, N] ``out_dtype``
+    (bf16 or fp32): exact bf16 products, fp32 sums (``csrc/dense.c``). Call only where ``library()`` is not
+    None."""
+    num_rows, in_features = x.shape
+    out = torch.empty(num_rows, weight.shape[0], dtype=out_dtype)
+    status = library().longfit_bf16_linear(x.data_ptr(), num_rows, in_features, weight.data_ptr(), weight.shape[0],
+                                           torch.get_num_threads(), out.data_ptr(), int(out_dtype == torch.bfloat16))
+    if status != 0:
+        raise RuntimeError(f"bf16 kernel refused its shapes (status {status})")
+    return out
+
+
 def head_leaders(logits: torch.Tensor, hidden: torch.Tensor, rows: torch.Tensor, row_error: torch.Tensor | None,
                  rel: float, abs_: float) -> int:
     """``DecoderModel.compute_logits``' leader rescoring in C (``csrc/head.c``, the same rule): logits [M, V] fp32
@@ -277,4 +292,8 @@ _define_op("q8_linear", "(Tensor x, Tensor tiles, Tensor scales) -> Tensor",
            lambda x, tiles, scales: x.new_empty((x.shape[0], scales.shape[0]), dtype=torch.bfloat16))
 paged_decode_op = torch.ops.longfit.paged_decode
 q4_linear_op = torch.ops.longfit.q4_linear
+_define_op("bf16_linear", "(Tensor x, Tensor weight) -> Tensor",
+           lambda x, weight: bf16_linear(x, weight),
+           lambda x, weight: x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16))
 q8_linear_op = torch.ops.longfit.q8_linear
+bf16_linear_op = torch.ops.longfit.bf16_linear

@@ -120,8 +120,11 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert not graph.eligible(None)  # failed: nothing is looked at any more
 
 
-def test_prepacked_layers_are_refused():
+def test_prepacked_layers_are_refused(monkeypatch):
     """oneDNN-prepacked bf16 layers are not compiled: the graph says why and the engine runs eager."""
+    from longfit.quant import matmul
+
+    monkeypatch.setenv(matmul.PREPACK_ENV_VAR, "force")  # plain bf16 layers (the C kernel's) would compile
     llm = make_tiny_llm(dtype="bfloat16", weights="bf16", compile=True)
     graph = llm.engine.runner.graph
     if not any(getattr(m, "packed", None) is not None for m in llm.engine.runner.model.modules()):

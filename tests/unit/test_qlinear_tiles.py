@@ -150,6 +150,12 @@ def test_portable_build_matches_native_build() -> None:
     magnitude8 = (x.double().abs() @ weight8.double().abs().T).float()
     assert ((slow8 - _reference(x, weight8)).abs() <= 1e-6 * magnitude8 + 1e-6).all()
     assert ((slow8 - fast8).abs() <= _bound(x, weight8, 128)).all()
+    portable.longfit_bf16_linear.argtypes = native.library().longfit_bf16_linear.argtypes
+    dense = torch.randn(48, 128, generator=_gen(7)).bfloat16()
+    fast16 = native.bf16_linear(x, dense, torch.float32)
+    slow16 = torch.empty_like(fast16)
+    assert portable.longfit_bf16_linear(x.data_ptr(), 5, 128, dense.data_ptr(), 48, 1, slow16.data_ptr(), 0) == 0
+    torch.testing.assert_close(slow16, fast16, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
@@ -269,3 +275,24 @@ def test_a_nan_or_an_infinity_gives_nan_in_its_row_only() -> None:
         out8 = native.q8_linear(x, tiles.pack_int8(codes8), scales, torch.float32)
         for out in (out4, out8):
             assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize("n_out,n_in", [(16, 32), (30, 64), (256, 640), (7, 96)])
+def test_dense_bf16_kernel_matches_fp64(rows: int, n_out: int, n_in: int) -> None:
+    """Plain row-major bf16 weights (csrc/dense.c): exact bf16 products, fp32 sums; N not a multiple of the
+    4-row block takes the plain C loop for its last rows."""
+    gen = _gen(rows * 100 + n_out)
+    weight = torch.randn(n_out, n_in, generator=gen).bfloat16()
+    x = torch.randn(rows, n_in, generator=gen).bfloat16()
+    magnitude = (x.double().abs() @ weight.double().abs().T).float()
+    out = native.bf16_linear(x, weight, torch.float32)
+    assert ((out - _reference(x, weight)).abs() <= 1e-6 * magnitude + 1e-6).all()
+    assert torch.equal(native.bf16_linear(x, weight), out.bfloat16())
+
+
+@needs_kernels
+def test_dense_bf16_kernel_refuses_what_it_cannot_hold() -> None:
+    with pytest.raises(RuntimeError, match="bf16 kernel refused"):
+        native.bf16_linear(torch.zeros(1, 40).bfloat16(), torch.zeros(16, 40).bfloat16())

@@ -17,6 +17,7 @@ from longfit.quant.gguf_repack import unpack_q4_rows
 from longfit.quant.linear import (DEQUANTIZE_MIN_ROWS, TILES_DEQUANTIZE_MIN_ROWS, DenseLinear, Int4Linear, Int8Linear,
                                   Linear, build_linear)
 from longfit.quant.rtn import dequantize_int4, dequantize_int8, quantize_int4, quantize_int4_min, quantize_int8
+from longfit.runtime import native
 
 K = 128
 BF16_TOL = 6e-3  # bf16 output rounding (2^-9 relative) + bf16 scale/zero rounding (2^-9); ≤ 4.1e-3 over 8 seeds
@@ -414,3 +415,33 @@ def test_prepack_declines_what_it_cannot_speed_up(bf16_mode: str, monkeypatch: p
     monkeypatch.setenv(dense_matmul.PREPACK_ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match="LONGFIT_PREPACK"):
         dense_matmul.should_prepack(weight)
+
+
+@pytest.mark.skipif(native.library() is None, reason="C kernels not built (no compiler)")
+def test_dense_bf16_layer_keeps_its_plain_weight_for_the_few_row_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the C kernel takes a bf16 weight (K % 32 == 0), ``prepack`` leaves it plain: fewer than
+    ``DENSE_KERNEL_MAX_ROWS`` rows go through ``native.bf16_linear`` (within fp32 rounding of F.linear's exact bf16
+    products), more through F.linear; the LM head (``keep_plain``) still holds both forms; K % 32 != 0 prepacks."""
+    from longfit.quant.linear import DENSE_KERNEL_MAX_ROWS
+
+    monkeypatch.delenv(dense_matmul.PREPACK_ENV_VAR, raising=False)
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(40, K, generator=gen).bfloat16()
+    bias = torch.randn(40, generator=gen).bfloat16()
+    layer = DenseLinear(weight.clone(), bias)
+    assert not layer.prepack() and layer.weight is not None and layer.packed is None
+    calls = []
+    kernel = native.bf16_linear
+    monkeypatch.setattr(native, "bf16_linear", lambda x, w: calls.append(x.shape[0]) or kernel(x, w))
+    for rows in (1, 3, DENSE_KERNEL_MAX_ROWS - 1, DENSE_KERNEL_MAX_ROWS, 40):
+        x = torch.randn(rows, K, generator=gen).bfloat16()
+        exact = (x.double() @ weight.double().T + bias.double()).float()
+        out = layer(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 40)
+        assert ((out.float() - exact).abs() <= 2**-7 * exact.abs() + 1e-2).all()
+    assert calls == [1, 3, DENSE_KERNEL_MAX_ROWS - 1]
+    if dense_matmul.should_prepack(weight):
+        head = DenseLinear(weight.clone())
+        assert head.prepack(keep_plain=True) and head.weight is not None and head.packed is not None
+        odd = DenseLinear(torch.randn(32, 48, generator=gen).bfloat16())
+        assert odd.prepack() and odd.weight is None

@@ -50,6 +50,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "parallel.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -379,20 +380,9 @@ typedef struct {
     float *xsum;
 } Product;
 
-/* Runs item(p, index) for index in [0, items), on num_threads threads. One thread runs the loop itself: an OpenMP
- * region costs ~0.5 us per call even with a team of one (measured, libgomp, Zen 4), ~1% of a SmolLM2 token over its
- * 120 products. */
-static void for_items(void (*item)(const Product *, int64_t), const Product *p, int64_t items, int num_threads) {
-    if (num_threads > 1) {
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-        for (int64_t index = 0; index < items; index++) item(p, index);
-    } else {
-        for (int64_t index = 0; index < items; index++) item(p, index);
-    }
-}
-
 /* Work item `index` of an int4 product: tiles 2·index and the next one (if any), every row of x. */
-static void q4_item(const Product *p, int64_t index) {
+static void q4_item(const void *args, int64_t index) {
+    const Product *p = (const Product *)args;
     const int64_t K = p->K, G = p->G, M = p->M, num_tiles = p->N / LANES, t0 = 2 * index;
     const int64_t param_offset = t0 * (K / G) * LANES * (p->f16 ? 2 : 4);
     const int tt = t0 + 1 < num_tiles ? 2 : 1, f16 = p->f16;
@@ -548,7 +538,8 @@ static inline __attribute__((always_inline)) void q8_block_vnni(const int TT, co
 #endif
 
 /* Work item `index` of an int8 product: tiles 2·index and the next one (if any), every row of x. */
-static void q8_item(const Product *p, int64_t index) {
+static void q8_item(const void *args, int64_t index) {
+    const Product *p = (const Product *)args;
     const int64_t K = p->K, M = p->M, num_tiles = p->N / LANES, t0 = 2 * index;
     const int tt = t0 + 1 < num_tiles ? 2 : 1;
     const uint8_t *item = p->codes + t0 * K * LANES;
