@@ -73,9 +73,11 @@ TILES_DEQUANTIZE_MIN_ROWS = {"int4": 512, "int8": 160}
 # layer then keeps instead of oneDNN's prepacked copy (``DenseLinear.prepack``). Measured, 1 thread, each call from
 # DRAM (scripts/matmul_blocks.py --shapes 1024x640,2048x640,640x2048,49152x576 --rows 1,4,16): Gemma-3's shapes
 # 0.22 / 0.32 / 0.27 ms at 1 row against 0.48 / 0.51 / 0.45 prepacked, 0.25 / 0.46 / 0.49 against 0.43 / 0.65 / 0.71
-# at 16; SmolLM2's bf16 LM head 4.60 vs 4.90 at 1 row, 7.37 vs 7.29 at 16. Prompt chunks then multiply the plain
-# weight, which oneDNN reorders on each call (docs/PERFORMANCE.md, "A few rows of a dense bf16 weight").
-DENSE_KERNEL_MAX_ROWS = 16
+# at 16; SmolLM2's bf16 LM head 4.60 vs 4.90 at 1 row, 7.37 vs 7.29 at 16. With --rows 16,32,64,128 and
+# 3072x576 as well, the kernel beat torch's product of the plain weight up to 64 rows and lost at 128 (1.17-3.12 vs
+# 1.09-2.67 ms). Prompt chunks then multiply the plain weight, which oneDNN reorders on each call (docs/PERFORMANCE.md,
+# "A few rows of a dense bf16 weight").
+DENSE_KERNEL_MAX_ROWS = 64
 # The CPU int4 kernel packs output rows in blocks whose width depends on the ISA torch dispatches to (torch 2.13:
 # 64 with AVX-512, 32 with AVX2); ``_int4_cpu_block`` finds which one this machine uses (see _unpack_int4_cpu).
 _INT4_BLOCK_CANDIDATES = (64, 32)
