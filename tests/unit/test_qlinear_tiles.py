@@ -296,3 +296,13 @@ def test_dense_bf16_kernel_matches_fp64(rows: int, n_out: int, n_in: int) -> Non
 def test_dense_bf16_kernel_refuses_what_it_cannot_hold() -> None:
     with pytest.raises(RuntimeError, match="bf16 kernel refused"):
         native.bf16_linear(torch.zeros(1, 40).bfloat16(), torch.zeros(16, 40).bfloat16())
+
+
+@needs_kernels
+def test_no_rows_is_an_empty_product() -> None:
+    codes, d, m = _int4_case(32, 64, 32, seed=15)
+    x = torch.zeros(0, 64).bfloat16()
+    assert native.q4_linear(x, tiles.pack_int4(codes), tiles.pack_lanes(d), tiles.pack_lanes(m), 32).shape == (0, 32)
+    codes8 = torch.randint(-127, 128, (32, 64), generator=_gen(16), dtype=torch.int8)
+    assert native.q8_linear(x, tiles.pack_int8(codes8), torch.ones(32).bfloat16()).shape == (0, 32)
+    assert native.bf16_linear(x, torch.zeros(32, 64).bfloat16()).shape == (0, 32)

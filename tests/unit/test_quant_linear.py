@@ -433,13 +433,15 @@ def test_dense_bf16_layer_keeps_its_plain_weight_for_the_few_row_kernel(monkeypa
     calls = []
     kernel = native.bf16_linear
     monkeypatch.setattr(native, "bf16_linear", lambda x, w: calls.append(x.shape[0]) or kernel(x, w))
+    assert layer(torch.zeros(0, K).bfloat16()).shape == (0, 40)  # no rows: nothing to do
+    assert layer(torch.randn(3, K, generator=gen)).dtype == torch.float32  # fp32 in, fp32 out (torch's product)
     for rows in (1, 3, DENSE_KERNEL_MAX_ROWS - 1, DENSE_KERNEL_MAX_ROWS, DENSE_KERNEL_MAX_ROWS + 5):
         x = torch.randn(rows, K, generator=gen).bfloat16()
         exact = (x.double() @ weight.double().T + bias.double()).float()
         out = layer(x)
         assert out.dtype == torch.bfloat16 and out.shape == (rows, 40)
         assert ((out.float() - exact).abs() <= 2**-7 * exact.abs() + 1e-2).all()
-    assert calls == [1, 3, DENSE_KERNEL_MAX_ROWS - 1]
+    assert calls == [0, 1, 3, DENSE_KERNEL_MAX_ROWS - 1]
     if dense_matmul.should_prepack(weight):
         head = DenseLinear(weight.clone())
         assert head.prepack(keep_plain=True) and head.weight is not None and head.packed is not None

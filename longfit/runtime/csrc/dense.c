@@ -97,7 +97,8 @@ static void dense_item(const void *args, int64_t index) {
 /* x [M, K] bf16; w [N, K] bf16 row-major; out [M, N] fp32 or bf16. Returns 0, or -1 for K % 32 or empty shapes. */
 int longfit_bf16_linear(const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, int num_threads,
                         void *out, int out_is_bf16) {
-    if (M <= 0 || N <= 0 || K <= 0 || K % 32) return -1;
+    if (M < 0 || N <= 0 || K <= 0 || K % 32) return -1;
+    if (M == 0) return 0; /* no rows: nothing to write */
     const Dense p = {.x = x, .w = w, .M = M, .K = K, .N = N, .out = out, .out_is_bf16 = out_is_bf16};
     for_items(dense_item, &p, (N + ROWS - 1) / ROWS, num_threads);
     return 0;

@@ -413,7 +413,8 @@ static void q4_item(const void *args, int64_t index) {
  * when out of memory. */
 int longfit_q4_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const void *d, const void *mn,
                       int f16, int64_t N, int64_t G, int num_threads, void *out, int out_is_bf16) {
-    if (M <= 0 || N % LANES || G <= 0 || G % 8 || K % G) return -1;
+    if (M < 0 || N % LANES || G <= 0 || G % 8 || K % G) return -1;
+    if (M == 0) return 0; /* no rows: nothing to write */
     Product p = {.x = x, .M = M, .K = K, .N = N, .G = G, .codes = codes, .d = d, .mn = mn, .f16 = f16,
                  .out_is_bf16 = out_is_bf16, .out = out};
     void *scratch = NULL;
@@ -561,7 +562,8 @@ static void q8_item(const void *args, int64_t index) {
  * [M, N] fp32 or bf16. Returns 0, -1 for N % 16 or K % 4, or -2 when out of memory. */
 int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
                       int64_t N, int num_threads, void *out, int out_is_bf16) {
-    if (M <= 0 || N % LANES || K % 4 || K <= 0 || K > 65536) return -1;
+    if (M < 0 || N % LANES || K % 4 || K <= 0 || K > 65536) return -1;
+    if (M == 0) return 0; /* no rows: nothing to write */
     Product p = {.x = x, .M = M, .K = K, .N = N, .codes = codes, .d = scales, .out_is_bf16 = out_is_bf16,
                  .out = out};
 #if HAVE_VNNI_PATH
