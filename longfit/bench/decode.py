@@ -236,7 +236,7 @@ class BandwidthSampler:
     def __init__(self, num_bytes: int, repeats: int = 3) -> None:
         self.num_bytes, self.repeats = num_bytes, repeats
         self.samples: list[float] = []
-        self._peak = 0
+        self._peak = peak_rss_bytes()  # the load's peak counts: the reset below (a probe) would drop it
         self._can_reset = _reset_peak_rss()
 
     def _sample(self) -> None:
