@@ -81,8 +81,7 @@ class DecoderModel(nn.Module):
             if head.layout == "tiles":
                 # The tile kernel splits x into 8-bit integers, |x_k - x̂_k| ≤ max|x| / 64516 ≤ Σ|x| / 64516
                 # (runtime/csrc/qlinear.c), which moves logit n by ≤ s_n·Σ_k|code[n, k]|·Σ|x| / 64516 more.
-                code_l1 = head.plain_codes().abs().sum(1, dtype=torch.int32).float()
-                self.head_row_error += head.scales.float() * code_l1 / _ACT_SPLIT_STEPS
+                self.head_row_error += head.scales.float() * head.code_abs_sums() / _ACT_SPLIT_STEPS
 
     @property
     def exact_rows(self) -> torch.Tensor | None:

@@ -261,6 +261,19 @@ class Int8Linear(Linear):
         """codes [N, K] int8, whatever the layout."""
         return tiles.unpack_int8(self.codes) if self.layout == "tiles" else self.codes
 
+    def code_abs_sums(self, block_rows: int = 4096) -> Tensor:
+        """Σ_k |codes[n, k]| per output row, fp32 [N], a block of rows at a time: no temporary of the whole weight
+        (the LM head's [V, d] in int32 was 113 MiB of SmolLM2's load peak). ``block_rows`` % 32 == 0 keeps the
+        tile layout's pairs of tiles whole."""
+        sums = torch.empty(self.out_features, dtype=torch.float32)
+        for start in range(0, self.out_features, block_rows):
+            if self.layout == "tiles":
+                rows = tiles.unpack_int8(self.codes[start // tiles.TILE_ROWS:(start + block_rows) // tiles.TILE_ROWS])
+            else:
+                rows = self.codes[start:start + block_rows]
+            sums[start:start + rows.shape[0]] = rows.to(torch.int16).abs().sum(1, dtype=torch.float32)
+        return sums
+
     def _kernel(self, x: Tensor) -> Tensor:
         """x [M, K] bf16 contiguous → [M, N] bf16."""
         if self.layout == "torch":

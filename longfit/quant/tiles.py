@@ -91,8 +91,9 @@ def pack_int8(codes: Tensor) -> Tensor:
     operand): in quad q (inputs 4q..4q+3) of tile t, bytes 4i..4i+3 are row 16t + i's codes of the four inputs.
     Pairs of tiles interleaved by quad."""
     n_out, n_in = codes.shape
-    shifted = codes.contiguous().view(torch.uint8) ^ 0x80  # two's complement byte with its top bit flipped: c + 128
-    quads = shifted.reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 4, 4).transpose(1, 2)  # [t, q, i, 4]
+    quads = codes.contiguous().view(torch.uint8).reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 4, 4)
+    quads = quads.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # [t, q, i, 4], our own copy
+    quads ^= 0x80  # in place (no third copy of a 28 MB head): the two's complement byte, top bit flipped, is c + 128
     return _interleave_pairs(quads.reshape(n_out // TILE_ROWS, n_in // 4, 4 * TILE_ROWS))
 
 

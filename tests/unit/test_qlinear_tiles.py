@@ -49,6 +49,10 @@ def test_layouts_round_trip() -> None:
     assert torch.equal(tiles.unpack_int4(tiles.pack_int4(codes4)), codes4)
     codes8 = torch.randint(-127, 128, (48, 40), generator=gen, dtype=torch.int8)
     assert torch.equal(tiles.unpack_int8(tiles.pack_int8(codes8)), codes8)
+    for source in (codes8.clone(), codes8[:16, :4].clone()):  # packing (an in-place flip) leaves its input alone
+        kept = source.clone()
+        tiles.pack_int8(source)
+        assert torch.equal(source, kept)
     params = torch.randn(48, 3, generator=gen)
     assert torch.equal(tiles.unpack_lanes(tiles.pack_lanes(params)), params)
     # the documented words, where the kernels read them (tiles 0-1 a pair interleaved by oct or quad, tile 2 alone):

@@ -447,3 +447,15 @@ def test_dense_bf16_layer_keeps_its_plain_weight_for_the_few_row_kernel(monkeypa
         assert head.prepack(keep_plain=True) and head.weight is not None and head.packed is not None
         odd = DenseLinear(torch.randn(32, 48, generator=gen).bfloat16())
         assert odd.prepack() and odd.weight is None
+
+
+@pytest.mark.parametrize("layout", ["tiles", "torch"])
+def test_code_abs_sums_by_blocks_equal_the_whole_sum(layout: str) -> None:
+    if layout == "tiles" and native.library() is None:
+        pytest.skip("C kernels not built (no compiler)")
+    gen = torch.Generator().manual_seed(9)
+    codes = torch.randint(-127, 128, (16 * 7, 64), generator=gen, dtype=torch.int8)  # 7 tiles: a last odd one
+    layer = Int8Linear(codes, torch.rand(16 * 7, generator=gen), layout=layout)
+    expected = codes.float().abs().sum(1)
+    for block_rows in (32, 64, 4096):
+        assert torch.equal(layer.code_abs_sums(block_rows), expected)
