@@ -91,10 +91,17 @@ def pack_int8(codes: Tensor) -> Tensor:
     operand): in quad q (inputs 4q..4q+3) of tile t, bytes 4i..4i+3 are row 16t + i's codes of the four inputs.
     Pairs of tiles interleaved by quad."""
     n_out, n_in = codes.shape
-    quads = codes.contiguous().view(torch.uint8).reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 4, 4)
-    quads = quads.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # [t, q, i, 4], our own copy
-    quads ^= 0x80  # in place (no third copy of a 28 MB head): the two's complement byte, top bit flipped, is c + 128
-    return _interleave_pairs(quads.reshape(n_out // TILE_ROWS, n_in // 4, 4 * TILE_ROWS))
+    num_tiles, quads, even = n_out // TILE_ROWS, n_in // 4, n_out // TILE_ROWS // 2 * 2
+    source = codes.contiguous().view(torch.uint8)
+    # Written straight into the result, one copy (a tied head can be 168 MB: Gemma-3's): pairs of tiles quad-major,
+    # [p, q, tile of the pair, i, 4] from [p, tile, i, q, 4]; a last odd tile alone, [q, i, 4] from [i, q, 4].
+    out = torch.empty(num_tiles, quads, 4 * TILE_ROWS, dtype=torch.uint8)
+    out[:even].view(even // 2, quads, 2, TILE_ROWS, 4).copy_(
+        source[:even * TILE_ROWS].view(even // 2, 2, TILE_ROWS, quads, 4).permute(0, 3, 1, 2, 4))
+    if even < num_tiles:
+        out[even].view(quads, TILE_ROWS, 4).copy_(source[even * TILE_ROWS:].view(TILE_ROWS, quads, 4).transpose(0, 1))
+    out ^= 0x80  # the two's complement byte with its top bit flipped is c + 128
+    return out
 
 
 def unpack_int8(tiles: Tensor) -> Tensor:
