@@ -52,17 +52,20 @@ def tile_shape_problem(out_features: int, in_features: int, group_size: int | No
 
 
 def _interleave_pairs(blocks: Tensor, inverse: bool = False) -> Tensor:
-    """[T, A, B] per tile → the same shape, where each pair of tiles (0-1, 2-3, ...; a last odd tile stays as it is)
-    is stored a-major: row a of both tiles, then row a + 1 of both. A kernel work item (a pair) then reads one
-    forward stream. ``inverse`` undoes it."""
-    num_tiles, rows, width = blocks.shape
+    """[T, A, ...] per tile → a new contiguous tensor of that shape, where each pair of tiles (0-1, 2-3, ...; a last
+    odd tile stays as it is) is stored a-major: row a of both tiles, then row a + 1 of both. A kernel work item (a
+    pair) then reads one forward stream. ``inverse`` undoes it (``blocks`` then contiguous, as stored). ``blocks`` may
+    be any view of the weight (a transpose): it is written into the result in one copy, with no temporary of the
+    weight's size (a tied head can be 168 MB: Gemma-3's)."""
+    num_tiles, rows, *rest = blocks.shape
     even = num_tiles - num_tiles % 2
-    out = blocks.clone(memory_format=torch.contiguous_format)
-    if inverse:
-        pairs = blocks[:even].reshape(even // 2, rows, 2, width).transpose(1, 2)  # [P, 2, A, B]
-    else:
-        pairs = blocks[:even].reshape(even // 2, 2, rows, width).transpose(1, 2)  # [P, A, 2, B]
-    out[:even] = pairs.reshape(even, rows, width)
+    out = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device)
+    if inverse:  # pair p is stored [A, 2, ...]: read it as such, write [2, A, ...]
+        pairs = blocks[:even].reshape(even // 2, rows, 2, *rest).transpose(1, 2)
+        out[:even].view(even // 2, 2, rows, *rest).copy_(pairs)
+    else:  # [P, 2, A, ...] → stored [P, A, 2, ...]
+        out[:even].view(even // 2, rows, 2, *rest).copy_(blocks[:even].unflatten(0, (even // 2, 2)).transpose(1, 2))
+    out[even:].copy_(blocks[even:])
     return out
 
 
@@ -74,8 +77,8 @@ def pack_int4(codes: Tensor) -> Tensor:
     n_out, n_in = codes.shape
     c = codes.to(torch.uint8).reshape(n_out // TILE_ROWS, TILE_ROWS, n_in // 8, 2, 4)  # [t, i, o, low|high, e]
     words = c[..., 0, :] | (c[..., 1, :] << 4)  # [t, i, o, 4 bytes]
-    packed = words.permute(0, 2, 1, 3)  # [t, o, i, 4]
-    return _interleave_pairs(packed.reshape(n_out // TILE_ROWS, n_in // 8, 4 * TILE_ROWS))
+    packed = _interleave_pairs(words.permute(0, 2, 1, 3))  # [t, o, i, 4]
+    return packed.view(n_out // TILE_ROWS, n_in // 8, 4 * TILE_ROWS)
 
 
 def unpack_int4(tiles: Tensor) -> Tensor:
@@ -91,17 +94,10 @@ def pack_int8(codes: Tensor) -> Tensor:
     operand): in quad q (inputs 4q..4q+3) of tile t, bytes 4i..4i+3 are row 16t + i's codes of the four inputs.
     Pairs of tiles interleaved by quad."""
     n_out, n_in = codes.shape
-    num_tiles, quads, even = n_out // TILE_ROWS, n_in // 4, n_out // TILE_ROWS // 2 * 2
-    source = codes.contiguous().view(torch.uint8)
-    # Written straight into the result, one copy (a tied head can be 168 MB: Gemma-3's): pairs of tiles quad-major,
-    # [p, q, tile of the pair, i, 4] from [p, tile, i, q, 4]; a last odd tile alone, [q, i, 4] from [i, q, 4].
-    out = torch.empty(num_tiles, quads, 4 * TILE_ROWS, dtype=torch.uint8)
-    out[:even].view(even // 2, quads, 2, TILE_ROWS, 4).copy_(
-        source[:even * TILE_ROWS].view(even // 2, 2, TILE_ROWS, quads, 4).permute(0, 3, 1, 2, 4))
-    if even < num_tiles:
-        out[even].view(quads, TILE_ROWS, 4).copy_(source[even * TILE_ROWS:].view(TILE_ROWS, quads, 4).transpose(0, 1))
+    quads = codes.contiguous().view(torch.uint8).view(n_out // TILE_ROWS, TILE_ROWS, n_in // 4, 4).transpose(1, 2)
+    out = _interleave_pairs(quads)  # [t, q, i, 4], one copy
     out ^= 0x80  # the two's complement byte with its top bit flipped is c + 128
-    return out
+    return out.view(n_out // TILE_ROWS, n_in // 4, 4 * TILE_ROWS)
 
 
 def unpack_int8(tiles: Tensor) -> Tensor:

@@ -115,7 +115,7 @@ def library() -> ctypes.CDLL | None:
     fn.argtypes = [_PTR, ctypes.c_int, _PTR, ctypes.c_int, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
                    ctypes.c_float, _I64, _I64, ctypes.c_int, _PTR, _PTR]
     _INT = ctypes.c_int
-    lib.longfit_q4_linear.restype = lib.longfit_q8_linear.restype = _INT
+    lib.longfit_q4_linear.restype = lib.longfit_q8_linear.restype = lib.longfit_bf16_linear.restype = _INT
     lib.longfit_q4_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _INT, _I64, _I64, _INT, _PTR, _INT]
     lib.longfit_q8_linear.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _INT, _PTR, _INT]
     lib.longfit_bf16_linear.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _INT, _PTR, _INT]
@@ -290,10 +290,10 @@ _define_op("q4_linear", "(Tensor x, Tensor tiles, Tensor d, Tensor m, int group_
 _define_op("q8_linear", "(Tensor x, Tensor tiles, Tensor scales) -> Tensor",
            lambda x, tiles, scales: q8_linear(x, tiles, scales),
            lambda x, tiles, scales: x.new_empty((x.shape[0], scales.shape[0]), dtype=torch.bfloat16))
-paged_decode_op = torch.ops.longfit.paged_decode
-q4_linear_op = torch.ops.longfit.q4_linear
 _define_op("bf16_linear", "(Tensor x, Tensor weight) -> Tensor",
            lambda x, weight: bf16_linear(x, weight),
            lambda x, weight: x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16))
+paged_decode_op = torch.ops.longfit.paged_decode
+q4_linear_op = torch.ops.longfit.q4_linear
 q8_linear_op = torch.ops.longfit.q8_linear
 bf16_linear_op = torch.ops.longfit.bf16_linear

@@ -175,8 +175,6 @@ done:
     return status;
 }
 
-int longfit_q8_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
-                      int64_t N, int num_threads, void *out, int out_is_bf16);
 int64_t longfit_head_leaders(float *logits, int64_t M, int64_t V, const uint16_t *hidden, int64_t d,
                              const uint16_t *rows, const float *row_error, float rel, float abs_);
 void longfit_argmax_rows(const float *x, int64_t M, int64_t V, int64_t *out);
